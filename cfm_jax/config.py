@@ -1,0 +1,294 @@
+"""Typed, frozen configs for model, training and data, and the `key=value` overrides that edit them.
+
+    cfg = resolve(scale="smoke", overrides=["model.ffn=dense", "model.ffn.activation=relu"])
+
+Override keys are dotted paths into `Config`: `model.d_model=128`, `train.lr=1e-3`,
+`data.task=mqar`. Setting a slot (`model.ffn=KIND`, `model.mixer=KIND`) replaces that slot's config
+with KIND's defaults; later `model.ffn.<field>=...` overrides edit it. Values are parsed by the
+field's type annotation; `Literal[...]` fields list what they allow when given something else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from cfm_jax import registry
+from cfm_jax.errors import UserError
+from cfm_jax.registry import SlotConfig
+
+
+def _slot_default(slot: str, kind: str):
+    return field(default_factory=lambda: registry.default_config(slot, kind))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    d_model: int = 256  # residual stream width (channels per token)
+    n_layers: int = 4  # number of blocks
+    mixer: SlotConfig = _slot_default("mixer", "attention")  # sequence mixer of every layer
+    ffn: SlotConfig = _slot_default("ffn", "dense")  # channel mixer (FFN) of every layer
+    # Per-layer mixer kinds, tiled to depth; () = `mixer` in every layer. Syntax on the command line:
+    # `model.layers=gla*3+attention` or `model.layers=gla,gla,attention`. A layer whose kind equals
+    # `mixer.kind` uses `mixer`; another kind uses its registered defaults.
+    layers: tuple[str, ...] = ()
+    tie_embeddings: bool = False  # share the token embedding with the output head
+    init_std: float = 0.02  # std of the normal init (output projections scaled by 1/sqrt(2*n_layers))
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+
+    def layer_kinds(self) -> tuple[str, ...]:
+        """The mixer kind of each layer, length n_layers."""
+        pattern = self.layers or (self.mixer.kind,)
+        return tuple(pattern[i % len(pattern)] for i in range(self.n_layers))
+
+    def layer_mixer(self, layer: int) -> SlotConfig:
+        kind = self.layer_kinds()[layer]
+        return self.mixer if kind == self.mixer.kind else registry.default_config("mixer", kind)
+
+    def validate(self) -> None:
+        _positive(self, "d_model", "n_layers")
+        if self.init_std <= 0 or self.norm_eps <= 0:
+            raise UserError("model.init_std and model.norm_eps must be > 0")
+        if self.layers and self.n_layers % len(self.layers):
+            raise UserError(
+                f"model.n_layers={self.n_layers} is not a multiple of the layer pattern length "
+                f"{len(self.layers)} ({'+'.join(self.layers)})"
+            )
+        for kind in self.layers:
+            registry.get("mixer", kind)
+        for layer in range(self.n_layers) if self.layers else (0,):
+            self.layer_mixer(layer).validate(self.d_model)
+        self.ffn.validate(self.d_model)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000  # optimizer steps in total (raising it later continues the run)
+    batch_size: int = 16  # sequences per step
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    warmup_steps: int = 100  # linear warmup from 0 to lr (capped at steps)
+    min_lr_ratio: float = 0.1  # cosine decays lr to lr * min_lr_ratio at `steps`
+    weight_decay: float = 0.1  # decoupled weight decay on matrices (not on norms, biases)
+    b1: float = 0.9  # Adam beta1
+    b2: float = 0.95  # Adam beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    seed: int = 0  # seeds parameter init and the training data stream
+    log_every: int = 10  # write a metrics.jsonl line every this many steps
+    checkpoint_every: int = 200  # save a checkpoint every this many steps (and at the end)
+    keep_checkpoints: int = 3  # checkpoints kept in workdir/checkpoints (older ones deleted)
+
+    def validate(self) -> None:
+        _positive(self, "steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints")
+        if not self.lr > 0:
+            raise UserError(f"train.lr={self.lr} must be > 0")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise UserError("train.warmup_steps, train.weight_decay and train.grad_clip must be >= 0")
+        if not (0 <= self.min_lr_ratio <= 1 and 0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+            raise UserError("train.min_lr_ratio must be in [0, 1]; train.b1, train.b2 in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    task: str = "text"  # a registered task: `cfm-jax list` shows them (text, mqar, ...)
+    seq_len: int = 256  # tokens per training sequence
+    path: str = ""  # text: a UTF-8 file or directory; "" = this Python's standard-library sources
+    val_fraction: float = 0.05  # text: share of files held out for validation (split by file)
+    vocab_size: int = 8192  # synthetic tasks: token vocabulary (text is always 256 bytes)
+    num_kv_pairs: int = 8  # mqar: key-value pairs per sequence
+    power_a: float = 0.01  # mqar: query gap distribution p(g) ~ g^(a-1) (Zoology's default)
+    eval_batches: int = 8  # batches (of train.batch_size) per validation / accuracy measurement
+    # Context lengths at which eval measures synthetic-task accuracy; () = seq_len, 2x and 4x.
+    eval_lengths: tuple[int, ...] = ()
+
+    def lengths(self) -> tuple[int, ...]:
+        return self.eval_lengths or (self.seq_len, 2 * self.seq_len, 4 * self.seq_len)
+
+    def validate(self) -> None:
+        from cfm_jax import data  # the task registry imports this module
+
+        _positive(self, "seq_len", "vocab_size", "num_kv_pairs", "eval_batches")
+        if not 0 < self.val_fraction < 1:
+            raise UserError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        if any(length <= 0 for length in self.eval_lengths):
+            raise UserError(f"data.eval_lengths={self.eval_lengths} must all be > 0")
+        data.get_task_class(self.task).validate(self)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        self.train.validate()
+        self.data.validate()
+        return self
+
+
+# Scales are override lists applied before the user's: same code, different sizes.
+SCALES: dict[str, tuple[str, ...]] = {
+    "smoke": (  # seconds: tests, CI, the demo
+        "model.d_model=64", "model.n_layers=2", "data.seq_len=128", "train.batch_size=8",
+        "train.steps=50", "train.warmup_steps=10", "train.log_every=5", "train.checkpoint_every=25",
+        "data.eval_batches=2",
+    ),
+    "cpu": (  # minutes on a 2-core laptop
+        "model.d_model=256", "model.n_layers=4", "data.seq_len=256", "train.batch_size=16",
+        "train.steps=2000", "train.warmup_steps=100",
+    ),
+    "full": (  # an accelerator
+        "model.d_model=768", "model.n_layers=12", "data.seq_len=1024", "train.batch_size=64",
+        "train.steps=20000", "train.warmup_steps=1000", "train.lr=6e-4", "train.log_every=50",
+        "train.checkpoint_every=1000", "data.eval_batches=32",
+    ),
+}
+
+
+def resolve(scale: str = "cpu", overrides: typing.Sequence[str] = ()) -> Config:
+    """Default config, then the scale's overrides, then the user's, then validation."""
+    if scale not in SCALES:
+        raise UserError(f"unknown scale {scale!r}; allowed: {', '.join(SCALES)}")
+    cfg = Config()
+    for item in (*SCALES[scale], *overrides):
+        cfg = apply_override(cfg, item)
+    return cfg.validate()
+
+
+def apply_override(cfg: Config, item: str) -> Config:
+    """Apply one `dotted.key=value` override; errors are one-line UserErrors."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"override {item!r} is not of the form key=value (e.g. model.d_model=128)")
+    return _set(cfg, key.strip().split("."), raw.strip(), key.strip())
+
+
+def _set(obj: Any, path: list[str], raw: str, full_key: str) -> Any:
+    names = [f.name for f in dataclasses.fields(obj)]
+    head = path[0]
+    if head not in names:
+        prefix = full_key[: len(full_key) - len(".".join(path))]
+        allowed = ", ".join(prefix + n for n in names)
+        raise UserError(f"unknown key {full_key!r}; allowed here: {allowed}")
+    current = getattr(obj, head)
+    if isinstance(current, SlotConfig):
+        if len(path) == 1:  # `model.ffn=KIND`: switch kind, reset to its defaults
+            return dataclasses.replace(obj, **{head: registry.default_config(current.slot, raw)})
+        return dataclasses.replace(obj, **{head: _set(current, path[1:], raw, full_key)})
+    if dataclasses.is_dataclass(current):
+        if len(path) == 1:
+            raise UserError(f"{full_key!r} is a group of settings; set one of its fields, e.g. {full_key}.<field>=...")
+        return dataclasses.replace(obj, **{head: _set(current, path[1:], raw, full_key)})
+    if len(path) > 1:
+        raise UserError(f"unknown key {full_key!r}: {'.'.join(full_key.split('.')[:-len(path) + 1])} has no sub-fields")
+    hint = typing.get_type_hints(type(obj))[head]
+    return dataclasses.replace(obj, **{head: parse_value(raw, hint, full_key)})
+
+
+def parse_value(raw: str, hint: Any, key: str) -> Any:
+    """Parse a command-line string by type annotation (int, float, bool, str, Literal, tuple[...])."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if raw not in allowed:
+            raise UserError(f"{key}={raw!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
+        return raw
+    if origin is tuple:
+        (elem, *_rest) = typing.get_args(hint)
+        return tuple(parse_value(part, elem, key) for part in split_pattern(raw))
+    if hint is bool:
+        if raw.lower() in ("true", "1", "yes"):
+            return True
+        if raw.lower() in ("false", "0", "no"):
+            return False
+        raise UserError(f"{key}={raw!r} is not a bool; allowed: true, false")
+    if hint in (int, float):
+        try:
+            return hint(raw) if hint is float else int(raw, 10)
+        except ValueError:
+            raise UserError(f"{key}={raw!r} is not {'an int' if hint is int else 'a float'}") from None
+    if hint is str:
+        return raw
+    raise UserError(f"{key}: cannot set a field of type {hint} from the command line")
+
+
+def split_pattern(raw: str) -> list[str]:
+    """'a*3+b' -> [a, a, a, b]; 'a,b' -> [a, b]; '' -> []."""
+    items: list[str] = []
+    for part in raw.replace(",", "+").split("+"):
+        part = part.strip()
+        if not part:
+            continue
+        name, star, count = part.partition("*")
+        if star:
+            if not count.strip().isdigit() or int(count) < 1:
+                raise UserError(f"bad repeat count in {part!r}; write NAME*N with N >= 1")
+            items.extend([name.strip()] * int(count))
+        else:
+            items.append(name)
+    return items
+
+
+def _positive(obj: Any, *names: str) -> None:
+    section = {ModelConfig: "model", TrainConfig: "train", DataConfig: "data"}.get(type(obj), "")
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            raise UserError(f"{section}.{name}={value} must be > 0")
+
+
+# --- serialization (config.json) ---
+
+
+def to_dict(obj: Any) -> Any:
+    """Config -> JSON-able dict; slot configs carry their `kind`."""
+    if dataclasses.is_dataclass(obj):
+        out = {"kind": obj.kind} if isinstance(obj, SlotConfig) else {}
+        out.update({f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+        return out
+    if isinstance(obj, tuple):
+        return [to_dict(x) for x in obj]
+    return obj
+
+
+def from_dict(d: dict) -> Config:
+    """Inverse of to_dict (for a workdir's config.json)."""
+
+    def build(cls: type, values: dict) -> Any:
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in values:
+                continue
+            value, hint = values[f.name], hints[f.name]
+            if hint is SlotConfig or (isinstance(hint, type) and issubclass(hint, SlotConfig)):
+                entry = registry.get(f.name, value["kind"])  # slot fields are named after their slot
+                value = build(entry.config_cls, {k: v for k, v in value.items() if k != "kind"})
+            elif isinstance(hint, type) and dataclasses.is_dataclass(hint):
+                value = build(hint, value)
+            elif typing.get_origin(hint) is tuple:
+                value = tuple(value)
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+    return build(Config, d)
+
+
+def diff(a: Config, b: Config) -> list[str]:
+    """Flattened `key: a -> b` lines where the two configs differ."""
+    flat_a, flat_b = _flatten(to_dict(a)), _flatten(to_dict(b))
+    keys = sorted(set(flat_a) | set(flat_b))
+    return [f"{k}: {flat_a.get(k)!r} -> {flat_b.get(k)!r}" for k in keys if flat_a.get(k) != flat_b.get(k)]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,32 @@
+"""The task interface shared by text and synthetic tasks."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+IGNORE = -1  # label of positions that are not scored
+EVAL_STREAM = 0x5EED  # seeds evaluation data apart from every training seed's stream
+
+
+class Task:
+    name: ClassVar[str]
+    vocab_size: int
+    # True when one token is one byte, so eval reports bits per byte = loss / ln 2.
+    tokens_are_bytes: ClassVar[bool] = False
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        """Raise UserError (one line) for settings this task cannot generate."""
+
+    def train_batch(self, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
+        """The training batch of `step`: a pure function of (seed, step) and the config."""
+        raise NotImplementedError
+
+    def eval_sets(self, batch_size: int) -> dict[str, list[dict[str, np.ndarray]]]:
+        """Named fixed evaluation sets (e.g. "val" or "len512"), each a list of batches."""
+        raise NotImplementedError

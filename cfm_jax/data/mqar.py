@@ -1,0 +1,97 @@
+"""Multi-query associative recall (Zoology, Arora et al. 2023), vectorized and deterministic.
+
+A sequence opens with `num_kv_pairs` key-value pairs (k1 v1 k2 v2 ...; keys drawn without replacement
+from [1, V/2), values from [V/2, V)); every key is then queried once, at a gap drawn from the power
+law p(g) ~ g^(a-1); the token after a query key must be its value. Only those answer positions are
+labelled. Other positions hold random tokens (Zoology's `random_non_queries`).
+
+    inputs, labels = mqar_batch(np.random.default_rng(0), batch=4, seq_len=64, vocab_size=256,
+                                num_kv_pairs=4)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cfm_jax.data.base import EVAL_STREAM, IGNORE, Task
+from cfm_jax.errors import UserError
+
+
+def check_mqar(seq_len: int, vocab_size: int, num_kv_pairs: int, power_a: float) -> None:
+    if vocab_size < 4 or vocab_size % 2:
+        raise UserError(f"data.vocab_size={vocab_size} must be even and >= 4 for mqar")
+    if num_kv_pairs > vocab_size // 2 - 1:
+        raise UserError(
+            f"data.num_kv_pairs={num_kv_pairs} needs distinct keys: at most vocab_size/2 - 1 = {vocab_size // 2 - 1}"
+        )
+    if (seq_len - 2 * num_kv_pairs) // 2 < num_kv_pairs:
+        raise UserError(
+            f"mqar with num_kv_pairs={num_kv_pairs} needs seq_len >= {4 * num_kv_pairs}, got {seq_len}"
+        )
+    if not power_a > 0:
+        raise UserError(f"data.power_a={power_a} must be > 0")
+
+
+def _distinct(rng: np.random.Generator, batch: int, low: int, high: int, k: int) -> np.ndarray:
+    """k distinct ints from [low, high) per row: (batch, k)."""
+    return np.argsort(rng.random((batch, high - low)), axis=1)[:, :k] + low
+
+
+def mqar_batch(
+    rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int, num_kv_pairs: int, power_a: float = 0.01
+) -> tuple[np.ndarray, np.ndarray]:
+    """Returns inputs, labels: (batch, seq_len) int32; labels are IGNORE except at answer positions."""
+    check_mqar(seq_len, vocab_size, num_kv_pairs, power_a)
+    kv, half = num_kv_pairs, vocab_size // 2
+    context = 2 * kv
+    keys = _distinct(rng, batch, 1, half, kv)
+    values = _distinct(rng, batch, half, vocab_size, kv)
+    kvs = np.empty((batch, context), np.int64)
+    kvs[:, 0::2], kvs[:, 1::2] = keys, values
+
+    # Query gaps: kv distinct slots from range(space) weighted by a*g^(a-1) (Gumbel top-k sampling).
+    space = (seq_len - context) // 2
+    log_p = np.log(power_a) + (power_a - 1) * np.log(np.arange(1, space + 1))
+    gumbel = -np.log(-np.log(rng.random((batch, space))))
+    gaps = np.argsort(-(log_p + gumbel), axis=1)[:, :kv]
+
+    queries = np.zeros((batch, seq_len - context + 1), np.int64)
+    np.put_along_axis(queries, 2 * gaps, keys, axis=1)
+    examples = np.concatenate([kvs, queries], axis=1)  # (batch, seq_len + 1)
+    targets = np.full((batch, seq_len + 1), IGNORE, np.int64)
+    np.put_along_axis(targets, 2 * gaps + context + 1, values, axis=1)
+    inputs, labels = examples[:, :-1], targets[:, 1:]
+    filler = rng.integers(0, vocab_size, inputs.shape)
+    inputs = np.where(inputs == 0, filler, inputs)
+    return inputs.astype(np.int32), labels.astype(np.int32)
+
+
+class MQARTask(Task):
+    name = "mqar"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.vocab_size = cfg.vocab_size
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        for length in (cfg.seq_len, *cfg.lengths()):
+            check_mqar(length, cfg.vocab_size, cfg.num_kv_pairs, cfg.power_a)
+
+    def _batch(self, rng, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
+        c = self.cfg
+        inputs, labels = mqar_batch(rng, batch_size, seq_len, c.vocab_size, c.num_kv_pairs, c.power_a)
+        return {"inputs": inputs, "labels": labels}
+
+    def train_batch(self, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
+        return self._batch(np.random.default_rng((seed, step)), batch_size, self.cfg.seq_len)
+
+    def eval_sets(self, batch_size: int) -> dict[str, list[dict[str, np.ndarray]]]:
+        """One set per context length in data.eval_lengths (default: seq_len, 2x, 4x)."""
+        return {
+            f"len{length}": [
+                self._batch(np.random.default_rng((EVAL_STREAM, length, i)), batch_size, length)
+                for i in range(self.cfg.eval_batches)
+            ]
+            for length in self.cfg.lengths()
+        }

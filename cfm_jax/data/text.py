@@ -1,0 +1,128 @@
+"""Byte-level text: tokenizer (one token per byte, vocab 256), corpus loading and a file-level split.
+
+The embedded default corpus is the running interpreter's standard-library `.py` sources (present on
+every machine, no download). `data.path` points at any UTF-8 file or directory instead. Files are
+assigned to validation by a hash of their relative path, so the split never depends on read order.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sysconfig
+import zlib
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from cfm_jax.data.base import Task
+from cfm_jax.errors import UserError
+
+VOCAB_SIZE = 256
+DOC_SEPARATOR = b"\x00"  # between files, so no window silently spans two documents unmarked
+
+
+def encode(text: str) -> np.ndarray:
+    """str -> (n_bytes,) uint8 token ids."""
+    return np.frombuffer(text.encode("utf-8"), np.uint8).copy()
+
+
+def decode(tokens) -> str:
+    """token ids -> str (invalid UTF-8 sequences replaced)."""
+    return bytes(np.asarray(tokens, np.uint8).tolist()).decode("utf-8", errors="replace")
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """(root, sorted .py files of this Python's standard library, third-party packages excluded)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
+        files.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py"))
+    return root, files
+
+
+def _user_files(path: Path) -> tuple[Path, list[Path]]:
+    if path.is_file():
+        return path.parent, [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+        return path, files
+    raise UserError(f"data.path={str(path)!r} does not exist (give a UTF-8 text file or directory, or '' for the stdlib corpus)")
+
+
+class Corpus(NamedTuple):
+    train: np.ndarray  # (n_train_bytes,) uint8
+    val: np.ndarray  # (n_val_bytes,) uint8
+    n_files: int
+    fingerprint: str  # crc32 of all bytes, to tell corpora (e.g. Python versions) apart
+
+
+@functools.lru_cache(maxsize=4)
+def load_corpus(path: str, val_fraction: float) -> Corpus:
+    """Read, split by file (hash of relative path), concatenate with DOC_SEPARATOR."""
+    root, files = stdlib_files() if not path else _user_files(Path(path).expanduser())
+    docs: list[tuple[str, bytes]] = []
+    for f in files:
+        try:
+            raw = f.read_bytes()
+            raw.decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue  # unreadable or binary files are not text
+        if raw:
+            docs.append((f.relative_to(root).as_posix(), raw))
+    if not docs:
+        raise UserError(f"data.path={path!r} holds no readable UTF-8 text")
+    threshold = int(val_fraction * 2**32)
+    is_val = [zlib.crc32(name.encode()) < threshold for name, _ in docs]
+    if len(docs) < 2 or all(is_val) or not any(is_val):
+        # Too few files to split by file: hold out the tail of the concatenation instead.
+        blob = DOC_SEPARATOR.join(raw for _, raw in docs)
+        cut = int(len(blob) * (1 - val_fraction))
+        train, val = blob[:cut], blob[cut:]
+    else:
+        train = DOC_SEPARATOR.join(raw for (_, raw), v in zip(docs, is_val) if not v)
+        val = DOC_SEPARATOR.join(raw for (_, raw), v in zip(docs, is_val) if v)
+    fingerprint = f"{zlib.crc32(val, zlib.crc32(train)):08x}"
+    return Corpus(np.frombuffer(train, np.uint8), np.frombuffer(val, np.uint8), len(docs), fingerprint)
+
+
+def _windows(data: np.ndarray, starts: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+    idx = starts[:, None] + np.arange(seq_len + 1)  # (batch, seq_len + 1)
+    chunk = data[idx].astype(np.int32)
+    return {"inputs": chunk[:, :-1], "labels": chunk[:, 1:]}
+
+
+class TextTask(Task):
+    name = "text"
+    tokens_are_bytes = True
+    vocab_size = VOCAB_SIZE
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.corpus = load_corpus(cfg.path, cfg.val_fraction)
+        for split in ("train", "val"):
+            size = len(getattr(self.corpus, split))
+            if size < cfg.seq_len + 2:
+                raise UserError(
+                    f"the {split} split of data.path={cfg.path!r} has {size} bytes, fewer than data.seq_len + 2 = {cfg.seq_len + 2}"
+                )
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        if cfg.path and not Path(cfg.path).expanduser().exists():
+            raise UserError(
+                f"data.path={cfg.path!r} does not exist (give a UTF-8 text file or directory, or '' for the stdlib corpus)"
+            )
+
+    def train_batch(self, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
+        data, seq_len = self.corpus.train, self.cfg.seq_len
+        starts = np.random.default_rng((seed, step)).integers(0, len(data) - seq_len - 1, batch_size)
+        return _windows(data, starts, seq_len)
+
+    def eval_sets(self, batch_size: int) -> dict[str, list[dict[str, np.ndarray]]]:
+        """"val": eval_batches batches of windows at evenly spaced offsets of the held-out files."""
+        data, seq_len, n = self.corpus.val, self.cfg.seq_len, self.cfg.eval_batches
+        starts = np.linspace(0, len(data) - seq_len - 1, n * batch_size).astype(np.int64)
+        return {"val": [_windows(data, starts[i * batch_size:(i + 1) * batch_size], seq_len) for i in range(n)]}

@@ -1,0 +1,1 @@
+"""Shared building blocks and the first registered kinds (attention mixer, dense and sparse FFNs)."""

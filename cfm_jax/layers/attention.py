@@ -1,0 +1,119 @@
+"""Mixer `attention`: causal multi-head softmax attention with grouped-query heads, RoPE, KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cfm_jax.errors import UserError
+from cfm_jax.layers.common import linear, make_aux, normal_init, output_init, rope
+from cfm_jax.registry import LayerContext, SlotConfig, register
+
+FP32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class AttentionConfig(SlotConfig):
+    n_heads: int = 4  # query heads; head_dim = d_model // n_heads (must be even for RoPE)
+    n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0 = n_heads, 1 = multi-query
+    rope_theta: float = 10000.0  # RoPE base period
+
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    def validate(self, d_model: int) -> None:
+        if self.n_heads < 1 or d_model % self.n_heads:
+            raise UserError(
+                f"model.mixer.n_heads={self.n_heads} must be >= 1 and divide model.d_model={d_model}"
+            )
+        if (d_model // self.n_heads) % 2:
+            raise UserError(f"head_dim = d_model/n_heads = {d_model // self.n_heads} must be even (RoPE)")
+        if self.n_kv_heads < 0 or self.n_heads % self.kv_heads():
+            raise UserError(
+                f"model.mixer.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} (0 = n_heads)"
+            )
+        if self.rope_theta <= 0:
+            raise UserError(f"model.mixer.rope_theta={self.rope_theta} must be > 0")
+
+
+def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Plain causal softmax attention, the obviously-right version of `_attend`.
+
+    q: (batch, seq, heads, head_dim); k, v: (batch, seq, kv_heads, head_dim); query head h reads kv
+    head h // (heads // kv_heads). Returns (batch, seq, heads, head_dim).
+    """
+    groups = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    causal = jnp.tril(jnp.ones((q.shape[1], q.shape[1]), bool))
+    scores = jnp.where(causal, scores, -jnp.inf)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Fast path (XLA's fused attention; handles grouped heads natively). Shapes as the reference."""
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+
+@register("mixer", "attention", AttentionConfig)
+class Attention(nnx.Module):
+    def __init__(self, cfg: AttentionConfig, ctx: LayerContext, *, rngs: nnx.Rngs):
+        self.cfg, d = cfg, ctx.d_model
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads(), d // cfg.n_heads
+        init = normal_init(ctx.init_std)
+        self.q_proj = linear(d, self.n_heads * self.head_dim, init, rngs)
+        self.k_proj = linear(d, self.n_kv * self.head_dim, init, rngs)
+        self.v_proj = linear(d, self.n_kv * self.head_dim, init, rngs)
+        self.o_proj = linear(self.n_heads * self.head_dim, d, output_init(ctx), rngs)
+
+    def _qkv(self, x: jax.Array, positions: jax.Array):
+        """x: (batch, seq, d_model) -> q (b, s, H, hd), k, v (b, s, K, hd) with RoPE applied."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, self.n_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, s, self.n_kv, self.head_dim)
+        v = self.v_proj(x).reshape(b, s, self.n_kv, self.head_dim)
+        theta = self.cfg.rope_theta
+        return rope(q, positions, theta), rope(k, positions, theta), v
+
+    def __call__(self, x: jax.Array):
+        """x: (batch, seq, d_model) -> (y: (batch, seq, d_model), aux)."""
+        b, s, _ = x.shape
+        q, k, v = self._qkv(x, jnp.arange(s))
+        y = _attend(q, k, v).reshape(b, s, self.n_heads * self.head_dim)
+        return self.o_proj(y), make_aux()
+
+    # --- decoding ---
+
+    def init_state(self, batch: int, max_len: int) -> dict:
+        """KV cache for `max_len` tokens: k, v (batch, max_len, kv_heads, head_dim), pos ()."""
+        shape = (batch, max_len, self.n_kv, self.head_dim)
+        return {"k": jnp.zeros(shape), "v": jnp.zeros(shape), "pos": jnp.zeros((), jnp.int32)}
+
+    def step(self, x: jax.Array, state: dict):
+        """One token. x: (batch, d_model) -> (y: (batch, d_model), new state). pos must be < max_len."""
+        b, pos = x.shape[0], state["pos"]
+        q, k, v = self._qkv(x[:, None, :], pos[None])
+        k_cache = jax.lax.dynamic_update_slice(state["k"], k.astype(state["k"].dtype), (0, pos, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(state["v"], v.astype(state["v"].dtype), (0, pos, 0, 0))
+        groups = self.n_heads // self.n_kv
+        q = q.reshape(b, self.n_kv, groups, self.head_dim)
+        scores = jnp.einsum("bkgd,bskd->bkgs", q, k_cache) / jnp.sqrt(self.head_dim).astype(q.dtype)
+        visible = jnp.arange(k_cache.shape[1]) <= pos
+        probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+        out = jnp.einsum("bkgs,bskd->bkgd", probs, v_cache).reshape(b, self.n_heads * self.head_dim)
+        return self.o_proj(out), {"k": k_cache, "v": v_cache, "pos": pos + 1}
+
+    # --- accounting ---
+
+    def state_bytes(self, context_len: int) -> int:
+        """KV cache bytes per sequence (fp32) after `context_len` tokens."""
+        return 2 * self.n_kv * self.head_dim * context_len * FP32_BYTES
+
+    def flops_per_token(self, context_len: int) -> int:
+        """Forward FLOPs (2 per multiply-add) for one token attending to `context_len` tokens."""
+        d, hd = self.n_heads * self.head_dim, self.head_dim
+        projections = 2 * self.q_proj.in_features * (self.n_heads + 2 * self.n_kv) * hd + 2 * d * self.o_proj.out_features
+        return projections + 2 * 2 * self.n_heads * hd * context_len

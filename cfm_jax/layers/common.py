@@ -1,0 +1,44 @@
+"""Small shared pieces: the aux dict every slot returns, initializers, RoPE."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Every slot module returns (y, aux) with aux = {"loss": scalar, "stats": {name: scalar}}.
+# "loss" is added to the training loss; "stats" are logged per layer and averaged over layers.
+Aux = dict
+
+
+def make_aux(loss: jax.Array | float = 0.0, **stats: jax.Array) -> Aux:
+    return {"loss": jnp.asarray(loss, jnp.float32), "stats": dict(stats)}
+
+
+def normal_init(std: float):
+    return nnx.initializers.normal(stddev=std)
+
+
+def output_init(ctx) -> nnx.Initializer:
+    """GPT-2 style: residual-branch output projections get std / sqrt(2 * n_layers)."""
+    return normal_init(ctx.init_std / (2 * ctx.n_layers) ** 0.5)
+
+
+def linear(d_in: int, d_out: int, init, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=init, rngs=rngs)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (rotate-half form).
+
+    x: (batch, seq, heads, head_dim) with even head_dim; positions: (seq,) or (batch, seq) ints.
+    """
+    half = x.shape[-1] // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (half,)
+    angles = positions[..., None].astype(jnp.float32) * freqs  # (..., seq, half)
+    if angles.ndim == 2:
+        angles = angles[None]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]  # (b|1, seq, 1, half)
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)

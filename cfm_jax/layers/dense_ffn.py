@@ -1,0 +1,67 @@
+"""FFN `dense`: SwiGLU (default), GELU or ReLU feed-forward; every neuron computed for every token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import jax
+from flax import nnx
+
+from cfm_jax.errors import UserError
+from cfm_jax.layers.common import linear, make_aux, normal_init, output_init
+from cfm_jax.registry import LayerContext, SlotConfig, register
+
+
+@dataclass(frozen=True)
+class DenseFFNConfig(SlotConfig):
+    activation: Literal["swiglu", "gelu", "relu"] = "swiglu"  # swiglu = silu(x W_g) * (x W_u)
+    # Hidden width; 0 = 4*d_model for gelu/relu, 8/3*d_model rounded up to a multiple of 8 for swiglu
+    # (the same parameter count: swiglu has three matrices instead of two).
+    d_ff: int = 0
+
+    def width(self, d_model: int) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.activation == "swiglu":
+            return -(-(8 * d_model // 3) // 8) * 8
+        return 4 * d_model
+
+    def validate(self, d_model: int) -> None:
+        if self.d_ff < 0:
+            raise UserError(f"model.ffn.d_ff={self.d_ff} must be >= 0 (0 = default width)")
+
+
+@register("ffn", "dense", DenseFFNConfig)
+class DenseFFN(nnx.Module):
+    def __init__(self, cfg: DenseFFNConfig, ctx: LayerContext, *, rngs: nnx.Rngs):
+        self.activation = cfg.activation
+        d, f = ctx.d_model, cfg.width(ctx.d_model)
+        init = normal_init(ctx.init_std)
+        self.up = linear(d, f, init, rngs)
+        self.gate = linear(d, f, init, rngs) if cfg.activation == "swiglu" else None
+        self.down = linear(f, d, output_init(ctx), rngs)
+
+    def hidden(self, x: jax.Array) -> jax.Array:
+        """x: (..., d_model) -> intermediate activations (..., d_ff)."""
+        if self.activation == "swiglu":
+            return jax.nn.silu(self.gate(x)) * self.up(x)
+        if self.activation == "gelu":
+            return jax.nn.gelu(self.up(x))
+        return jax.nn.relu(self.up(x))
+
+    def __call__(self, x: jax.Array):
+        """x: (batch, seq, d_model) -> (y: (batch, seq, d_model), aux)."""
+        return self.down(self.hidden(x)), make_aux()
+
+    def flops_per_token(self) -> int:
+        """Forward FLOPs per token (2 per multiply-add)."""
+        return 2 * self.param_count()
+
+    def param_count(self) -> int:
+        n_in = 2 if self.gate is not None else 1
+        return (n_in + 1) * self.up.in_features * self.up.out_features
+
+    def active_params_per_token(self) -> int:
+        """Every weight is used for every token."""
+        return self.param_count()

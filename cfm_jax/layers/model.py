@@ -1,0 +1,91 @@
+"""The language model: token embedding -> blocks -> final RMSNorm -> vocabulary head."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cfm_jax.config import ModelConfig
+from cfm_jax.layers.block import Block
+from cfm_jax.layers.common import normal_init
+from cfm_jax.registry import LayerContext
+
+
+class LanguageModel(nnx.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, *, rngs: nnx.Rngs):
+        self.cfg, self.vocab_size = cfg, vocab_size
+        d = cfg.d_model
+        self.embed = nnx.Embed(vocab_size, d, embedding_init=normal_init(cfg.init_std), rngs=rngs)
+        self.blocks = nnx.List(
+            Block(cfg.layer_mixer(i), cfg.ffn, LayerContext(d, cfg.n_layers, i, cfg.init_std), cfg.norm_eps, rngs=rngs)
+            for i in range(cfg.n_layers)
+        )
+        self.final_norm = nnx.RMSNorm(d, epsilon=cfg.norm_eps, rngs=rngs)
+        self.head = None if cfg.tie_embeddings else nnx.Linear(
+            d, vocab_size, use_bias=False, kernel_init=normal_init(cfg.init_std), rngs=rngs
+        )
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        h = self.final_norm(h)
+        return self.embed.attend(h) if self.head is None else self.head(h)
+
+    def __call__(self, tokens: jax.Array):
+        """tokens: (batch, seq) int -> (logits: (batch, seq, vocab) fp32, aux).
+
+        aux = {"loss": sum of every slot's auxiliary loss, "stats": {name: value}} where stats holds
+        each slot statistic per layer (`ffn/NAME/layerI`) and its mean over layers (`ffn/NAME`).
+        """
+        h = self.embed(tokens)
+        per_layer = []
+        for block in self.blocks:
+            h, aux = block(h)
+            per_layer.append(aux)
+        return self.logits(h).astype(jnp.float32), collect_aux(per_layer)
+
+    # --- decoding ---
+
+    def init_state(self, batch: int, max_len: int) -> list:
+        """One decoding state per layer (KV cache, recurrent state, ...)."""
+        return [block.mixer.init_state(batch, max_len) for block in self.blocks]
+
+    def step(self, token: jax.Array, state: list):
+        """One token per sequence. token: (batch,) int -> (logits: (batch, vocab), new state)."""
+        h = self.embed(token)
+        new_state = []
+        for block, layer_state in zip(self.blocks, state):
+            h, layer_state = block.step(h, layer_state)
+            new_state.append(layer_state)
+        return self.logits(h).astype(jnp.float32), new_state
+
+
+def collect_aux(per_layer: list[dict]) -> dict:
+    """[{slot: {"loss", "stats"}} per layer] -> {"loss": total, "stats": per-layer + layer means}."""
+    loss = jnp.zeros((), jnp.float32)
+    stats: dict[str, jax.Array] = {}
+    grouped: dict[str, list[jax.Array]] = {}
+    for i, layer_aux in enumerate(per_layer):
+        for slot, aux in layer_aux.items():
+            loss = loss + aux["loss"]
+            for name, value in aux["stats"].items():
+                stats[f"{slot}/{name}/layer{i}"] = value
+                grouped.setdefault(f"{slot}/{name}", []).append(value)
+    for name, values in grouped.items():
+        stats[name] = jnp.mean(jnp.stack(values))
+    return {"loss": loss, "stats": stats}
+
+
+def param_counts(model: LanguageModel) -> dict[str, int]:
+    """Total, embedding (token embedding + untied head) and non-embedding parameter counts."""
+    def size(tree) -> int:
+        return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+    total = size(nnx.state(model, nnx.Param))
+    embedding = size(nnx.state(model.embed, nnx.Param))
+    if model.head is not None:
+        embedding += size(nnx.state(model.head, nnx.Param))
+    return {"params_total": total, "params_embedding": embedding, "params_non_embedding": total - embedding}
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> LanguageModel:
+    return LanguageModel(cfg, vocab_size, rngs=nnx.Rngs(seed))

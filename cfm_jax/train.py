@@ -1,0 +1,159 @@
+"""The training loop: AdamW + warmup/cosine + clipping, orbax checkpoints, metrics.jsonl, resume.
+
+    train(resolve("smoke", ["data.task=mqar"]), Path("runs/demo"))
+
+Running again on the same workdir resumes from the latest checkpoint; batches are a pure function of
+(seed, step), so a resumed run reproduces the losses of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from cfm_jax import workdir as wd
+from cfm_jax.checkpoint import Checkpoints
+from cfm_jax.config import Config, TrainConfig
+from cfm_jax.data import IGNORE, make_task
+from cfm_jax.errors import UserError
+from cfm_jax.layers.model import build_model
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient; the last good checkpoint is kept."""
+
+
+def make_optimizer(cfg: TrainConfig):
+    """AdamW on a linear-warmup + cosine schedule, with global-norm clipping. Returns (tx, schedule)."""
+    warmup = min(cfg.warmup_steps, cfg.steps)
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
+        decay_steps=max(cfg.steps, warmup + 1), end_value=cfg.lr * cfg.min_lr_ratio,
+    )
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # matrices only
+    adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
+    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
+    return tx, schedule
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """logits (batch, seq, vocab), labels (batch, seq) with IGNORE -> (sum of CE, #correct, #scored)."""
+    mask = labels != IGNORE
+    safe = jnp.where(mask, labels, 0)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    ce = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, axis=-1) == safe) & mask
+    return jnp.sum(ce * mask), jnp.sum(correct), jnp.sum(mask)
+
+
+def make_train_step(graphdef, tx):
+    """The jitted step: (params, rest, opt_state, batch) -> (params, rest, opt_state, metrics).
+
+    `rest` is every non-parameter variable of the model (e.g. a router's selection bias); whatever
+    the forward pass writes into it is carried to the next step.
+    """
+
+    def loss_fn(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        logits, aux = model(batch["inputs"])
+        ce_sum, _, n = cross_entropy(logits, batch["labels"])
+        ce = ce_sum / jnp.maximum(n, 1)
+        new_rest = nnx.state(model, nnx.Not(nnx.Param))
+        return ce + aux["loss"], (ce, aux, new_rest)
+
+    @jax.jit
+    def step(params, rest, opt_state, batch):
+        (loss, (ce, aux, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": loss, "ce": ce, "aux_loss": aux["loss"], "grad_norm": optax.global_norm(grads)}
+        return params, rest, opt_state, {**metrics, **aux["stats"]}
+
+    return step
+
+
+def init_state(cfg: Config, vocab_size: int):
+    """(graphdef, state, tx, schedule) with state = {"params", "rest", "opt_state"}."""
+    model = build_model(cfg.model, vocab_size, cfg.train.seed)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx, schedule = make_optimizer(cfg.train)
+    return graphdef, {"params": params, "rest": rest, "opt_state": tx.init(params)}, tx, schedule
+
+
+def train(cfg: Config, workdir: Path, progress: bool = True) -> dict:
+    """Train (or resume) the run in `workdir` up to cfg.train.steps. Returns the last metrics row."""
+    workdir = Path(workdir)
+    wd.check_compatible(workdir, cfg)  # before anything is written
+    task = make_task(cfg.data)
+    graphdef, state, tx, schedule = init_state(cfg, task.vocab_size)
+    tc = cfg.train
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpoints(workdir / wd.CHECKPOINTS, tc.keep_checkpoints)
+    start = ckpt.latest_step() or 0
+    if start:
+        state = ckpt.restore(start, state)
+    wd.save_config(workdir, cfg)
+    rows = wd.truncate_metrics(workdir, start)
+    seconds = rows[-1]["seconds"] if rows else 0.0
+    last = rows[-1] if rows else {}
+    if start >= tc.steps:
+        ckpt.close()
+        return last
+
+    step_fn = make_train_step(graphdef, tx)
+    tokens_per_step = tc.batch_size * cfg.data.seq_len
+    bar = tqdm(total=tc.steps, initial=start, desc=workdir.name, disable=not progress, dynamic_ncols=True)
+    batch = task.train_batch(tc.seed, start, tc.batch_size)
+    t0 = time.perf_counter()
+    try:
+        for step in range(start, tc.steps):
+            params, rest, opt_state, metrics = step_fn(state["params"], state["rest"], state["opt_state"], batch)
+            state = {"params": params, "rest": rest, "opt_state": opt_state}
+            if step + 1 < tc.steps:  # prepare the next batch while the device works
+                batch = task.train_batch(tc.seed, step + 1, tc.batch_size)
+            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+            done = step + 1
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                kept = ckpt.latest_step()
+                raise TrainingDiverged(
+                    f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {done} "
+                    f"(loss={loss}, grad_norm={grad_norm}); stopped, last good checkpoint: "
+                    f"{'step ' + str(kept) if kept else 'none'} in {workdir / wd.CHECKPOINTS}"
+                )
+            bar.update(1)
+            if done % tc.log_every == 0 or done == tc.steps:
+                bar.set_postfix(loss=f"{loss:.4f}")
+                last = {
+                    "step": done, "loss": loss, "lr": float(schedule(step)), "tokens": done * tokens_per_step,
+                    "seconds": round(seconds + time.perf_counter() - t0, 3),
+                    **{k: float(v) for k, v in metrics.items() if k != "loss"},
+                }
+                wd.append_metrics(workdir, last)
+            if done % tc.checkpoint_every == 0 or done == tc.steps:
+                jax.block_until_ready(state)
+                ckpt.save(done, state)
+    finally:
+        bar.close()
+        ckpt.close()
+    return last
+
+
+def restore_model(workdir: Path, cfg: Config, vocab_size: int):
+    """The trained model at the workdir's latest checkpoint, plus that step."""
+    graphdef, state, _, _ = init_state(cfg, vocab_size)
+    ckpt = Checkpoints(Path(workdir) / wd.CHECKPOINTS, cfg.train.keep_checkpoints)
+    step = ckpt.latest_step()
+    if step is None:
+        ckpt.close()
+        raise UserError(f"workdir {str(workdir)!r} has no checkpoint yet (run `cfm-jax train` first)")
+    state = ckpt.restore(step, state)
+    ckpt.close()
+    return nnx.merge(graphdef, state["params"], state["rest"]), step

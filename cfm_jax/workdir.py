@@ -1,0 +1,110 @@
+"""The workdir is the run: config.json, metrics.jsonl, checkpoints/, eval.json. Writes are atomic."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+
+from cfm_jax import config as config_lib
+from cfm_jax.config import Config
+from cfm_jax.errors import UserError
+
+CONFIG, METRICS, EVAL, CHECKPOINTS = "config.json", "metrics.jsonl", "eval.json", "checkpoints"
+# Fields that may change between invocations on one workdir without changing what is trained so far.
+RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temp file + rename, so readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def git_commit() -> str:
+    """The commit of the checkout this package runs from ('unknown' outside git)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
+            capture_output=True, text=True, timeout=10,
+        )
+        if out.returncode:
+            return "unknown"
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def load_config(workdir: Path) -> Config:
+    path = Path(workdir) / CONFIG
+    if not path.exists():
+        raise UserError(f"{str(workdir)!r} is not a workdir: it has no {CONFIG} (train it first)")
+    try:
+        return config_lib.from_dict(json.loads(path.read_text())["config"]).validate()
+    except (ValueError, KeyError, TypeError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"{path} is not a valid cfm_jax config: {e}") from None
+
+
+def check_compatible(workdir: Path, cfg: Config) -> None:
+    """Refuse to resume a workdir whose saved config differs in anything but RESUMABLE_KEYS."""
+    if not (Path(workdir) / CONFIG).exists():
+        return
+    saved = load_config(workdir)
+    changes = [d for d in config_lib.diff(saved, cfg) if not d.startswith(tuple(k + ":" for k in RESUMABLE_KEYS))]
+    if changes:
+        raise UserError(
+            f"workdir {str(workdir)!r} holds a different config ({'; '.join(changes[:3])}"
+            f"{'; ...' if len(changes) > 3 else ''}); use another --workdir"
+        )
+
+
+def save_config(workdir: Path, cfg: Config) -> None:
+    write_json(
+        Path(workdir) / CONFIG,
+        {"config": config_lib.to_dict(cfg), "git_commit": git_commit(), "jax_version": jax.__version__},
+    )
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    path = Path(workdir) / METRICS
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by a crash: everything after it is discarded on resume
+    return rows
+
+
+def truncate_metrics(workdir: Path, last_step: int) -> list[dict]:
+    """Keep only rows with step <= last_step (rows past the restored checkpoint are redone)."""
+    rows = [r for r in read_metrics(workdir) if r.get("step", 0) <= last_step]
+    path = Path(workdir) / METRICS
+    if path.exists():
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def append_metrics(workdir: Path, row: dict) -> None:
+    with open(Path(workdir) / METRICS, "a") as f:
+        f.write(json.dumps(row) + "\n")
