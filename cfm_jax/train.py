@@ -22,12 +22,8 @@ from cfm_jax import workdir as wd
 from cfm_jax.checkpoint import Checkpoints
 from cfm_jax.config import Config, TrainConfig
 from cfm_jax.data import IGNORE, make_task
-from cfm_jax.errors import UserError
+from cfm_jax.errors import TrainingDiverged, UserError
 from cfm_jax.layers.model import build_model
-
-
-class TrainingDiverged(RuntimeError):
-    """A non-finite loss or gradient; the last good checkpoint is kept."""
 
 
 def make_optimizer(cfg: TrainConfig):

@@ -1,0 +1,109 @@
+"""`cfm-jax`: train, eval, sweep, report, list.
+
+    cfm-jax train --workdir runs/a --scale smoke model.ffn=dense model.ffn.activation=relu
+    cfm-jax eval --workdir runs/a
+    cfm-jax sweep quickstart --scale smoke && cfm-jax report quickstart --scale smoke
+    cfm-jax list
+
+Bad input (unknown kind or key, wrong type, impossible shape, missing path) prints one line on
+stderr and exits with code 2, before anything in a workdir is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cfm_jax.errors import TrainingDiverged, UserError
+
+EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    from cfm_jax.config import SCALES
+
+    p = argparse.ArgumentParser(prog="cfm-jax", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train (or resume) one run in a workdir")
+    t.add_argument("--workdir", required=True, type=Path, help="run directory (created; resumed if present)")
+    t.add_argument("--scale", default="cpu", choices=list(SCALES), help="size preset applied before overrides")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.d_model=128 train.steps=200")
+
+    e = sub.add_parser("eval", help="evaluate a workdir's latest checkpoint into eval.json")
+    e.add_argument("--workdir", required=True, type=Path)
+
+    for name, help_ in (("sweep", "train + eval every cell of an experiment"), ("report", "tabulate a sweep")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("experiment", help="name in experiments/ or path to an experiment .py file")
+        s.add_argument("--scale", default="cpu", choices=list(SCALES))
+        s.add_argument("--runs-dir", type=Path, default=Path("runs"), help="root of the cells' workdirs")
+        if name == "sweep":
+            s.add_argument("--no-progress", action="store_true")
+        else:
+            s.add_argument("--results-dir", type=Path, default=None, help="default: experiments/results")
+
+    sub.add_parser("list", help="registered ffn and mixer kinds, tasks, experiments")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from cfm_jax.config import resolve
+        from cfm_jax.train import train
+
+        last = train(resolve(args.scale, args.overrides), args.workdir, progress=not args.no_progress)
+        print(json.dumps({k: last[k] for k in ("step", "loss", "tokens", "seconds") if k in last}))
+    elif args.command == "eval":
+        from cfm_jax.harness.evaluate import evaluate
+
+        result = evaluate(args.workdir)
+        print(json.dumps({"step": result["step"], "params_total": result["params_total"], **result["metrics"]}, indent=2))
+    elif args.command == "sweep":
+        from cfm_jax.harness.experiments import load_experiment
+        from cfm_jax.harness.sweep import sweep
+
+        failed = sweep(load_experiment(args.experiment), args.scale, args.runs_dir, progress=not args.no_progress)
+        if failed:
+            print(f"error: {len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)
+            return EXIT_FAILED
+    elif args.command == "report":
+        from cfm_jax.harness.experiments import experiments_dir, load_experiment
+        from cfm_jax.harness.report import report
+
+        results_dir = args.results_dir or experiments_dir() / "results"
+        path, table = report(load_experiment(args.experiment), args.scale, args.runs_dir, results_dir)
+        print(table)
+        print(f"wrote {path} and {path.with_suffix('.csv')}", file=sys.stderr)
+    elif args.command == "list":
+        from cfm_jax import registry
+        from cfm_jax.data import TASKS
+        from cfm_jax.harness.experiments import list_experiments
+
+        for slot in registry.SLOTS:
+            print(f"{slot}: {', '.join(registry.kinds(slot))}")
+        print(f"tasks: {', '.join(sorted(TASKS))}")
+        print(f"experiments: {', '.join(list_experiments())}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

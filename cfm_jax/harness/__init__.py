@@ -1,0 +1,1 @@
+"""The harness: evaluation of a workdir, sweeps over experiment files, result tables."""

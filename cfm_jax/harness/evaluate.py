@@ -1,0 +1,90 @@
+"""`cfm-jax eval`: measure a trained workdir and write workdir/eval.json.
+
+eval.json holds the parameter counts, and for each evaluation set of the task (text: "val";
+synthetic tasks: one set per context length, "len128", ...) the mean loss over scored tokens, the
+accuracy of the argmax prediction at scored positions, and for byte-level text bits per byte
+(= loss / ln 2, since one token is one byte). `metrics` repeats these flat as "SET/NAME".
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cfm_jax import workdir as wd
+from cfm_jax.data import make_task
+from cfm_jax.layers.model import param_counts
+from cfm_jax.train import cross_entropy, restore_model
+
+
+def _make_eval_step(graphdef):
+    @jax.jit
+    def eval_step(state, batch):
+        model = nnx.merge(graphdef, state)
+        logits, aux = model(batch["inputs"])
+        ce_sum, correct, n = cross_entropy(logits, batch["labels"])
+        return {"ce_sum": ce_sum, "correct": correct, "n": n}, aux["stats"]
+
+    return eval_step
+
+
+def evaluate_sets(model, task, batch_size: int) -> tuple[dict, dict]:
+    """Returns ({set: {loss, accuracy, tokens[, bits_per_byte]}}, {stat: mean over eval batches})."""
+    graphdef, state = nnx.split(model)
+    eval_step = _make_eval_step(graphdef)
+    results, stats_sum, stats_n = {}, {}, 0
+    for name, batches in task.eval_sets(batch_size).items():
+        ce, correct, n = 0.0, 0, 0
+        for batch in batches:
+            out, stats = eval_step(state, {k: jnp.asarray(v) for k, v in batch.items()})
+            ce += float(out["ce_sum"])
+            correct += int(out["correct"])
+            n += int(out["n"])
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
+            stats_n += 1
+        loss = ce / max(n, 1)
+        entry = {"loss": loss, "accuracy": correct / max(n, 1), "tokens": n}
+        if task.tokens_are_bytes:
+            entry["bits_per_byte"] = loss / math.log(2)
+        results[name] = entry
+    return results, {k: v / stats_n for k, v in stats_sum.items()}
+
+
+def evaluate(workdir: Path) -> dict:
+    """Evaluate the workdir's latest checkpoint; write and return eval.json's content."""
+    workdir = Path(workdir)
+    cfg = wd.load_config(workdir)
+    task = make_task(cfg.data)
+    model, step = restore_model(workdir, cfg, task.vocab_size)
+    t0 = time.perf_counter()
+    sets, stats = evaluate_sets(model, task, cfg.train.batch_size)
+    result = {
+        "step": step,
+        "task": cfg.data.task,
+        "tokens_trained": step * cfg.train.batch_size * cfg.data.seq_len,
+        **param_counts(model),
+        "sets": sets,
+        "metrics": {f"{s}/{k}": v for s, entry in sets.items() for k, v in entry.items() if k != "tokens"},
+        "stats": stats,
+        "eval_seconds": round(time.perf_counter() - t0, 3),
+    }
+    if hasattr(task, "corpus"):
+        result["corpus"] = {"fingerprint": task.corpus.fingerprint, "files": task.corpus.n_files,
+                            "train_bytes": int(len(task.corpus.train)), "val_bytes": int(len(task.corpus.val))}
+    wd.write_json(workdir / wd.EVAL, _jsonable(result))
+    return result
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    return obj
