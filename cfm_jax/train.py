@@ -69,7 +69,7 @@ def make_train_step(graphdef, tx):
         (loss, (ce, aux, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss, "ce": ce, "aux_loss": aux["loss"], "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "ce": ce, "aux_loss": aux["loss"], "grad_norm": optax.tree.norm(grads)}
         return params, rest, opt_state, {**metrics, **aux["stats"]}
 
     return step

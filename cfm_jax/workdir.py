@@ -79,7 +79,10 @@ def check_compatible(workdir: Path, cfg: Config) -> None:
 def save_config(workdir: Path, cfg: Config) -> None:
     write_json(
         Path(workdir) / CONFIG,
-        {"config": config_lib.to_dict(cfg), "git_commit": git_commit(), "jax_version": jax.__version__},
+        {
+            "config": config_lib.to_dict(cfg), "git_commit": git_commit(), "jax_version": jax.__version__,
+            "device": f"{jax.default_backend()}: {jax.devices()[0].device_kind}",
+        },
     )
 
 

@@ -11,7 +11,8 @@ MQAR = ["data.task=mqar", "data.vocab_size=256", "data.num_kv_pairs=4"]
 
 
 def cells(scale: str) -> dict[str, list[str]]:
-    steps = {"smoke": [], "cpu": ["train.steps=1000"], "full": []}[scale]
+    # smoke: 200 steps per cell so the demo shows learning and still takes about a minute.
+    steps = {"smoke": ["train.steps=200", "train.checkpoint_every=100"], "cpu": ["train.steps=1000"], "full": []}[scale]
     return {
         "text-swiglu": ["data.task=text", *steps],
         "text-relu": ["data.task=text", "model.ffn.activation=relu", *steps],

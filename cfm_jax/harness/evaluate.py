@@ -74,6 +74,7 @@ def evaluate(workdir: Path) -> dict:
         "metrics": {f"{s}/{k}": v for s, entry in sets.items() for k, v in entry.items() if k != "tokens"},
         "stats": stats,
         "eval_seconds": round(time.perf_counter() - t0, 3),
+        "device": f"{jax.default_backend()}: {jax.devices()[0].device_kind}",
     }
     if hasattr(task, "corpus"):
         result["corpus"] = {"fingerprint": task.corpus.fingerprint, "files": task.corpus.n_files,

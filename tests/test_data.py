@@ -1,0 +1,83 @@
+"""Data: MQAR structure and determinism, byte text corpus split and batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cfm_jax.config import resolve
+from cfm_jax.data import IGNORE, make_task
+from cfm_jax.data.mqar import mqar_batch
+from cfm_jax.data.text import decode, encode, load_corpus
+from cfm_jax.errors import UserError
+
+
+def test_mqar_structure():
+    V, L, kv = 64, 48, 6
+    inputs, labels = mqar_batch(np.random.default_rng(0), 32, L, V, kv)
+    assert inputs.shape == labels.shape == (32, L) and inputs.dtype == np.int32
+    for x, y in zip(inputs, labels):
+        keys, values = x[0:2 * kv:2], x[1:2 * kv:2]
+        assert len(set(keys)) == kv and np.all((keys >= 1) & (keys < V // 2))
+        assert np.all((values >= V // 2) & (values < V))
+        answer_pos = np.flatnonzero(y != IGNORE)
+        assert len(answer_pos) == kv and np.all(answer_pos >= 2 * kv)
+        assert sorted(x[answer_pos]) == sorted(keys)  # every key queried exactly once
+        lookup = dict(zip(keys, values))
+        for p in answer_pos:
+            assert y[p] == lookup[x[p]]  # the label after a query key is that key's value
+    assert np.all((inputs >= 0) & (inputs < V))
+
+
+def test_mqar_query_gaps_follow_power_law():
+    """With a = 0.01 most queries sit close to the start of the query region (short gaps)."""
+    _, labels = mqar_batch(np.random.default_rng(1), 256, 512, 1024, 8, power_a=0.01)
+    pos = np.nonzero(labels != IGNORE)[1] - 16
+    assert np.median(pos) < 100  # uniform placement would give a median near 250
+
+
+def test_mqar_batches_are_a_function_of_seed_and_step():
+    task = make_task(resolve("smoke", ["data.task=mqar"]).data)
+    a, b = task.train_batch(0, 5, 4), task.train_batch(0, 5, 4)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["inputs"], task.train_batch(0, 6, 4)["inputs"])
+    assert not np.array_equal(a["inputs"], task.train_batch(1, 5, 4)["inputs"])
+    sets = task.eval_sets(4)
+    assert list(sets) == ["len128", "len256", "len512"]
+    assert sets["len256"][0]["inputs"].shape == (4, 256)
+
+
+def test_mqar_rejects_impossible_settings():
+    with pytest.raises(UserError, match="needs seq_len >= 64"):
+        mqar_batch(np.random.default_rng(0), 1, 40, 256, 16)
+    with pytest.raises(UserError, match="distinct keys"):
+        mqar_batch(np.random.default_rng(0), 1, 4096, 64, 40)
+
+
+def test_byte_tokenizer_round_trip():
+    text = "def f(x):\n    return x ** 2  # é ∑"
+    tokens = encode(text)
+    assert tokens.max() < 256 and decode(tokens) == text
+
+
+def test_stdlib_corpus_split_is_by_file_and_stable():
+    corpus = load_corpus("", 0.05)
+    assert corpus.n_files > 100 and len(corpus.train) > 10 * len(corpus.val) > 0
+    assert load_corpus.__wrapped__("", 0.05).fingerprint == corpus.fingerprint  # re-read: same bytes
+    task = make_task(resolve("smoke").data)
+    batch = task.train_batch(0, 3, 4)
+    assert np.array_equal(batch["inputs"][:, 1:], batch["labels"][:, :-1])  # next-byte targets
+    assert np.array_equal(batch["inputs"], task.train_batch(0, 3, 4)["inputs"])
+
+
+def test_data_path_directory_and_file(tmp_path):
+    for i in range(40):
+        (tmp_path / f"doc{i}.txt").write_text(f"document number {i} " * 50)
+    (tmp_path / "binary.bin").write_bytes(bytes([0xFF, 0xFE, 0x00]) * 10)  # not UTF-8: skipped
+    corpus = load_corpus(str(tmp_path), 0.2)
+    assert corpus.n_files == 40 and len(corpus.val) > 0
+    single = tmp_path / "doc0.txt"
+    corpus = load_corpus(str(single), 0.1)  # one file: split by bytes
+    assert len(corpus.train) + len(corpus.val) == single.stat().st_size
+    task = make_task(resolve("smoke", [f"data.path={tmp_path}", "data.seq_len=32"]).data)
+    assert task.eval_sets(2)["val"][0]["inputs"].shape == (2, 32)

@@ -1,0 +1,67 @@
+"""Training: resume equals uninterrupted, raising steps continues, non-finite loss stops cleanly."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from cfm_jax import workdir as wd
+from cfm_jax.config import resolve
+from cfm_jax.errors import TrainingDiverged, UserError
+from cfm_jax.train import train
+
+TINY = ["model.d_model=32", "data.seq_len=32", "train.batch_size=4", "train.log_every=1", "train.checkpoint_every=5"]
+
+
+def losses(workdir):
+    return {r["step"]: r["loss"] for r in wd.read_metrics(workdir)}
+
+
+def test_resumed_run_reproduces_uninterrupted_losses(tmp_path):
+    cfg = resolve("smoke", [*TINY, "train.steps=20"])
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    train(cfg, full, progress=False)
+    # Simulate a crash right after the step-10 checkpoint: the later checkpoints never happened,
+    # but metrics.jsonl still holds rows past step 10 (written before the crash).
+    shutil.copytree(full, crashed)
+    for step_dir in (crashed / "checkpoints").iterdir():
+        if step_dir.name.isdigit() and int(step_dir.name) > 10:
+            shutil.rmtree(step_dir)
+    train(cfg, crashed, progress=False)
+    steps = [r["step"] for r in wd.read_metrics(crashed)]
+    assert steps == list(range(1, 21)), "every step exactly once"
+    assert losses(crashed) == losses(full)  # bit-identical on the same machine
+
+
+def test_raising_steps_continues_without_duplicates(tmp_path):
+    train(resolve("smoke", [*TINY, "train.steps=10"]), tmp_path, progress=False)
+    first = losses(tmp_path)
+    last = train(resolve("smoke", [*TINY, "train.steps=15"]), tmp_path, progress=False)
+    steps = [r["step"] for r in wd.read_metrics(tmp_path)]
+    assert steps == list(range(1, 16)) and last["step"] == 15
+    assert all(losses(tmp_path)[s] == first[s] for s in first)
+    assert last["tokens"] == 15 * 4 * 32
+    # Same command again: nothing to do, nothing duplicated.
+    train(resolve("smoke", [*TINY, "train.steps=15"]), tmp_path, progress=False)
+    assert [r["step"] for r in wd.read_metrics(tmp_path)] == steps
+
+
+def test_incompatible_config_is_refused_before_touching_the_workdir(tmp_path):
+    train(resolve("smoke", [*TINY, "train.steps=5"]), tmp_path, progress=False)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    with pytest.raises(UserError, match="holds a different config"):
+        train(resolve("smoke", [*TINY, "train.steps=5", "model.d_model=64"]), tmp_path, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    # A huge learning rate makes the loss blow up within a few steps.
+    cfg = resolve("smoke", [*TINY, "train.steps=50", "train.lr=1e30", "train.warmup_steps=0",
+                            "train.grad_clip=0", "train.checkpoint_every=1"])
+    with pytest.raises(TrainingDiverged, match="non-finite .* at step (\\d+).*last good checkpoint: step") as info:
+        train(cfg, tmp_path, progress=False)
+    bad_step = int(info.value.args[0].split("at step ")[1].split(" ")[0])
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept and max(kept) == bad_step - 1
+    assert all(r["step"] < bad_step for r in wd.read_metrics(tmp_path))
