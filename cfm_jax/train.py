@@ -23,6 +23,7 @@ from cfm_jax.checkpoint import Checkpoints
 from cfm_jax.config import Config, TrainConfig
 from cfm_jax.data import IGNORE, make_task
 from cfm_jax.errors import TrainingDiverged, UserError
+from cfm_jax.layers.common import TrainingStep
 from cfm_jax.layers.model import build_model
 
 
@@ -50,14 +51,15 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.
 
 
 def make_train_step(graphdef, tx):
-    """The jitted step: (params, rest, opt_state, batch) -> (params, rest, opt_state, metrics).
+    """The jitted step: (params, rest, opt_state, batch, step) -> (params, rest, opt_state, metrics).
 
     `rest` is every non-parameter variable of the model (e.g. a router's selection bias); whatever
     the forward pass writes into it is carried to the next step.
     """
 
-    def loss_fn(params, rest, batch):
+    def loss_fn(params, rest, batch, step):
         model = nnx.merge(graphdef, params, rest)
+        set_training_step(model, step)
         logits, aux = model(batch["inputs"])
         ce_sum, _, n = cross_entropy(logits, batch["labels"])
         ce = ce_sum / jnp.maximum(n, 1)
@@ -65,19 +67,26 @@ def make_train_step(graphdef, tx):
         return ce + aux["loss"], (ce, aux, new_rest)
 
     @jax.jit
-    def step(params, rest, opt_state, batch):
-        (loss, (ce, aux, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
+    def train_step(params, rest, opt_state, batch, step):
+        (loss, (ce, aux, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch, step)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {"loss": loss, "ce": ce, "aux_loss": aux["loss"], "grad_norm": optax.tree.norm(grads)}
         return params, rest, opt_state, {**metrics, **aux["stats"]}
 
-    return step
+    return train_step
+
+
+def set_training_step(model: nnx.Module, step) -> None:
+    """Write the current optimizer step into every TrainingStep variable of the model."""
+    counters = nnx.state(model, TrainingStep)
+    nnx.update(model, jax.tree.map(lambda v: jnp.full_like(v, step), counters))
 
 
 def init_state(cfg: Config, vocab_size: int):
     """(graphdef, state, tx, schedule) with state = {"params", "rest", "opt_state"}."""
     model = build_model(cfg.model, vocab_size, cfg.train.seed)
+    model.train()  # training-mode graphdef (see layers/common.py); evaluation calls model.eval()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx, schedule = make_optimizer(cfg.train)
     return graphdef, {"params": params, "rest": rest, "opt_state": tx.init(params)}, tx, schedule
@@ -111,7 +120,7 @@ def train(cfg: Config, workdir: Path, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     try:
         for step in range(start, tc.steps):
-            params, rest, opt_state, metrics = step_fn(state["params"], state["rest"], state["opt_state"], batch)
+            params, rest, opt_state, metrics = step_fn(state["params"], state["rest"], state["opt_state"], batch, step)
             state = {"params": params, "rest": rest, "opt_state": opt_state}
             if step + 1 < tc.steps:  # prepare the next batch while the device works
                 batch = task.train_batch(tc.seed, step + 1, tc.batch_size)
@@ -152,4 +161,6 @@ def restore_model(workdir: Path, cfg: Config, vocab_size: int):
         raise UserError(f"workdir {str(workdir)!r} has no checkpoint yet (run `cfm-jax train` first)")
     state = ckpt.restore(step, state)
     ckpt.close()
-    return nnx.merge(graphdef, state["params"], state["rest"]), step
+    model = nnx.merge(graphdef, state["params"], state["rest"])
+    model.eval()
+    return model, step

@@ -105,12 +105,13 @@ def test_trains_one_step(slot, kind):
     cfg = ModelConfig(d_model=D_MODEL, n_layers=2, **{slot: registry.default_config(slot, kind)})
     cfg.validate()
     model = LanguageModel(cfg, vocab_size=17, rngs=nnx.Rngs(0))
+    model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx, _ = make_optimizer(TrainConfig(steps=10, warmup_steps=0, lr=1e-2))
     step = make_train_step(graphdef, tx)
     tokens = jax.random.randint(jax.random.key(0), (BATCH, SEQ + 1), 0, 17)
     batch = {"inputs": tokens[:, :-1], "labels": tokens[:, 1:]}
-    new_params, _, _, metrics = step(params, rest, tx.init(params), batch)
+    new_params, _, _, metrics = step(params, rest, tx.init(params), batch, 0)
     assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
     changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params, new_params)
     assert all(jax.tree.leaves(changed)), "every parameter should move after one AdamW step"

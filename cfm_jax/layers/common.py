@@ -6,9 +6,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+# Modules whose training-time behaviour differs from evaluation (e.g. updating a router bias) keep a
+# `self.deterministic = True` attribute: the trainer calls `model.train()` (sets it False) and
+# evaluation `model.eval()`, the NNX convention used by Dropout.
+#
 # Every slot module returns (y, aux) with aux = {"loss": scalar, "stats": {name: scalar}}.
 # "loss" is added to the training loss; "stats" are logged per layer and averaged over layers.
 Aux = dict
+
+
+class TrainingStep(nnx.Variable):
+    """Non-trainable int32 scalar that the trainer sets to the current optimizer step before each
+    forward pass, for modules whose behaviour follows a schedule (e.g. an L1 coefficient)."""
+
+
+def training_step_variable() -> TrainingStep:
+    return TrainingStep(jnp.zeros((), jnp.int32))
 
 
 def make_aux(loss: jax.Array | float = 0.0, **stats: jax.Array) -> Aux:
