@@ -57,9 +57,8 @@ def make_train_step(graphdef, tx):
     the forward pass writes into it is carried to the next step.
     """
 
-    def loss_fn(params, rest, batch, step):
+    def loss_fn(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
-        set_training_step(model, step)
         logits, aux = model(batch["inputs"])
         ce_sum, _, n = cross_entropy(logits, batch["labels"])
         ce = ce_sum / jnp.maximum(n, 1)
@@ -68,7 +67,8 @@ def make_train_step(graphdef, tx):
 
     @jax.jit
     def train_step(params, rest, opt_state, batch, step):
-        (loss, (ce, aux, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch, step)
+        rest = with_training_step(graphdef, params, rest, step)
+        (loss, (ce, aux, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {"loss": loss, "ce": ce, "aux_loss": aux["loss"], "grad_norm": optax.tree.norm(grads)}
@@ -77,10 +77,12 @@ def make_train_step(graphdef, tx):
     return train_step
 
 
-def set_training_step(model: nnx.Module, step) -> None:
-    """Write the current optimizer step into every TrainingStep variable of the model."""
+def with_training_step(graphdef, params, rest, step):
+    """`rest` with every TrainingStep variable set to `step`."""
+    model = nnx.merge(graphdef, params, rest)
     counters = nnx.state(model, TrainingStep)
     nnx.update(model, jax.tree.map(lambda v: jnp.full_like(v, step), counters))
+    return nnx.state(model, nnx.Not(nnx.Param))
 
 
 def init_state(cfg: Config, vocab_size: int):

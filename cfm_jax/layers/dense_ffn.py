@@ -9,6 +9,7 @@ import jax
 from flax import nnx
 
 from cfm_jax.errors import UserError
+from cfm_jax.layers.activation_stats import activation_stats
 from cfm_jax.layers.common import linear, make_aux, normal_init, output_init
 from cfm_jax.registry import LayerContext, SlotConfig, register
 
@@ -51,8 +52,13 @@ class DenseFFN(nnx.Module):
         return jax.nn.relu(self.up(x))
 
     def __call__(self, x: jax.Array):
-        """x: (batch, seq, d_model) -> (y: (batch, seq, d_model), aux)."""
-        return self.down(self.hidden(x)), make_aux()
+        """x: (batch, seq, d_model) -> (y: (batch, seq, d_model), aux with sparsity statistics).
+
+        The statistics are the neuron-sparse FFN's (activation ratio etc.), so a dense ReLU FFN is
+        measured on the same footing; for SwiGLU/GELU nearly every neuron is nonzero.
+        """
+        h = self.hidden(x)
+        return self.down(h), make_aux(**activation_stats(h))
 
     def flops_per_token(self) -> int:
         """Forward FLOPs per token (2 per multiply-add)."""
