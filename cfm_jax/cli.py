@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a workdir's latest checkpoint into eval.json")
     e.add_argument("--workdir", required=True, type=Path)
+    e.add_argument("--analysis", default="", metavar="LIST",
+                   help="comma list of neuron analyses (extra forward passes): cett, dynamic, bricks, or all")
 
     for name, help_ in (("sweep", "train + eval every cell of an experiment"), ("report", "tabulate a sweep")):
         s = sub.add_parser(name, help=help_)
@@ -58,9 +60,10 @@ def _run(args: argparse.Namespace) -> int:
         last = train(resolve(args.scale, args.overrides), args.workdir, progress=not args.no_progress)
         print(json.dumps({k: last[k] for k in ("step", "loss", "tokens", "seconds") if k in last}))
     elif args.command == "eval":
-        from cfm_jax.harness.evaluate import evaluate
+        from cfm_jax.harness.evaluate import ANALYSES, evaluate
 
-        result = evaluate(args.workdir)
+        analyses = [a.strip() for a in args.analysis.split(",") if a.strip()]
+        result = evaluate(args.workdir, ANALYSES if analyses == ["all"] else tuple(analyses))
         print(json.dumps({"step": result["step"], "params_total": result["params_total"], **result["metrics"]}, indent=2))
     elif args.command == "sweep":
         from cfm_jax.harness.experiments import load_experiment

@@ -45,3 +45,17 @@ def test_collect_aux_sums_losses_and_averages_stats():
     assert float(aux["loss"]) == 3.5
     assert float(aux["stats"]["ffn/ratio/layer1"]) == np.float32(0.4)
     assert float(aux["stats"]["ffn/ratio"]) == np.float32(0.3)
+
+
+def test_identity_neuron_hook_reproduces_the_forward():
+    """Analysis tools compute FFNs as down(hook(hidden(x))): with an identity hook that must equal
+    the ordinary forward for every FFN that exposes neurons."""
+    for overrides in (["model.ffn=dense"], ["model.ffn=dense", "model.ffn.activation=relu"],
+                      ["model.ffn=neuron_sparse", "model.ffn.activation=drelu", "model.ffn.top_k=8"]):
+        cfg = resolve("smoke", ["model.d_model=32", *overrides]).model
+        model = LanguageModel(cfg, vocab_size=20, rngs=nnx.Rngs(0))
+        tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, 20)
+        seen = []
+        hooked, _ = model(tokens, neuron_hook=lambda layer, ffn, a: seen.append(layer) or a)
+        np.testing.assert_array_equal(hooked, model(tokens)[0])
+        assert seen == [0, 1]

@@ -19,6 +19,11 @@ from flax import nnx
 
 from cfm_jax import workdir as wd
 from cfm_jax.data import make_task
+from cfm_jax.errors import UserError
+from cfm_jax.harness.bricks import bricks_analysis
+from cfm_jax.harness.cett import cett_analysis
+from cfm_jax.harness.dynamic import dynamic_analysis
+from cfm_jax.harness.neurons import has_neurons
 from cfm_jax.layers.model import param_counts
 from cfm_jax.train import cross_entropy, restore_model
 
@@ -57,8 +62,18 @@ def evaluate_sets(model, task, batch_size: int) -> tuple[dict, dict]:
     return results, {k: v / stats_n for k, v in stats_sum.items()}
 
 
-def evaluate(workdir: Path) -> dict:
-    """Evaluate the workdir's latest checkpoint; write and return eval.json's content."""
+ANALYSES = ("cett", "dynamic", "bricks")
+
+
+def evaluate(workdir: Path, analyses: tuple[str, ...] = ()) -> dict:
+    """Evaluate the workdir's latest checkpoint; write and return eval.json's content.
+
+    analyses: any of ANALYSES (neuron analyses; extra forward passes): "cett" -> CETT-PPL-1%,
+    "dynamic" -> active neurons vs token loss, "bricks" -> skill specialization and clustering.
+    """
+    unknown = [a for a in analyses if a not in ANALYSES]
+    if unknown:
+        raise UserError(f"unknown analysis {unknown[0]!r}; allowed: {', '.join(ANALYSES)}, all")
     workdir = Path(workdir)
     cfg = wd.load_config(workdir)
     task = make_task(cfg.data)
@@ -79,13 +94,30 @@ def evaluate(workdir: Path) -> dict:
     if hasattr(task, "corpus"):
         result["corpus"] = {"fingerprint": task.corpus.fingerprint, "files": task.corpus.n_files,
                             "train_bytes": int(len(task.corpus.train)), "val_bytes": int(len(task.corpus.val))}
+    for name in analyses:
+        result[name] = _run_analysis(name, model, task, cfg, workdir)
     wd.write_json(workdir / wd.EVAL, _jsonable(result))
     return result
+
+
+def _run_analysis(name: str, model, task, cfg, workdir: Path) -> dict:
+    if not has_neurons(model):
+        return {"skipped": f"ffn kind {cfg.model.ffn.kind!r} exposes no neurons (hidden/down)"}
+    batch_size = cfg.train.batch_size
+    if name == "cett":
+        return cett_analysis(model, next(iter(task.eval_sets(batch_size).values())))
+    if name == "dynamic":
+        return dynamic_analysis(model, task, cfg.data, batch_size, plot_path=workdir / "dynamic_activation.png")
+    return bricks_analysis(model, task, cfg.data, batch_size)
 
 
 def _jsonable(obj):
     if isinstance(obj, dict):
         return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # strict JSON has no NaN / inf
     if isinstance(obj, (np.floating, np.integer)):
         return obj.item()
     return obj

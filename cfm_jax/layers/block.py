@@ -6,6 +6,7 @@ import jax
 from flax import nnx
 
 from cfm_jax import registry
+from cfm_jax.layers.common import make_aux
 from cfm_jax.registry import LayerContext, SlotConfig
 
 
@@ -16,11 +17,18 @@ class Block(nnx.Module):
         self.ffn_norm = nnx.RMSNorm(ctx.d_model, epsilon=norm_eps, rngs=rngs)
         self.ffn = registry.build(ffn, ctx, rngs)
 
-    def __call__(self, x: jax.Array):
-        """x: (batch, seq, d_model) -> (x, {"mixer": aux, "ffn": aux})."""
+    def __call__(self, x: jax.Array, neuron_hook=None):
+        """x: (batch, seq, d_model) -> (x, {"mixer": aux, "ffn": aux}).
+
+        neuron_hook (analysis only): a -> a' applied to the FFN's intermediate activations, computing
+        the FFN as down(hook(hidden(x))); needs an FFN with neurons (`hidden`, `down`).
+        """
         h, mixer_aux = self.mixer(self.mixer_norm(x))
         x = x + h
-        h, ffn_aux = self.ffn(self.ffn_norm(x))
+        if neuron_hook is None:
+            h, ffn_aux = self.ffn(self.ffn_norm(x))
+        else:
+            h, ffn_aux = self.ffn.down(neuron_hook(self.ffn.hidden(self.ffn_norm(x)))), make_aux()
         return x + h, {"mixer": mixer_aux, "ffn": ffn_aux}
 
     def step(self, x: jax.Array, state):

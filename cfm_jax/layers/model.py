@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -30,16 +32,19 @@ class LanguageModel(nnx.Module):
         h = self.final_norm(h)
         return self.embed.attend(h) if self.head is None else self.head(h)
 
-    def __call__(self, tokens: jax.Array):
+    def __call__(self, tokens: jax.Array, neuron_hook=None):
         """tokens: (batch, seq) int -> (logits: (batch, seq, vocab) fp32, aux).
 
         aux = {"loss": sum of every slot's auxiliary loss, "stats": {name: value}} where stats holds
         each slot statistic per layer (`ffn/NAME/layerI`) and its mean over layers (`ffn/NAME`).
+        neuron_hook(layer, ffn, a) -> a' (analysis tools only) rewrites each FFN's intermediate
+        activations a: (batch, seq, d_ff); see Block.
         """
         h = self.embed(tokens)
         per_layer = []
-        for block in self.blocks:
-            h, aux = block(h)
+        for i, block in enumerate(self.blocks):
+            hook = None if neuron_hook is None else functools.partial(neuron_hook, i, block.ffn)
+            h, aux = block(h, neuron_hook=hook)
             per_layer.append(aux)
         return self.logits(h).astype(jnp.float32), collect_aux(per_layer)
 
