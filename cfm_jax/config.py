@@ -6,6 +6,10 @@ Override keys are dotted paths into `Config`: `model.d_model=128`, `train.lr=1e-
 `data.task=mqar`. Setting a slot (`model.ffn=KIND`, `model.mixer=KIND`) replaces that slot's config
 with KIND's defaults; later `model.ffn.<field>=...` overrides edit it. Values are parsed by the
 field's type annotation; `Literal[...]` fields list what they allow when given something else.
+
+Hybrids: `model.layers` is a per-layer pattern of mixer kinds (`gla*3+attention`, `gla,gla,attention`
+or a preset name from `LAYER_PRESETS`), tiled to `model.n_layers`. Layers of `model.mixer`'s kind use
+`model.mixer`; another kind K uses `model.mixers.K.<field>=...` overrides on top of K's defaults.
 """
 
 from __future__ import annotations
@@ -31,9 +35,12 @@ class ModelConfig:
     mixer: SlotConfig = _slot_default("mixer", "attention")  # sequence mixer of every layer
     ffn: SlotConfig = _slot_default("ffn", "dense")  # channel mixer (FFN) of every layer
     # Per-layer mixer kinds, tiled to depth; () = `mixer` in every layer. Syntax on the command line:
-    # `model.layers=gla*3+attention` or `model.layers=gla,gla,attention`. A layer whose kind equals
-    # `mixer.kind` uses `mixer`; another kind uses its registered defaults.
+    # `model.layers=gla*3+attention`, `model.layers=gla,gla,attention` or a preset (`LAYER_PRESETS`).
+    # A layer whose kind equals `mixer.kind` uses `mixer`; another kind uses its entry in `mixers`.
     layers: tuple[str, ...] = ()
+    # Configs of the other kinds in `layers` (one per kind, sorted by kind), edited on the command line
+    # with `model.mixers.KIND.FIELD=VALUE`; a pattern kind without an entry uses its registered defaults.
+    mixers: tuple[SlotConfig, ...] = ()
     tie_embeddings: bool = False  # share the token embedding with the output head
     init_std: float = 0.02  # std of the normal init (output projections scaled by 1/sqrt(2*n_layers))
     norm_eps: float = 1e-6  # RMSNorm epsilon
@@ -44,8 +51,14 @@ class ModelConfig:
         return tuple(pattern[i % len(pattern)] for i in range(self.n_layers))
 
     def layer_mixer(self, layer: int) -> SlotConfig:
+        """The mixer config of one layer: `mixer` for its kind, else the kind's `mixers` entry or defaults."""
         kind = self.layer_kinds()[layer]
-        return self.mixer if kind == self.mixer.kind else registry.default_config("mixer", kind)
+        if kind == self.mixer.kind:
+            return self.mixer
+        for cfg in self.mixers:
+            if cfg.kind == kind:
+                return cfg
+        return registry.default_config("mixer", kind)
 
     def validate(self) -> None:
         _positive(self, "d_model", "n_layers")
@@ -54,12 +67,29 @@ class ModelConfig:
         if self.layers and self.n_layers % len(self.layers):
             raise UserError(
                 f"model.n_layers={self.n_layers} is not a multiple of the layer pattern length "
-                f"{len(self.layers)} ({'+'.join(self.layers)})"
+                f"{len(self.layers)} ({format_pattern(self.layers)})"
             )
+        allowed = registry.kinds("mixer")
         for kind in self.layers:
-            registry.get("mixer", kind)
-        for layer in range(self.n_layers) if self.layers else (0,):
-            self.layer_mixer(layer).validate(self.d_model)
+            if kind not in allowed:
+                raise UserError(
+                    f"unknown mixer kind {kind!r} in model.layers; allowed: {', '.join(allowed)}; "
+                    f"presets: {', '.join(LAYER_PRESETS)}"
+                )
+        kinds = self.layer_kinds()
+        for cfg in self.mixers:
+            if cfg.kind == self.mixer.kind:
+                raise UserError(f"model.mixers.{cfg.kind} is unused: {cfg.kind} layers use model.mixer (set model.mixer.<field>)")
+            if cfg.kind not in kinds:
+                raise UserError(f"model.mixers.{cfg.kind} is unused: {cfg.kind} is not in model.layers={format_pattern(kinds)}")
+        for kind in dict.fromkeys(kinds):
+            cfg = self.layer_mixer(kinds.index(kind))
+            try:
+                cfg.validate(self.d_model)
+            except UserError as e:  # slot messages say `model.mixer.`; point at where this kind is set
+                if kind == self.mixer.kind:
+                    raise
+                raise UserError(str(e).replace("model.mixer.", f"model.mixers.{kind}.")) from None
         self.ffn.validate(self.d_model)
 
 
@@ -98,6 +128,19 @@ class DataConfig:
     vocab_size: int = 8192  # synthetic tasks: token vocabulary (text is always 256 bytes)
     num_kv_pairs: int = 8  # mqar: key-value pairs per sequence
     power_a: float = 0.01  # mqar: query gap distribution p(g) ~ g^(a-1) (Zoology's default)
+    num_needles: int = 4  # niah_multikey / niah_multiquery: needles (distinct keys) in the haystack
+    num_values: int = 4  # niah_multivalue: values stored under the one key
+    num_queries: int = 4  # niah_multiquery: needles queried
+    value_len: int = 2  # niah_*: tokens per value; passkey: digits of the passkey
+    needle_depth: float = -1.0  # niah_* / passkey: depth in [0, 1] of the queried needle; -1 = uniform
+    eval_depths: int = 5  # niah_* / passkey: evenly spaced depths evaluated at seq_len (0 or 1 = off)
+    num_chains: int = 1  # variable_tracking: assignment chains (the others distract)
+    num_hops: int = 4  # variable_tracking: assignments after the first in each chain
+    num_targets: int = 16  # selective_copying: content tokens to copy
+    content_vocab: int = 16  # selective_copying: distinct content tokens
+    copy_min_len: int = 8  # copying: shortest training string
+    copy_max_len: int = 50  # copying: longest training string (clipped to (seq_len - 1) // 2)
+    effective_threshold: float = 0.856  # eval: RULER's effective length = longest length scoring >= this
     eval_batches: int = 8  # batches (of train.batch_size) per validation / accuracy measurement
     # Context lengths at which eval measures synthetic-task accuracy; () = seq_len, 2x and 4x.
     eval_lengths: tuple[int, ...] = ()
@@ -111,6 +154,10 @@ class DataConfig:
         _positive(self, "seq_len", "vocab_size", "num_kv_pairs", "eval_batches")
         if not 0 < self.val_fraction < 1:
             raise UserError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        if not (self.needle_depth == -1.0 or 0.0 <= self.needle_depth <= 1.0):
+            raise UserError(f"data.needle_depth={self.needle_depth} must be in [0, 1] or -1 (uniform)")
+        if self.eval_depths < 0 or not 0 < self.effective_threshold <= 1:
+            raise UserError("data.eval_depths must be >= 0 and data.effective_threshold in (0, 1]")
         if any(length <= 0 for length in self.eval_lengths):
             raise UserError(f"data.eval_lengths={self.eval_lengths} must all be > 0")
         data.get_task_class(self.task).validate(self)
@@ -127,6 +174,23 @@ class Config:
         self.train.validate()
         self.data.validate()
         return self
+
+
+# Named layer patterns for `model.layers=NAME` (usable as items of a pattern too): one period of the
+# published hybrid, tiled to model.n_layers, which must be a multiple of its length.
+LAYER_PRESETS: dict[str, tuple[str, ...]] = {
+    # Jamba (Lieber et al. 2024, arXiv 2403.19887): 1 attention : 7 Mamba, attention at offset 4 of 8.
+    "jamba": ("mamba",) * 4 + ("attention",) + ("mamba",) * 3,
+    # MiniMax-01 (arXiv 2501.08313): one softmax attention layer after every 7 lightning (linear) layers.
+    "minimax": ("linear_attention",) * 7 + ("attention",),
+    # Samba (Ren et al. 2024, arXiv 2406.07522): Mamba and sliding-window attention layers alternate.
+    "samba": ("mamba", "sliding_window"),
+}
+
+
+def layer_pattern(raw: str) -> tuple[str, ...]:
+    """`model.layers` value -> kinds: 'gla*3+attention', 'gla,attention', or presets ('minimax')."""
+    return tuple(kind for item in split_pattern(raw) for kind in LAYER_PRESETS.get(item, (item,)))
 
 
 # Scales are override lists applied before the user's: same code, different sizes.
@@ -174,6 +238,10 @@ def _set(obj: Any, path: list[str], raw: str, full_key: str) -> Any:
         allowed = ", ".join(prefix + n for n in names)
         raise UserError(f"unknown key {full_key!r}; allowed here: {allowed}")
     current = getattr(obj, head)
+    if isinstance(obj, ModelConfig) and head == "mixers":
+        return dataclasses.replace(obj, mixers=_set_pattern_mixer(obj.mixers, path[1:], raw, full_key))
+    if isinstance(obj, ModelConfig) and head == "layers" and len(path) == 1:
+        return dataclasses.replace(obj, layers=layer_pattern(raw))
     if isinstance(current, SlotConfig):
         if len(path) == 1:  # `model.ffn=KIND`: switch kind, reset to its defaults
             return dataclasses.replace(obj, **{head: registry.default_config(current.slot, raw)})
@@ -186,6 +254,27 @@ def _set(obj: Any, path: list[str], raw: str, full_key: str) -> Any:
         raise UserError(f"unknown key {full_key!r}: {'.'.join(full_key.split('.')[:-len(path) + 1])} has no sub-fields")
     hint = typing.get_type_hints(type(obj))[head]
     return dataclasses.replace(obj, **{head: parse_value(raw, hint, full_key)})
+
+
+def format_pattern(kinds: typing.Sequence[str]) -> str:
+    """Inverse of split_pattern, runs compressed: [a, a, a, b] -> 'a*3+b'."""
+    runs: list[list] = []
+    for kind in kinds:
+        if runs and runs[-1][0] == kind:
+            runs[-1][1] += 1
+        else:
+            runs.append([kind, 1])
+    return "+".join(kind if n == 1 else f"{kind}*{n}" for kind, n in runs)
+
+
+def _set_pattern_mixer(mixers: tuple, path: list[str], raw: str, full_key: str) -> tuple:
+    """`model.mixers.KIND.FIELD=VALUE`: edit KIND's entry (created from its defaults) in `mixers`."""
+    if len(path) < 2:
+        raise UserError(f"{full_key!r}: set one field of a pattern kind, e.g. model.mixers.sliding_window.window=32")
+    kind = path[0]
+    current = next((cfg for cfg in mixers if cfg.kind == kind), None) or registry.default_config("mixer", kind)
+    updated = _set(current, path[1:], raw, full_key)
+    return tuple(sorted([cfg for cfg in mixers if cfg.kind != kind] + [updated], key=lambda cfg: cfg.kind))
 
 
 def parse_value(raw: str, hint: Any, key: str) -> Any:
@@ -265,8 +354,9 @@ def from_dict(d: dict) -> Config:
                 continue
             value, hint = values[f.name], hints[f.name]
             if hint is SlotConfig or (isinstance(hint, type) and issubclass(hint, SlotConfig)):
-                entry = registry.get(f.name, value["kind"])  # slot fields are named after their slot
-                value = build(entry.config_cls, {k: v for k, v in value.items() if k != "kind"})
+                value = slot_config(f.name, value)  # slot fields are named after their slot
+            elif f.name in _SLOT_TUPLES:
+                value = tuple(slot_config(_SLOT_TUPLES[f.name], item) for item in value)
             elif isinstance(hint, type) and dataclasses.is_dataclass(hint):
                 value = build(hint, value)
             elif typing.get_origin(hint) is tuple:
@@ -274,7 +364,14 @@ def from_dict(d: dict) -> Config:
             kwargs[f.name] = value
         return cls(**kwargs)
 
+    def slot_config(slot: str, values: dict) -> SlotConfig:
+        entry = registry.get(slot, values["kind"])
+        return build(entry.config_cls, {k: v for k, v in values.items() if k != "kind"})
+
     return build(Config, d)
+
+
+_SLOT_TUPLES = {"mixers": "mixer"}  # tuple-of-slot-config fields -> their slot (for from_dict)
 
 
 def diff(a: Config, b: Config) -> list[str]:

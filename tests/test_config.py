@@ -53,7 +53,7 @@ def test_scale_presets_apply_before_user_overrides():
     ("data.task=images", "unknown data.task 'images'"),
     ("data.path=/does/not/exist", "data.path='/does/not/exist' does not exist"),
     ("model.layers=attention*3", "not a multiple of the layer pattern length 3"),
-    ("model.layers=attention+gla", "unknown mixer kind 'gla'"),
+    ("model.layers=attention+bogus", "unknown mixer kind 'bogus'"),
     ("justtext", "not of the form key=value"),
     ("model=3", "is a group of settings"),
 ])

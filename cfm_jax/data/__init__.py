@@ -7,11 +7,18 @@ for position t, IGNORE where the position is not scored.
 from __future__ import annotations
 
 from cfm_jax.data.base import IGNORE, Task
+from cfm_jax.data.copying import CopyingTask, SelectiveCopyingTask
 from cfm_jax.data.mqar import MQARTask
+from cfm_jax.data.needle import NIAHMultiKey, NIAHMultiQuery, NIAHMultiValue, NIAHSingle, PasskeyTask
 from cfm_jax.data.text import TextTask
+from cfm_jax.data.tracking import VariableTrackingTask
 from cfm_jax.errors import UserError
 
-TASKS: dict[str, type[Task]] = {"text": TextTask, "mqar": MQARTask}
+TASKS: dict[str, type[Task]] = {
+    cls.name: cls
+    for cls in (TextTask, MQARTask, NIAHSingle, NIAHMultiKey, NIAHMultiValue, NIAHMultiQuery, PasskeyTask,
+                VariableTrackingTask, SelectiveCopyingTask, CopyingTask)
+}
 
 
 def get_task_class(name: str) -> type[Task]:

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from cfm_jax import workdir as wd
-from cfm_jax.data import make_task
+from cfm_jax.data import IGNORE, make_task
 from cfm_jax.errors import UserError
 from cfm_jax.harness.bricks import bricks_analysis
 from cfm_jax.harness.cett import cett_analysis
@@ -33,29 +33,40 @@ def _make_eval_step(graphdef):
     def eval_step(state, batch):
         model = nnx.merge(graphdef, state)
         logits, aux = model(batch["inputs"])
-        ce_sum, correct, n = cross_entropy(logits, batch["labels"])
-        return {"ce_sum": ce_sum, "correct": correct, "n": n}, aux["stats"]
+        labels = batch["labels"]
+        ce_sum, correct, n = cross_entropy(logits, labels)
+        mask = labels != IGNORE
+        right = (jnp.argmax(logits, axis=-1) == labels) | ~mask
+        scored = jnp.any(mask, axis=1)  # sequences with at least one scored token
+        seq_correct = jnp.sum(jnp.all(right, axis=1) & scored)
+        return {"ce_sum": ce_sum, "correct": correct, "n": n, "seq_correct": seq_correct,
+                "seqs": jnp.sum(scored)}, aux["stats"]
 
     return eval_step
 
 
 def evaluate_sets(model, task, batch_size: int) -> tuple[dict, dict]:
-    """Returns ({set: {loss, accuracy, tokens[, bits_per_byte]}}, {stat: mean over eval batches})."""
+    """Returns ({set: {loss, accuracy, sequence_accuracy, tokens[, bits_per_byte]}},
+    {stat: mean over eval batches}). sequence_accuracy: share of sequences whose scored tokens are
+    all predicted right (exact match / RULER's string_match_all under teacher forcing)."""
     graphdef, state = nnx.split(model)
     eval_step = _make_eval_step(graphdef)
     results, stats_sum, stats_n = {}, {}, 0
     for name, batches in task.eval_sets(batch_size).items():
-        ce, correct, n = 0.0, 0, 0
+        ce, correct, n, seq_correct, seqs = 0.0, 0, 0, 0, 0
         for batch in batches:
             out, stats = eval_step(state, {k: jnp.asarray(v) for k, v in batch.items()})
             ce += float(out["ce_sum"])
             correct += int(out["correct"])
             n += int(out["n"])
+            seq_correct += int(out["seq_correct"])
+            seqs += int(out["seqs"])
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
             stats_n += 1
         loss = ce / max(n, 1)
-        entry = {"loss": loss, "accuracy": correct / max(n, 1), "tokens": n}
+        entry = {"loss": loss, "accuracy": correct / max(n, 1), "sequence_accuracy": seq_correct / max(seqs, 1),
+                 "tokens": n}
         if task.tokens_are_bytes:
             entry["bits_per_byte"] = loss / math.log(2)
         results[name] = entry
@@ -80,6 +91,7 @@ def evaluate(workdir: Path, analyses: tuple[str, ...] = ()) -> dict:
     model, step = restore_model(workdir, cfg, task.vocab_size)
     t0 = time.perf_counter()
     sets, stats = evaluate_sets(model, task, cfg.train.batch_size)
+    lengths = {int(name[3:]): entry for name, entry in sets.items() if name[3:].isdigit()}
     result = {
         "step": step,
         "task": cfg.data.task,
@@ -88,16 +100,36 @@ def evaluate(workdir: Path, analyses: tuple[str, ...] = ()) -> dict:
         "sets": sets,
         "metrics": {f"{s}/{k}": v for s, entry in sets.items() for k, v in entry.items() if k != "tokens"},
         "stats": stats,
+        "state_bytes": {str(n): state_bytes(model, n) for n in sorted({cfg.data.seq_len, *lengths})},
         "eval_seconds": round(time.perf_counter() - t0, 3),
         "device": f"{jax.default_backend()}: {jax.devices()[0].device_kind}",
     }
     if hasattr(task, "corpus"):
         result["corpus"] = {"fingerprint": task.corpus.fingerprint, "files": task.corpus.n_files,
                             "train_bytes": int(len(task.corpus.train)), "val_bytes": int(len(task.corpus.val))}
+    if lengths and not task.tokens_are_bytes:
+        result["effective_length"] = effective_length(lengths, cfg.data.effective_threshold)
+        result["metrics"]["effective_length"] = result["effective_length"]
     for name in analyses:
         result[name] = _run_analysis(name, model, task, cfg, workdir)
     wd.write_json(workdir / wd.EVAL, _jsonable(result))
     return result
+
+
+def state_bytes(model, context_len: int) -> int:
+    """Decoding state per sequence (KV caches, recurrent states) summed over layers, in bytes."""
+    return int(sum(block.mixer.state_bytes(context_len) for block in model.blocks))
+
+
+def effective_length(by_length: dict[int, dict], threshold: float) -> int:
+    """RULER: the longest evaluated length up to which every length's accuracy is >= threshold
+    (0 if the shortest already falls below)."""
+    best = 0
+    for length in sorted(by_length):
+        if by_length[length]["accuracy"] < threshold:
+            break
+        best = length
+    return best
 
 
 def _run_analysis(name: str, model, task, cfg, workdir: Path) -> dict:

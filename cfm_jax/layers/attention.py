@@ -20,6 +20,9 @@ class AttentionConfig(SlotConfig):
     n_heads: int = 4  # query heads; head_dim = d_model // n_heads (must be even for RoPE)
     n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0 = n_heads, 1 = multi-query
     rope_theta: float = 10000.0  # RoPE base period
+    # Sequences longer than this are attended in query blocks of this size, so memory grows as
+    # L * chunk instead of L^2 (long-context evaluation); 0 = never chunk.
+    query_chunk: int = 1024
 
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
@@ -35,6 +38,8 @@ class AttentionConfig(SlotConfig):
             raise UserError(
                 f"model.mixer.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} (0 = n_heads)"
             )
+        if self.query_chunk < 0:
+            raise UserError(f"model.mixer.query_chunk={self.query_chunk} must be >= 0 (0 = never chunk)")
         if self.rope_theta <= 0:
             raise UserError(f"model.mixer.rope_theta={self.rope_theta} must be > 0")
 
@@ -53,9 +58,31 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Fast path (XLA's fused attention; handles grouped heads natively). Shapes as the reference."""
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, query_chunk: int = 0) -> jax.Array:
+    """Fast path (XLA's fused attention; handles grouped heads natively). Shapes as the reference.
+    Sequences longer than query_chunk (> 0) go through `chunked_attention`."""
+    if 0 < query_chunk < q.shape[1]:
+        return chunked_attention(q, k, v, query_chunk)
     return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int) -> jax.Array:
+    """Causal attention one block of `chunk` queries at a time (lax.map), so the score tensor is
+    (batch, heads, chunk, seq) instead of (batch, heads, seq, seq). Shapes as the reference."""
+    b, s, h, d = q.shape
+    n_blocks = -(-s // chunk)
+    pad = n_blocks * chunk - s
+    q_blocks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n_blocks, chunk, h, d)
+    key_pos = jnp.arange(s)
+
+    def block(args):
+        q_blk, start = args  # (b, chunk, h, d), ()
+        query_pos = start + jnp.arange(chunk)
+        mask = key_pos[None, :] <= query_pos[:, None]  # (chunk, s)
+        return jax.nn.dot_product_attention(q_blk, k, v, mask=mask[None, None])
+
+    out = jax.lax.map(block, (jnp.moveaxis(q_blocks, 1, 0), jnp.arange(n_blocks) * chunk))
+    return jnp.moveaxis(out, 0, 1).reshape(b, n_blocks * chunk, h, d)[:, :s]
 
 
 @register("mixer", "attention", AttentionConfig)
@@ -82,7 +109,7 @@ class Attention(nnx.Module):
         """x: (batch, seq, d_model) -> (y: (batch, seq, d_model), aux)."""
         b, s, _ = x.shape
         q, k, v = self._qkv(x, jnp.arange(s))
-        y = _attend(q, k, v).reshape(b, s, self.n_heads * self.head_dim)
+        y = _attend(q, k, v, self.cfg.query_chunk).reshape(b, s, self.n_heads * self.head_dim)
         return self.o_proj(y), make_aux()
 
     # --- decoding ---
