@@ -11,11 +11,14 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from cfm_jax.errors import UserError
+
 
 class Checkpoints:
     def __init__(self, directory: Path, keep: int):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -25,9 +28,17 @@ class Checkpoints:
         self.manager.wait_until_finished()
 
     def restore(self, step: int, like):
-        """Restore `step` into the structure (and dtypes/shapes) of `like`."""
+        """Restore `step` into the structure, dtypes, shapes and shardings of `like` (so a checkpoint
+        saved under one mesh restores under another)."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        try:
+            return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable data
+            detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise UserError(
+                f"checkpoint step {step} in {self.directory} cannot be restored ({detail}); "
+                "remove that step directory to fall back to an earlier one, or use another --workdir"
+            ) from None
 
     def close(self) -> None:
         self.manager.close()

@@ -108,6 +108,9 @@ class TrainConfig:
     log_every: int = 10  # write a metrics.jsonl line every this many steps
     checkpoint_every: int = 200  # save a checkpoint every this many steps (and at the end)
     keep_checkpoints: int = 3  # checkpoints kept in workdir/checkpoints (older ones deleted)
+    mesh: str = ""  # device mesh, e.g. "data:4,expert:2" (axes: data, expert); "" = one device
+    fsdp: bool = False  # with a mesh: also shard dense weight matrices (and their Adam moments) over `data`
+    skip_nonfinite: bool = False  # skip (do not apply) steps whose loss or gradient is not finite, instead of stopping
 
     def validate(self) -> None:
         _positive(self, "steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints")
@@ -117,6 +120,9 @@ class TrainConfig:
             raise UserError("train.warmup_steps, train.weight_decay and train.grad_clip must be >= 0")
         if not (0 <= self.min_lr_ratio <= 1 and 0 <= self.b1 < 1 and 0 <= self.b2 < 1):
             raise UserError("train.min_lr_ratio must be in [0, 1]; train.b1, train.b2 in [0, 1)")
+        from cfm_jax.sharding import parse_mesh
+
+        parse_mesh(self.mesh)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ Running again on the same workdir resumes from the latest checkpoint; batches ar
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from cfm_jax.data import IGNORE, make_task
 from cfm_jax.errors import TrainingDiverged, UserError
 from cfm_jax.layers.common import TrainingStep
 from cfm_jax.layers.model import build_model
+from cfm_jax.sharding import check_batch, global_batch, make_mesh, state_shardings
 
 
 def make_optimizer(cfg: TrainConfig):
@@ -50,7 +52,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.
     return jnp.sum(ce * mask), jnp.sum(correct), jnp.sum(mask)
 
 
-def make_train_step(graphdef, tx):
+def make_train_step(graphdef, tx, skip_nonfinite: bool = False):
     """The jitted step: (params, rest, opt_state, batch, step) -> (params, rest, opt_state, metrics).
 
     `rest` is every non-parameter variable of the model (e.g. a router's selection bias); whatever
@@ -68,11 +70,15 @@ def make_train_step(graphdef, tx):
     @jax.jit
     def train_step(params, rest, opt_state, batch, step):
         rest = with_training_step(graphdef, params, rest, step)
-        (loss, (ce, aux, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss, "ce": ce, "aux_loss": aux["loss"], "grad_norm": optax.tree.norm(grads)}
-        return params, rest, opt_state, {**metrics, **aux["stats"]}
+        (loss, (ce, aux, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
+        grad_norm = optax.tree.norm(grads)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new = (optax.apply_updates(params, updates), new_rest, new_opt_state)
+        if skip_nonfinite:
+            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, (params, rest, opt_state))
+        metrics = {"loss": loss, "ce": ce, "aux_loss": aux["loss"], "grad_norm": grad_norm}
+        return *new, {**metrics, **aux["stats"]}
 
     return train_step
 
@@ -99,58 +105,80 @@ def train(cfg: Config, workdir: Path, progress: bool = True) -> dict:
     workdir = Path(workdir)
     wd.check_compatible(workdir, cfg)  # before anything is written
     task = make_task(cfg.data)
-    graphdef, state, tx, schedule = init_state(cfg, task.vocab_size)
     tc = cfg.train
+    mesh = make_mesh(tc.mesh)
+    graphdef, state, tx, schedule = init_state(cfg, task.vocab_size)
+    if mesh is not None:
+        check_batch(tc.batch_size, mesh)
+        state = jax.device_put(state, state_shardings(state, tx, mesh, tc.fsdp))
+    writer = jax.process_index() == 0  # only process 0 writes config and metrics
 
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpoints(workdir / wd.CHECKPOINTS, tc.keep_checkpoints)
     start = ckpt.latest_step() or 0
     if start:
         state = ckpt.restore(start, state)
-    wd.save_config(workdir, cfg)
-    rows = wd.truncate_metrics(workdir, start)
+    if writer:
+        wd.save_config(workdir, cfg)
+    rows = wd.truncate_metrics(workdir, start) if writer else wd.read_metrics(workdir)
     seconds = rows[-1]["seconds"] if rows else 0.0
     last = rows[-1] if rows else {}
     if start >= tc.steps:
         ckpt.close()
         return last
 
-    step_fn = make_train_step(graphdef, tx)
+    step_fn = make_train_step(graphdef, tx, skip_nonfinite=tc.skip_nonfinite)
+    place = (lambda b: global_batch(b, mesh)) if mesh is not None else (lambda b: b)
     tokens_per_step = tc.batch_size * cfg.data.seq_len
-    bar = tqdm(total=tc.steps, initial=start, desc=workdir.name, disable=not progress, dynamic_ncols=True)
-    batch = task.train_batch(tc.seed, start, tc.batch_size)
+    bar = tqdm(total=tc.steps, initial=start, desc=workdir.name, disable=not (progress and writer), dynamic_ncols=True)
+    batch = place(task.train_batch(tc.seed, start, tc.batch_size))
+    skipped = int(last.get("skipped_steps", 0))
     t0 = time.perf_counter()
     try:
-        for step in range(start, tc.steps):
-            params, rest, opt_state, metrics = step_fn(state["params"], state["rest"], state["opt_state"], batch, step)
-            state = {"params": params, "rest": rest, "opt_state": opt_state}
-            if step + 1 < tc.steps:  # prepare the next batch while the device works
-                batch = task.train_batch(tc.seed, step + 1, tc.batch_size)
-            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-            done = step + 1
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                kept = ckpt.latest_step()
-                raise TrainingDiverged(
-                    f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {done} "
-                    f"(loss={loss}, grad_norm={grad_norm}); stopped, last good checkpoint: "
-                    f"{'step ' + str(kept) if kept else 'none'} in {workdir / wd.CHECKPOINTS}"
-                )
-            bar.update(1)
-            if done % tc.log_every == 0 or done == tc.steps:
-                bar.set_postfix(loss=f"{loss:.4f}")
-                last = {
-                    "step": done, "loss": loss, "lr": float(schedule(step)), "tokens": done * tokens_per_step,
-                    "seconds": round(seconds + time.perf_counter() - t0, 3),
-                    **{k: float(v) for k, v in metrics.items() if k != "loss"},
-                }
-                wd.append_metrics(workdir, last)
-            if done % tc.checkpoint_every == 0 or done == tc.steps:
-                jax.block_until_ready(state)
-                ckpt.save(done, state)
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            for step in range(start, tc.steps):
+                params, rest, opt_state, metrics = step_fn(state["params"], state["rest"], state["opt_state"], batch, step)
+                state = {"params": params, "rest": rest, "opt_state": opt_state}
+                if step + 1 < tc.steps:  # prepare the next batch while the device works
+                    batch = place(task.train_batch(tc.seed, step + 1, tc.batch_size))
+                loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+                done = step + 1
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    if not tc.skip_nonfinite:
+                        raise TrainingDiverged(_diverged_message(done, metrics, ckpt.latest_step(), workdir))
+                    skipped += 1  # the step function left parameters and optimizer state unchanged
+                bar.update(1)
+                if done % tc.log_every == 0 or done == tc.steps:
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                    last = {
+                        "step": done, "loss": loss, "lr": float(schedule(step)), "tokens": done * tokens_per_step,
+                        "seconds": round(seconds + time.perf_counter() - t0, 3),
+                        **{k: float(v) for k, v in metrics.items() if k != "loss"},
+                    }
+                    if tc.skip_nonfinite:
+                        last["skipped_steps"] = skipped
+                    if writer:
+                        wd.append_metrics(workdir, last)
+                if done % tc.checkpoint_every == 0 or done == tc.steps:
+                    jax.block_until_ready(state)
+                    ckpt.save(done, state)
     finally:
         bar.close()
         ckpt.close()
     return last
+
+
+def _diverged_message(step: int, metrics: dict, kept: int | None, workdir: Path) -> str:
+    """One line: the step, the non-finite quantity, the first layer whose statistics are non-finite."""
+    values = {k: float(v) for k, v in metrics.items()}
+    what = "loss" if not math.isfinite(values["loss"]) else "gradient norm"
+    layers = sorted({k.rsplit("/", 1)[1] for k, v in values.items() if "/layer" in k and not math.isfinite(v)})
+    where = f" (first non-finite statistics in {layers[0]})" if layers else ""
+    return (
+        f"non-finite {what} at step {step}{where}: loss={values['loss']}, grad_norm={values['grad_norm']}; "
+        f"stopped, last good checkpoint: {'step ' + str(kept) if kept else 'none'} in {workdir / wd.CHECKPOINTS} "
+        "(train.skip_nonfinite=true skips such steps instead)"
+    )
 
 
 def restore_model(workdir: Path, cfg: Config, vocab_size: int):

@@ -16,7 +16,10 @@ from cfm_jax.errors import UserError
 
 CONFIG, METRICS, EVAL, CHECKPOINTS = "config.json", "metrics.jsonl", "eval.json", "checkpoints"
 # Fields that may change between invocations on one workdir without changing what is trained so far.
-RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints")
+RESUMABLE_KEYS = (
+    "train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.mesh", "train.fsdp", "train.skip_nonfinite",
+)
 
 
 def write_atomic(path: Path, text: str) -> None:

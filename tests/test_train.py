@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
+import jax
+import numpy as np
 import pytest
+from flax import nnx
 
 from cfm_jax import workdir as wd
 from cfm_jax.config import resolve
 from cfm_jax.errors import TrainingDiverged, UserError
-from cfm_jax.train import train
+from cfm_jax.train import restore_model, train
 
 TINY = ["model.d_model=32", "data.seq_len=32", "train.batch_size=4", "train.log_every=1", "train.checkpoint_every=5"]
 
@@ -61,7 +65,29 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
                             "train.grad_clip=0", "train.checkpoint_every=1"])
     with pytest.raises(TrainingDiverged, match="non-finite .* at step (\\d+).*last good checkpoint: step") as info:
         train(cfg, tmp_path, progress=False)
-    bad_step = int(info.value.args[0].split("at step ")[1].split(" ")[0])
+    bad_step = int(re.search(r"at step (\d+)", info.value.args[0]).group(1))
     kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert kept and max(kept) == bad_step - 1
     assert all(r["step"] < bad_step for r in wd.read_metrics(tmp_path))
+
+
+def test_skip_nonfinite_keeps_training(tmp_path):
+    """With train.skip_nonfinite the bad steps are not applied: parameters stay finite and the run ends."""
+    cfg = resolve("smoke", [*TINY, "train.steps=12", "train.lr=1e30", "train.warmup_steps=0", "train.grad_clip=0",
+                            "train.skip_nonfinite=true"])
+    last = train(cfg, tmp_path, progress=False)
+    assert last["step"] == 12 and last["skipped_steps"] >= 1
+    model, step = restore_model(tmp_path, cfg, 256)
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert step == 12 and all(bool(np.all(np.isfinite(x))) for x in leaves)
+
+
+def test_same_seed_same_metrics(tmp_path):
+    cfg = resolve("smoke", [*TINY, "train.steps=6"])
+    train(cfg, tmp_path / "a", progress=False)
+    train(cfg, tmp_path / "b", progress=False)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert strip(wd.read_metrics(tmp_path / "a")) == strip(wd.read_metrics(tmp_path / "b"))
+    other = resolve("smoke", [*TINY, "train.steps=6", "train.seed=1"])
+    train(other, tmp_path / "c", progress=False)
+    assert strip(wd.read_metrics(tmp_path / "c")) != strip(wd.read_metrics(tmp_path / "a"))
