@@ -21,16 +21,26 @@ from cfm_jax.errors import TrainingDiverged, UserError
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump), exit code 2 like every other bad input."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def _parser() -> argparse.ArgumentParser:
     from cfm_jax.config import SCALES
 
-    p = argparse.ArgumentParser(prog="cfm-jax", description=__doc__.split("\n")[0])
+    p = _Parser(prog="cfm-jax", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train (or resume) one run in a workdir")
     t.add_argument("--workdir", required=True, type=Path, help="run directory (created; resumed if present)")
     t.add_argument("--scale", default="cpu", choices=list(SCALES), help="size preset applied before overrides")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--reconfigure", action="store_true",
+                   help="continue a workdir's checkpoint under a config that differs from its config.json")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.d_model=128 train.steps=200")
 
     e = sub.add_parser("eval", help="evaluate a workdir's latest checkpoint into eval.json")
@@ -45,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--runs-dir", type=Path, default=Path("runs"), help="root of the cells' workdirs")
         if name == "sweep":
             s.add_argument("--no-progress", action="store_true")
+            s.add_argument("--workers", type=int, default=1, help="cells trained in parallel processes")
+            s.add_argument("--shard", default="0/1", help="i/n: run every n-th cell from i (split across machines)")
         else:
             s.add_argument("--results-dir", type=Path, default=None, help="default: experiments/results")
 
@@ -57,7 +69,8 @@ def _run(args: argparse.Namespace) -> int:
         from cfm_jax.config import resolve
         from cfm_jax.train import train
 
-        last = train(resolve(args.scale, args.overrides), args.workdir, progress=not args.no_progress)
+        last = train(resolve(args.scale, args.overrides), args.workdir, progress=not args.no_progress,
+                     reconfigure=args.reconfigure)
         print(json.dumps({k: last[k] for k in ("step", "loss", "tokens", "seconds") if k in last}))
     elif args.command == "eval":
         from cfm_jax.harness.evaluate import ANALYSES, evaluate
@@ -67,9 +80,10 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps({"step": result["step"], "params_total": result["params_total"], **result["metrics"]}, indent=2))
     elif args.command == "sweep":
         from cfm_jax.harness.experiments import load_experiment
-        from cfm_jax.harness.sweep import sweep
+        from cfm_jax.harness.sweep import parse_shard, sweep
 
-        failed = sweep(load_experiment(args.experiment), args.scale, args.runs_dir, progress=not args.no_progress)
+        failed = sweep(load_experiment(args.experiment), args.scale, args.runs_dir, progress=not args.no_progress,
+                       workers=args.workers, shard=parse_shard(args.shard))
         if failed:
             print(f"error: {len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)
             return EXIT_FAILED

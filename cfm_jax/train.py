@@ -100,10 +100,15 @@ def init_state(cfg: Config, vocab_size: int):
     return graphdef, {"params": params, "rest": rest, "opt_state": tx.init(params)}, tx, schedule
 
 
-def train(cfg: Config, workdir: Path, progress: bool = True) -> dict:
-    """Train (or resume) the run in `workdir` up to cfg.train.steps. Returns the last metrics row."""
+def train(cfg: Config, workdir: Path, progress: bool = True, reconfigure: bool = False) -> dict:
+    """Train (or resume) the run in `workdir` up to cfg.train.steps. Returns the last metrics row.
+
+    A workdir refuses a config that differs from its config.json (beyond RESUMABLE_KEYS) unless
+    `reconfigure`: then training continues from the checkpoint under the new config, if it fits.
+    """
     workdir = Path(workdir)
-    wd.check_compatible(workdir, cfg)  # before anything is written
+    if not reconfigure:
+        wd.check_compatible(workdir, cfg)  # before anything is written
     task = make_task(cfg.data)
     tc = cfg.train
     mesh = make_mesh(tc.mesh)

@@ -75,7 +75,7 @@ def check_compatible(workdir: Path, cfg: Config) -> None:
     if changes:
         raise UserError(
             f"workdir {str(workdir)!r} holds a different config ({'; '.join(changes[:3])}"
-            f"{'; ...' if len(changes) > 3 else ''}); use another --workdir"
+            f"{'; ...' if len(changes) > 3 else ''}); use another --workdir, or --reconfigure to continue under the new config"
         )
 
 

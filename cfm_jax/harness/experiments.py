@@ -4,6 +4,7 @@ An experiment file has a docstring (command, expected runtime, expected result) 
 
     def cells(scale: str) -> dict[str, list[str]]:   # cell name -> config overrides
     COLUMNS = ["val/bits_per_byte", ...]              # optional: eval.json metrics shown in the table
+    ANALYSES = ["cett"]                               # optional: `eval --analysis` run on every cell
 
 Every cell is an ordinary training run: `cfm-jax train --scale SCALE OVERRIDES...`.
 """
@@ -35,6 +36,7 @@ class Experiment:
     cells_fn: Callable[[str], dict]
     columns: tuple[str, ...]
     doc: str
+    analyses: tuple[str, ...] = ()  # eval analyses run on every cell (ANALYSES in the file)
 
     def cells(self, scale: str) -> dict[str, list[str]]:
         try:
@@ -84,4 +86,9 @@ def load_experiment(name_or_path: str) -> Experiment:
     columns = getattr(module, "COLUMNS", ())
     if not isinstance(columns, (list, tuple)) or not all(isinstance(c, str) for c in columns):
         raise UserError(f"experiment file {str(path)!r}: COLUMNS must be a list of metric names")
-    return Experiment(path.stem, path, cells_fn, tuple(columns), (module.__doc__ or "").strip())
+    analyses = getattr(module, "ANALYSES", ())
+    from cfm_jax.harness.evaluate import ANALYSES as KNOWN
+
+    if not isinstance(analyses, (list, tuple)) or any(a not in KNOWN for a in analyses):
+        raise UserError(f"experiment file {str(path)!r}: ANALYSES must list some of {', '.join(KNOWN)}")
+    return Experiment(path.stem, path, cells_fn, tuple(columns), (module.__doc__ or "").strip(), tuple(analyses))

@@ -1,39 +1,78 @@
 """`cfm-jax sweep`: train then evaluate every cell of an experiment, each in its own workdir.
 
-A cell whose workdir already holds eval.json is skipped, so rerunning a sweep finishes what is left.
+A cell whose workdir already holds eval.json is skipped, so rerunning a sweep (after a crash or a
+kill) finishes what is left; an interrupted cell resumes from its last checkpoint. `workers` runs
+cells in parallel processes; `shard=(i, n)` takes every n-th cell starting at i, so n machines can
+share one runs directory without touching each other's cells.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from cfm_jax import workdir as wd
-from cfm_jax.errors import TrainingDiverged
-from cfm_jax.harness.evaluate import evaluate
+from cfm_jax.config import Config
+from cfm_jax.errors import TrainingDiverged, UserError
 from cfm_jax.harness.experiments import Experiment
-from cfm_jax.train import train
 
 
 def cell_workdir(runs_dir: Path, experiment: str, scale: str, cell: str) -> Path:
     return Path(runs_dir) / experiment / scale / cell
 
 
-def sweep(experiment: Experiment, scale: str, runs_dir: Path, progress: bool = True) -> list[str]:
-    """Run every unfinished cell; returns the names of cells that failed (diverged)."""
-    configs = experiment.configs(scale)
-    failed = []
-    for i, (cell, cfg) in enumerate(configs.items(), 1):
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' with 0 <= i < n."""
+    i, _, n = text.partition("/")
+    if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+        raise UserError(f"--shard {text!r} must be i/n with 0 <= i < n, e.g. 0/4")
+    return int(i), int(n)
+
+
+def run_cell(cfg: Config, workdir: Path, analyses: tuple[str, ...], progress: bool) -> str | None:
+    """Train + evaluate one cell; returns an error line if training diverged."""
+    from cfm_jax.harness.evaluate import evaluate
+    from cfm_jax.train import train
+
+    try:
+        train(cfg, workdir, progress=progress)
+    except TrainingDiverged as e:
+        return str(e)
+    evaluate(workdir, analyses)
+    return None
+
+
+def sweep(experiment: Experiment, scale: str, runs_dir: Path, progress: bool = True, workers: int = 1,
+          shard: tuple[int, int] = (0, 1)) -> list[str]:
+    """Run every unfinished cell of this shard; returns the names of cells that failed (diverged)."""
+    if workers < 1:
+        raise UserError(f"--workers {workers} must be >= 1")
+    configs = experiment.configs(scale)  # every cell resolves before anything runs
+    names = list(configs)[shard[0]::shard[1]]
+    todo = []
+    for i, cell in enumerate(names, 1):
         workdir = cell_workdir(runs_dir, experiment.name, scale, cell)
         if (workdir / wd.EVAL).exists():
-            print(f"[{i}/{len(configs)}] {cell}: done, skipped", file=sys.stderr)
-            continue
-        print(f"[{i}/{len(configs)}] {cell}: training in {workdir}", file=sys.stderr)
-        try:
-            train(cfg, workdir, progress=progress)
-        except TrainingDiverged as e:
-            print(f"[{i}/{len(configs)}] {cell}: FAILED: {e}", file=sys.stderr)
-            failed.append(cell)
-            continue
-        evaluate(workdir)
+            print(f"[{i}/{len(names)}] {cell}: done, skipped", file=sys.stderr)
+        else:
+            todo.append((cell, workdir))
+    failed = []
+    if workers == 1:
+        for i, (cell, workdir) in enumerate(todo, 1):
+            print(f"[{i}/{len(todo)}] {cell}: training in {workdir}", file=sys.stderr)
+            error = run_cell(configs[cell], workdir, experiment.analyses, progress)
+            if error:
+                print(f"{cell}: FAILED: {error}", file=sys.stderr)
+                failed.append(cell)
+        return failed
+    # Separate processes (spawned: JAX does not survive fork), one cell each at a time.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {cell: pool.submit(run_cell, configs[cell], workdir, experiment.analyses, False) for cell, workdir in todo}
+        for cell, future in futures.items():
+            error = future.result()
+            print(f"{cell}: {'FAILED: ' + error if error else 'done'}", file=sys.stderr)
+            if error:
+                failed.append(cell)
     return failed
