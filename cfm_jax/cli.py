@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--workdir", required=True, type=Path, help="run directory (created; resumed if present)")
     t.add_argument("--scale", default="cpu", choices=list(SCALES), help="size preset applied before overrides")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--distributed", action="store_true",
+                   help="multi-host: call jax.distributed.initialize() first (one process per host)")
     t.add_argument("--reconfigure", action="store_true",
                    help="continue a workdir's checkpoint under a config that differs from its config.json")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.d_model=128 train.steps=200")
@@ -68,6 +70,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from cfm_jax.config import resolve
         from cfm_jax.train import train
+
+        if args.distributed:
+            import jax
+
+            jax.distributed.initialize()
 
         last = train(resolve(args.scale, args.overrides), args.workdir, progress=not args.no_progress,
                      reconfigure=args.reconfigure)
