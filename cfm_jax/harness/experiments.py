@@ -3,10 +3,17 @@
 An experiment file has a docstring (command, expected runtime, expected result) and
 
     def cells(scale: str) -> dict[str, list[str]]:   # cell name -> config overrides
-    COLUMNS = ["val/bits_per_byte", ...]              # optional: eval.json metrics shown in the table
+    COLUMNS = ["val/bits_per_byte", ...]              # optional: eval.json values shown in the table
     ANALYSES = ["cett"]                               # optional: `eval --analysis` run on every cell
+    SEEDS = 3                                         # optional: each cell run with train.seed=0..2
+    def plot(table, path): ...                        # optional: draw the aggregated table to a .png
+    def reading(table) -> str: ...                    # optional: plain-language reading of the numbers
 
-Every cell is an ordinary training run: `cfm-jax train --scale SCALE OVERRIDES...`.
+Every cell is an ordinary training run: `cfm-jax train --scale SCALE OVERRIDES...`. With SEEDS = n
+a cell NAME runs as NAME.s0 .. NAME.s{n-1}, and the report shows mean +- std over them. COLUMNS name
+values of eval.json by path: the `metrics` entries directly ("val/loss", "len256/accuracy"), other
+values as "section/key/..." ("stats/ffn/activation_ratio", "cett/sparsity_at_cett_ppl1",
+"state_bytes/512").
 """
 
 from __future__ import annotations
@@ -37,8 +44,12 @@ class Experiment:
     columns: tuple[str, ...]
     doc: str
     analyses: tuple[str, ...] = ()  # eval analyses run on every cell (ANALYSES in the file)
+    seeds: int = 1  # SEEDS in the file
+    plot_fn: Callable | None = None  # plot(table, path) in the file
+    reading_fn: Callable | None = None  # reading(table) -> str in the file
 
-    def cells(self, scale: str) -> dict[str, list[str]]:
+    def base_cells(self, scale: str) -> dict[str, list[str]]:
+        """The cells as the file defines them, before seed expansion."""
         try:
             cells = self.cells_fn(scale)
         except Exception as e:  # a bug in the experiment file is the user's input
@@ -51,6 +62,13 @@ class Experiment:
             if not isinstance(overrides, (list, tuple)) or not all(isinstance(o, str) for o in overrides):
                 raise UserError(f"experiment {self.name!r}: cell {name!r} must map to a list of 'key=value' strings")
         return {name: list(overrides) for name, overrides in cells.items()}
+
+    def cells(self, scale: str) -> dict[str, list[str]]:
+        """Every run: base cells, each expanded to NAME.sK with train.seed=K when SEEDS > 1."""
+        base = self.base_cells(scale)
+        if self.seeds <= 1:
+            return base
+        return {f"{name}.s{k}": [*o, f"train.seed={k}"] for name, o in base.items() for k in range(self.seeds)}
 
     def configs(self, scale: str) -> dict[str, Config]:
         """Resolve every cell (so a bad cell fails before anything trains)."""
@@ -91,4 +109,9 @@ def load_experiment(name_or_path: str) -> Experiment:
 
     if not isinstance(analyses, (list, tuple)) or any(a not in KNOWN for a in analyses):
         raise UserError(f"experiment file {str(path)!r}: ANALYSES must list some of {', '.join(KNOWN)}")
-    return Experiment(path.stem, path, cells_fn, tuple(columns), (module.__doc__ or "").strip(), tuple(analyses))
+    seeds = getattr(module, "SEEDS", 1)
+    if not isinstance(seeds, int) or seeds < 1:
+        raise UserError(f"experiment file {str(path)!r}: SEEDS must be an int >= 1")
+    hooks = {name: getattr(module, name, None) for name in ("plot", "reading")}
+    return Experiment(path.stem, path, cells_fn, tuple(columns), (module.__doc__ or "").strip(), tuple(analyses),
+                      seeds, hooks["plot"], hooks["reading"])

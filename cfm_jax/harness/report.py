@@ -1,7 +1,10 @@
-"""`cfm-jax report`: read a sweep's eval.json files into experiments/results/NAME[_SCALE].md and .csv.
+"""`cfm-jax report`: read a sweep's eval.json files into experiments/results/NAME[_SCALE].md, .csv
+and (if the experiment draws one) .png.
 
-One row per cell, in the experiment's cell order; every number comes from a workdir's eval.json, and
-each row carries the command that reproduces it.
+Every number comes from a workdir's eval.json. The .csv has one row per run (every seed); the .md
+table has one row per cell, mean +- std over seeds when the experiment runs several, with the command
+that reproduces it; the experiment's `reading(table)` paragraph, computed from the same numbers,
+closes the file.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import shlex
 from pathlib import Path
 
@@ -17,6 +21,8 @@ from cfm_jax.harness.experiments import Experiment
 from cfm_jax.harness.sweep import cell_workdir
 
 BASE_COLUMNS = ("params_total", "params_non_embedding", "step")
+PROMOTED = ("metrics",)  # sections whose keys are used without a prefix
+SKIPPED = ("sets",)  # repeated in `metrics`
 
 
 def results_stem(name: str, scale: str) -> str:
@@ -29,42 +35,83 @@ def cell_command(workdir: Path, scale: str, overrides: list[str]) -> str:
     return f"cfm-jax train --workdir {workdir} --scale {scale} {args} && cfm-jax eval --workdir {workdir}"
 
 
-def collect_rows(experiment: Experiment, scale: str, runs_dir: Path) -> tuple[list[str], list[dict]]:
-    """(columns, rows) with rows[i] = {"cell", metrics..., "command"}; missing cells have status."""
-    rows, seen = [], []
+def flatten_result(result: dict) -> dict:
+    """eval.json -> {path: scalar}: `metrics` entries as they are, other dicts as "a/b/c"."""
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}" if prefix else str(k), v)
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            flat[prefix] = value
+
+    for key, value in result.items():
+        if key in PROMOTED:
+            flat.update({k: v for k, v in value.items()})
+        elif key not in SKIPPED:
+            walk(key, value)
+    return flat
+
+
+def collect_runs(experiment: Experiment, scale: str, runs_dir: Path) -> list[dict]:
+    """One row per run: {"cell", "base", flattened eval.json..., "command"} or a status."""
+    rows = []
+    bases = experiment.base_cells(scale)
     for cell, overrides in experiment.cells(scale).items():
         workdir = cell_workdir(runs_dir, experiment.name, scale, cell)
-        row = {"cell": cell}
-        eval_path = workdir / wd.EVAL
-        if eval_path.exists():
-            result = json.loads(eval_path.read_text())
-            row.update({k: result[k] for k in BASE_COLUMNS if k in result})
-            row.update(result.get("metrics", {}))
-            seen.extend(k for k in result.get("metrics", {}) if k not in seen)
+        base = cell if cell in bases else cell.rsplit(".s", 1)[0]
+        row = {"cell": cell, "base": base}
+        if (workdir / wd.EVAL).exists():
+            row.update(flatten_result(json.loads((workdir / wd.EVAL).read_text())))
         else:
             row["status"] = "not run" if not workdir.exists() else "unfinished"
         row["command"] = cell_command(workdir, scale, overrides)
         rows.append(row)
-    metric_columns = list(experiment.columns) or seen
-    columns = ["cell", *BASE_COLUMNS, *metric_columns]
-    if any("status" in r for r in rows):
-        columns.append("status")
-    return columns + ["command"], rows
+    return rows
+
+
+def aggregate(rows: list[dict], columns: list[str]) -> list[dict]:
+    """Rows of one base cell -> one row: numeric columns as mean (key) and std (key + "_std")."""
+    table = []
+    for base in dict.fromkeys(r["base"] for r in rows):
+        group = [r for r in rows if r["base"] == base]
+        done = [r for r in group if "status" not in r]
+        out = {"cell": base, "seeds": len(done), "command": group[0]["command"]}
+        if len(done) < len(group):
+            out["status"] = f"{len(group) - len(done)} of {len(group)} runs missing"
+        for col in columns:
+            values = [r.get(col) for r in done if r.get(col) is not None]
+            if values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                mean = sum(values) / len(values)
+                out[col] = mean
+                if len(values) > 1:
+                    out[col + "_std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+            elif values:
+                out[col] = values[0]
+        table.append(out)
+    return table
 
 
 def _fmt(value) -> str:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e12:
+        return str(int(value))  # counts (parameters, steps, bytes) stay exact
     if isinstance(value, float):
         return f"{value:.4g}"
     return "" if value is None else str(value)
 
 
-def to_markdown(columns: list[str], rows: list[dict]) -> str:
-    def cell(col, row):
+def to_markdown(columns: list[str], table: list[dict]) -> str:
+    def cell(col: str, row: dict) -> str:
+        if col == "command":
+            return f"`{row[col]}`" if row.get(col) else ""
         text = _fmt(row.get(col))
-        return f"`{text}`" if col == "command" and text else text
+        if text and col + "_std" in row:
+            text += f" ± {_fmt(row[col + '_std'])}"
+        return text
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(c, r) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(c, r) for c in columns) + " |" for r in table]
     return "\n".join(lines) + "\n"
 
 
@@ -77,19 +124,36 @@ def to_csv(columns: list[str], rows: list[dict]) -> str:
 
 
 def report(experiment: Experiment, scale: str, runs_dir: Path, results_dir: Path) -> tuple[Path, str]:
-    """Write NAME[_SCALE].md and .csv under results_dir; returns (md path, markdown table)."""
-    columns, rows = collect_rows(experiment, scale, runs_dir)
-    table = to_markdown(columns, rows)
+    """Write NAME[_SCALE].md, .csv (and .png) under results_dir; returns (md path, markdown table)."""
+    rows = collect_runs(experiment, scale, runs_dir)
+    metric_columns = list(experiment.columns) or list(dict.fromkeys(
+        k for r in rows for k in r if "/" in k and not k.startswith(("stats/", "state_bytes/", "corpus/"))))
+    columns = [c for c in (*BASE_COLUMNS, *metric_columns) if c not in ("cell",)]
+    table = aggregate(rows, columns)
+    md_columns = ["cell", *(["seeds"] if experiment.seeds > 1 else []), *columns,
+                  *(["status"] if any("status" in t for t in table) else []), "command"]
+    markdown = to_markdown(md_columns, table)
     stem = results_stem(experiment.name, scale)
+    results_dir = Path(results_dir)
     title = experiment.doc.splitlines()[0] if experiment.doc else experiment.name
-    md = (
-        f"# {title}\n\n"
+    seeds_note = (f" Each cell ran with `train.seed` = 0..{experiment.seeds - 1} (the command shows seed 0); "
+                  "values are mean ± sample std over seeds.") if experiment.seeds > 1 else ""
+    parts = [
+        f"# {title}\n",
         f"Scale `{scale}`. Regenerate with:\n\n"
-        f"    cfm-jax sweep {experiment.name} --scale {scale} && cfm-jax report {experiment.name} --scale {scale}\n\n"
-        f"Every number below is read from `{Path(runs_dir) / experiment.name / scale}/<cell>/eval.json`.\n\n"
-        f"{table}"
-    )
-    md_path = Path(results_dir) / f"{stem}.md"
-    wd.write_atomic(md_path, md)
-    wd.write_atomic(Path(results_dir) / f"{stem}.csv", to_csv(columns, rows))
-    return md_path, table
+        f"    cfm-jax sweep {experiment.name} --scale {scale} && cfm-jax report {experiment.name} --scale {scale}\n",
+        f"Every number below is read from `{Path(runs_dir) / experiment.name / scale}/<cell>/eval.json`.{seeds_note}\n",
+        markdown,
+    ]
+    if experiment.plot_fn is not None and any("status" not in r for r in rows):
+        png = results_dir / f"{stem}.png"
+        results_dir.mkdir(parents=True, exist_ok=True)
+        experiment.plot_fn(table, png)
+        parts.append(f"![{experiment.name}]({png.name})\n")
+    if experiment.reading_fn is not None and any("status" not in r for r in rows):
+        parts.append("## Reading\n\n" + experiment.reading_fn(table).strip() + "\n")
+    md_path = results_dir / f"{stem}.md"
+    wd.write_atomic(md_path, "\n".join(parts))
+    csv_columns = ["cell", *columns, *(["status"] if any("status" in r for r in rows) else []), "command"]
+    wd.write_atomic(results_dir / f"{stem}.csv", to_csv(csv_columns, rows))
+    return md_path, markdown
