@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-slow demo clean
+.PHONY: install test test-slow demo bench clean
 
 install: $(STAMP)
 
@@ -23,6 +23,9 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/cfm-jax sweep quickstart --scale smoke
 	$(BIN)/cfm-jax report quickstart --scale smoke
+
+bench: $(STAMP)
+	$(BIN)/cfm-jax bench --scale smoke
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

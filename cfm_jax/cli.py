@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
         else:
             s.add_argument("--results-dir", type=Path, default=None, help="default: experiments/results")
 
+    b = sub.add_parser("bench", help="speed / memory benchmarks -> experiments/results/bench[_SCALE].md/.json")
+    b.add_argument("--suite", default="all", help="comma list of: ceilings, train, seqlen, decode, sparse_decode, moe; or all")
+    b.add_argument("--scale", default="cpu", choices=list(SCALES))
+    b.add_argument("--out", type=Path, default=None, help="default: experiments/results")
+
     sub.add_parser("list", help="registered ffn and mixer kinds, tasks, experiments")
     return p
 
@@ -102,6 +107,14 @@ def _run(args: argparse.Namespace) -> int:
         path, table = report(load_experiment(args.experiment), args.scale, args.runs_dir, results_dir)
         print(table)
         print(f"wrote {path} and {path.with_suffix('.csv')}", file=sys.stderr)
+    elif args.command == "bench":
+        from cfm_jax import bench
+        from cfm_jax.harness.experiments import experiments_dir
+
+        suites = bench.SUITES if args.suite == "all" else tuple(x.strip() for x in args.suite.split(",") if x.strip())
+        command = f"cfm-jax bench --suite {args.suite} --scale {args.scale}"
+        path = bench.write(bench.run(suites, args.scale), args.out or experiments_dir() / "results", command)
+        print(path.read_text())
     elif args.command == "list":
         from cfm_jax import registry
         from cfm_jax.data import TASKS

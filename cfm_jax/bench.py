@@ -1,0 +1,334 @@
+"""`cfm-jax bench`: speed and memory of every variant, measured side by side in one run.
+
+Suites (all by default):
+
+    ceilings       fp32 / bf16 matmul FLOP/s and memory copy bandwidth of this device
+    train          training step per variant (every ffn kind with attention, every mixer kind with the
+                   dense FFN): tokens/s, MFU against the measured fp32 ceiling, compile time, memory
+    seqlen         training step time and memory per mixer at growing length, constant tokens/batch
+    decode         batch-1 per-token decode latency per mixer against context length
+    sparse_decode  neuron-sparse gather FFN vs dense FFN at batch 1 for several activation ratios
+    moe            MoE layer forward+backward vs a dense FFN of equal active parameters
+
+Times are medians of repeated calls after a warm-up (compile excluded, reported separately). Memory is
+XLA's compiled-program estimate (arguments + outputs + temporaries), since the CPU backend has no
+allocator statistics. FLOPs are analytic (2 per multiply-add; training = 3x forward).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cfm_jax import registry
+from cfm_jax.config import ModelConfig, TrainConfig
+from cfm_jax.errors import UserError
+from cfm_jax.layers.model import LanguageModel
+from cfm_jax.registry import LayerContext
+from cfm_jax.train import make_optimizer, make_train_step
+
+SUITES = ("ceilings", "train", "seqlen", "decode", "sparse_decode", "moe")
+VOCAB = 256
+
+SIZES = {  # per scale: model and problem sizes
+    "smoke": dict(d=64, layers=2, seq=128, batch=4, matmul=512, copy_mb=16, lengths=(128, 256, 512),
+                  tokens=1024, contexts=(128, 512), sparse=(256, 1024), moe_tokens=512, reps=3),
+    "cpu": dict(d=512, layers=6, seq=512, batch=8, matmul=2048, copy_mb=256, lengths=(1024, 4096, 16384),
+                tokens=16384, contexts=(1024, 4096, 16384), sparse=(1024, 4096), moe_tokens=4096, reps=5),
+    "full": dict(d=1024, layers=12, seq=2048, batch=16, matmul=8192, copy_mb=2048, lengths=(1024, 4096, 16384),
+                 tokens=65536, contexts=(1024, 4096, 16384), sparse=(4096, 16384), moe_tokens=16384, reps=10),
+}
+
+
+def timed(fn, *args, reps: int) -> float:
+    """Median wall seconds of fn(*args) (blocked until ready) over reps calls, after one warm-up."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def compiled_bytes(compiled) -> int | None:
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
+
+
+def ceilings(s: dict) -> dict:
+    n = s["matmul"]
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+        mm = jax.jit(lambda x, y: x @ y)
+        seconds = timed(mm, a, a, reps=s["reps"])
+        out[f"matmul_{dtype}_flops"] = 2 * n**3 / seconds
+    x = jnp.ones((s["copy_mb"] * 2**20 // 4,), jnp.float32)
+    copy = jax.jit(lambda v: v * 1.0001)  # one read, one write
+    out["copy_bytes_per_s"] = 2 * x.nbytes / timed(copy, x, reps=s["reps"])
+    return out
+
+
+def model_flops_per_token(model: LanguageModel, seq: int) -> float:
+    """Forward FLOPs per token: every block's mixer (average causal context seq/2) and FFN, plus the head."""
+    total = 2 * model.cfg.d_model * model.vocab_size
+    for block in model.blocks:
+        total += block.mixer.flops_per_token(max(1, seq // 2)) + block.ffn.flops_per_token()
+    return float(total)
+
+
+def train_step_bench(cfg: ModelConfig, batch: int, seq: int, reps: int, ceiling: float | None) -> dict:
+    model = LanguageModel(cfg, VOCAB, rngs=nnx.Rngs(0))
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx, _ = make_optimizer(TrainConfig(steps=1000, warmup_steps=0))
+    opt_state = tx.init(params)
+    step = make_train_step(graphdef, tx)
+    tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, VOCAB)
+    data = {"inputs": tokens[:, :-1], "labels": tokens[:, 1:]}
+    t0 = time.perf_counter()
+    compiled = step.lower(params, rest, opt_state, data, 0).compile()
+    compile_s = time.perf_counter() - t0
+    seconds = timed(lambda: compiled(params, rest, opt_state, data, 0), reps=reps)
+    flops = 3 * model_flops_per_token(model, seq) * batch * seq
+    return {
+        "step_s": seconds, "tokens_per_s": batch * seq / seconds, "compile_s": compile_s,
+        "model_flops_per_step": flops, "mfu": flops / seconds / ceiling if ceiling else None,
+        "memory_bytes": compiled_bytes(compiled),
+    }
+
+
+def variants() -> list[tuple[str, ModelConfig]]:
+    """Every ffn kind with attention, every mixer kind with the dense FFN (default configs)."""
+    out = []
+    for kind in registry.kinds("ffn"):
+        out.append((f"ffn={kind}", dict(ffn=registry.default_config("ffn", kind))))
+    for kind in registry.kinds("mixer"):
+        if kind != "attention":
+            out.append((f"mixer={kind}", dict(mixer=registry.default_config("mixer", kind))))
+    return out
+
+
+def suite_train(s: dict, ceiling: float | None) -> dict:
+    results = {}
+    for name, slots in variants():
+        cfg = ModelConfig(d_model=s["d"], n_layers=s["layers"], **slots)
+        try:
+            cfg.validate()
+            results[name] = train_step_bench(cfg, s["batch"], s["seq"], s["reps"], ceiling)
+        except UserError as e:
+            results[name] = {"skipped": str(e)}
+    dense = results.get("ffn=dense", {}).get("mfu")
+    for r in results.values():
+        if dense and r.get("mfu"):
+            r["mfu_vs_dense"] = r["mfu"] / dense
+    return results
+
+
+def suite_seqlen(s: dict) -> dict:
+    results = {}
+    for kind in registry.kinds("mixer"):
+        cfg = ModelConfig(d_model=s["d"], n_layers=2, mixer=registry.default_config("mixer", kind))
+        try:
+            cfg.validate()
+        except UserError as e:
+            results[kind] = {"skipped": str(e)}
+            continue
+        rows = {}
+        for length in s["lengths"]:
+            batch = max(1, s["tokens"] // length)
+            rows[str(length)] = train_step_bench(cfg, batch, length, max(1, s["reps"] // 2), None)
+        first, last = rows[str(s["lengths"][0])], rows[str(s["lengths"][-1])]
+        rows["time_ratio_longest_vs_shortest"] = last["step_s"] / first["step_s"]
+        results[kind] = rows
+    return results
+
+
+def suite_decode(s: dict) -> dict:
+    results = {}
+    ctx = LayerContext(d_model=s["d"], n_layers=1, layer=0, init_std=0.02)
+    x = jax.random.normal(jax.random.key(0), (1, s["d"]))
+    for kind in registry.kinds("mixer"):
+        cfg = registry.default_config("mixer", kind)
+        try:
+            cfg.validate(s["d"])
+        except UserError as e:
+            results[kind] = {"skipped": str(e)}
+            continue
+        module = registry.build(cfg, ctx, nnx.Rngs(0))
+        graphdef, state = nnx.split(module)
+        step = jax.jit(lambda st, xt, ms: nnx.merge(graphdef, st).step(xt, ms))
+        rows = {}
+        for context in s["contexts"]:
+            mixer_state = module.init_state(1, context)
+            if "pos" in mixer_state:  # a cache filled up to the end of the context
+                mixer_state = {**mixer_state, "pos": jnp.asarray(context - 1, jnp.int32)}
+            rows[str(context)] = {"latency_s": timed(step, state, x, mixer_state, reps=s["reps"] * 4),
+                                  "state_bytes": module.state_bytes(context)}
+        first, last = rows[str(s["contexts"][0])], rows[str(s["contexts"][-1])]
+        rows["latency_ratio_longest_vs_shortest"] = last["latency_s"] / first["latency_s"]
+        results[kind] = rows
+    return results
+
+
+def suite_sparse_decode(s: dict) -> dict:
+    from cfm_jax.layers.neuron_sparse import NeuronSparseConfig, NeuronSparseFFN
+    from cfm_jax.layers.sparse_decode import gather_ffn_step, prepare
+
+    d, f = s["sparse"]
+    ctx = LayerContext(d_model=d, n_layers=1, layer=0, init_std=0.02)
+    x = jax.random.normal(jax.random.key(0), (d,))
+    results = {}
+    base = NeuronSparseFFN(NeuronSparseConfig(d_ff=f), ctx, rngs=nnx.Rngs(0))
+    pre = np.asarray(x @ base.up.kernel[...])
+    dense_w = (base.up.kernel[...], base.down.kernel[...])
+    dense = jax.jit(lambda x, w: jax.nn.relu(x @ w[0]) @ w[1])
+    dense_s = timed(dense, x, dense_w, reps=s["reps"] * 4)
+    for ratio in (0.5, 0.25, 0.1, 0.05):
+        threshold = float(np.quantile(pre, 1 - ratio))  # FATReLU threshold giving this activation ratio
+        ffn = NeuronSparseFFN(NeuronSparseConfig(d_ff=f, threshold=max(threshold, 0.0)), ctx, rngs=nnx.Rngs(0))
+        weights = prepare(ffn)
+        budget = int(math.ceil(ratio * f)) + 8
+        sparse = jax.jit(lambda x, w: gather_ffn_step(ffn, w, x, budget)[0])
+        sparse_s = timed(sparse, x, weights, reps=s["reps"] * 4)
+        read = d * f + budget * d  # selector in full + gathered rows of W_down
+        results[str(ratio)] = {"dense_s": dense_s, "sparse_s": sparse_s, "speedup": dense_s / sparse_s,
+                               "theoretical_speedup": 2 * d * f / read, "budget": budget}
+    return results
+
+
+def suite_moe(s: dict) -> dict:
+    n, d = s["moe_tokens"], s["d"]
+    ctx = LayerContext(d_model=d, n_layers=1, layer=0, init_std=0.02)
+    try:
+        moe_cfg = registry.default_config("ffn", "moe")
+    except UserError as e:
+        return {"skipped": str(e)}
+    moe_cfg = type(moe_cfg)(n_experts=8, top_k=2)
+    dense_cfg = registry.default_config("ffn", "dense")
+    dense_cfg = type(dense_cfg)(d_ff=moe_cfg.width(d) * (moe_cfg.top_k + moe_cfg.n_shared))  # equal active params
+    x = jax.random.normal(jax.random.key(0), (n // 512 or 1, min(n, 512), d))
+    out = {}
+    for name, cfg in (("moe", moe_cfg), ("dense", dense_cfg)):
+        module = registry.build(cfg, ctx, nnx.Rngs(0))
+        graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+        def loss(p, x, graphdef=graphdef, rest=rest):
+            y, aux = nnx.merge(graphdef, p, rest)(x)
+            return jnp.mean(y**2) + aux["loss"]
+
+        grad = jax.jit(jax.value_and_grad(loss))
+        out[f"{name}_fwd_bwd_s"] = timed(grad, params, x, reps=s["reps"])
+    out["moe_vs_dense"] = out["moe_fwd_bwd_s"] / out["dense_fwd_bwd_s"]
+    return out
+
+
+def run(suites: tuple[str, ...], scale: str) -> dict:
+    if scale not in SIZES:
+        raise UserError(f"unknown scale {scale!r}; allowed: {', '.join(SIZES)}")
+    unknown = [x for x in suites if x not in SUITES]
+    if unknown:
+        raise UserError(f"unknown bench suite {unknown[0]!r}; allowed: {', '.join(SUITES)}, all")
+    s = SIZES[scale]
+    result = {
+        "scale": scale, "sizes": s, "jax_version": jax.__version__, "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind, "machine": platform.machine(), "processor": platform.processor(),
+        "cpu_count": __import__("os").cpu_count(),
+    }
+    ceiling = None
+    if "ceilings" in suites or "train" in suites:
+        result["ceilings"] = ceilings(s)
+        ceiling = result["ceilings"]["matmul_float32_flops"]
+    runners = {"train": lambda: suite_train(s, ceiling), "seqlen": lambda: suite_seqlen(s),
+               "decode": lambda: suite_decode(s), "sparse_decode": lambda: suite_sparse_decode(s),
+               "moe": lambda: suite_moe(s)}
+    for name in suites:
+        if name in runners:
+            result[name] = runners[name]()
+    return result
+
+
+def to_markdown(result: dict, command: str) -> str:
+    f = lambda v, spec=".3g": "" if v is None else format(v, spec)
+    lines = [f"# Benchmarks ({result['scale']} scale)", "",
+             f"Regenerate with `{command}`. Device: {result['backend']} ({result['device']}), "
+             f"{result['cpu_count']} CPUs, {result['machine']}, jax {result['jax_version']}.", ""]
+    if "ceilings" in result:
+        c = result["ceilings"]
+        lines += ["## Ceilings", "", "| fp32 matmul | bf16 matmul | memory copy |", "|---|---|---|",
+                  f"| {c['matmul_float32_flops'] / 1e9:.1f} GFLOP/s | {c['matmul_bfloat16_flops'] / 1e9:.1f} GFLOP/s | "
+                  f"{c['copy_bytes_per_s'] / 1e9:.1f} GB/s |", ""]
+    if "train" in result:
+        lines += ["## Training step per variant", "", "| variant | step (s) | tokens/s | MFU | MFU / dense | compile (s) | memory (MB) |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, r in result["train"].items():
+            if "skipped" in r:
+                lines.append(f"| {name} | skipped: {r['skipped']} | | | | | |")
+                continue
+            mem = r["memory_bytes"] / 2**20 if r["memory_bytes"] else None
+            lines.append(f"| {name} | {f(r['step_s'])} | {f(r['tokens_per_s'], '.0f')} | {f(r['mfu'], '.1%')} | "
+                         f"{f(r.get('mfu_vs_dense'), '.2f')} | {f(r['compile_s'], '.1f')} | {f(mem, '.0f')} |")
+        lines.append("")
+    if "seqlen" in result:
+        lengths = [k for k in next(iter(result["seqlen"].values())) if k.isdigit()] if result["seqlen"] else []
+        lines += ["## Sequence-length scaling (constant tokens per batch)", "",
+                  "| mixer | " + " | ".join(f"step s / MB @ {n}" for n in lengths) + " | time ratio |",
+                  "|---|" + "---|" * (len(lengths) + 1)]
+        for kind, rows in result["seqlen"].items():
+            if "skipped" in rows:
+                continue
+            cells = [f"{f(rows[n]['step_s'])} / {f((rows[n]['memory_bytes'] or 0) / 2**20, '.0f')}" for n in lengths]
+            lines.append(f"| {kind} | " + " | ".join(cells) + f" | {f(rows['time_ratio_longest_vs_shortest'], '.2f')} |")
+        lines.append("")
+    if "decode" in result:
+        contexts = [k for k in next(iter(result["decode"].values())) if k.isdigit()] if result["decode"] else []
+        lines += ["## Batch-1 decode latency per token", "",
+                  "| mixer | " + " | ".join(f"ms @ {n}" for n in contexts) + " | ratio | state bytes @ longest |",
+                  "|---|" + "---|" * (len(contexts) + 2)]
+        for kind, rows in result["decode"].items():
+            if "skipped" in rows:
+                continue
+            cells = [f(rows[n]["latency_s"] * 1e3) for n in contexts]
+            lines.append(f"| {kind} | " + " | ".join(cells) + f" | {f(rows['latency_ratio_longest_vs_shortest'], '.2f')} | "
+                         f"{rows[contexts[-1]]['state_bytes']} |")
+        lines.append("")
+    if "sparse_decode" in result:
+        lines += ["## Neuron-sparse decode (gather) vs dense FFN, batch 1", "",
+                  "| activation ratio | dense (us) | gather (us) | measured speedup | theoretical (weights read) |",
+                  "|---|---|---|---|---|"]
+        for ratio, r in result["sparse_decode"].items():
+            lines.append(f"| {ratio} | {r['dense_s'] * 1e6:.1f} | {r['sparse_s'] * 1e6:.1f} | {r['speedup']:.2f}x | "
+                         f"{r['theoretical_speedup']:.2f}x |")
+        lines.append("")
+    if "moe" in result and "skipped" not in result["moe"]:
+        m = result["moe"]
+        lines += ["## MoE layer vs dense FFN of equal active parameters (forward + backward)", "",
+                  f"MoE {m['moe_fwd_bwd_s'] * 1e3:.1f} ms, dense {m['dense_fwd_bwd_s'] * 1e3:.1f} ms: "
+                  f"{m['moe_vs_dense']:.2f}x the dense time.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def write(result: dict, out_dir: Path, command: str) -> Path:
+    from cfm_jax import workdir as wd
+
+    stem = "bench" if result["scale"] == "cpu" else f"bench_{result['scale']}"
+    out_dir = Path(out_dir)
+    wd.write_json(out_dir / f"{stem}.json", result)
+    wd.write_atomic(out_dir / f"{stem}.md", to_markdown(result, command))
+    return out_dir / f"{stem}.md"
+
+
+def dumps(result: dict) -> str:
+    return json.dumps(result, indent=2)
