@@ -78,10 +78,11 @@ class ModelConfig:
                 )
         kinds = self.layer_kinds()
         for cfg in self.mixers:
+            unused = f"model.mixers.{cfg.kind} is unused: {cfg.kind}"
             if cfg.kind == self.mixer.kind:
-                raise UserError(f"model.mixers.{cfg.kind} is unused: {cfg.kind} layers use model.mixer (set model.mixer.<field>)")
+                raise UserError(f"{unused} layers use model.mixer (set model.mixer.<field>)")
             if cfg.kind not in kinds:
-                raise UserError(f"model.mixers.{cfg.kind} is unused: {cfg.kind} is not in model.layers={format_pattern(kinds)}")
+                raise UserError(f"{unused} is not in model.layers={format_pattern(kinds)}")
         for kind in dict.fromkeys(kinds):
             cfg = self.layer_mixer(kinds.index(kind))
             try:

@@ -107,6 +107,9 @@ def evaluate(workdir: Path, analyses: tuple[str, ...] = ()) -> dict:
     if hasattr(task, "corpus"):
         result["corpus"] = {"fingerprint": task.corpus.fingerprint, "files": task.corpus.n_files,
                             "train_bytes": int(len(task.corpus.train)), "val_bytes": int(len(task.corpus.val))}
+    horizons = memory_horizons(model, next(iter(task.eval_sets(cfg.train.batch_size).values()))[0]["inputs"])
+    if horizons:
+        result["memory_horizon"] = horizons
     if lengths and not task.tokens_are_bytes:
         result["effective_length"] = effective_length(lengths, cfg.data.effective_threshold)
         result["metrics"]["effective_length"] = result["effective_length"]
@@ -119,6 +122,21 @@ def evaluate(workdir: Path, analyses: tuple[str, ...] = ()) -> dict:
 def state_bytes(model, context_len: int) -> int:
     """Decoding state per sequence (KV caches, recurrent states) summed over layers, in bytes."""
     return int(sum(block.mixer.state_bytes(context_len) for block in model.blocks))
+
+
+def memory_horizons(model, tokens, threshold: float = 0.01) -> dict:
+    """Per gated-recurrent layer, the distance (tokens) at which the mean retained fraction of its
+    state falls below `threshold`, read from the decays the layer computes on its actual inputs for
+    `tokens` (see each mixer's memory_horizon); plus the mean over those layers."""
+    h = model.embed(jnp.asarray(tokens))
+    out = {}
+    for i, block in enumerate(model.blocks):
+        if hasattr(block.mixer, "memory_horizon"):
+            out[f"layer{i}"] = float(block.mixer.memory_horizon(threshold, block.mixer_norm(h)))
+        h, _ = block(h)
+    if out:
+        out["mean"] = float(np.mean(list(out.values())))
+    return out
 
 
 def effective_length(by_length: dict[int, dict], threshold: float) -> int:

@@ -1,0 +1,191 @@
+"""Mixer `linear_attention`: kernelized causal linear attention (Katharopoulos et al. 2020; Based).
+
+Per head, with a feature map phi on queries and keys:
+
+    S_t = S_{t-1} + phi(k_t) v_t^T        o_t = S_t^T phi(q_t)        (S: feature_dim x head_dim)
+
+Training uses the chunked form (inter-chunk state + masked intra-chunk scores, `chunked_linear_attention`),
+decoding the recurrent form (`recurrent_step`); `linear_attention_reference` is the plain scan over
+time both are tested against. Normalization "sum" divides by phi(q_t) . sum_{s<=t} phi(k_s), computed by
+the same kernel on an extra all-ones value column, so the state is feature_dim x (head_dim + 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cfm_jax.errors import UserError
+from cfm_jax.layers.attention import FP32_BYTES
+from cfm_jax.layers.common import linear, make_aux, normal_init, output_init
+from cfm_jax.registry import LayerContext, SlotConfig, register
+
+FeatureMap = Literal["elu1", "identity", "taylor"]
+SUM_EPS = 1e-6  # guards the "sum" denominator against underflow only (positive feature maps)
+
+
+@dataclass(frozen=True)
+class LinearAttentionConfig(SlotConfig):
+    n_heads: int = 4  # heads; value head_dim = d_model // n_heads
+    d_key: int = 0  # query/key dims per head before the feature map; 0 = head_dim (Based: 16 with taylor)
+    # phi: elu1 = elu(x)+1 (Katharopoulos); identity = x; taylor = [1, x/d^(1/4), x(x)x/sqrt(2d)]
+    # (Based: phi(q).phi(k) = 1 + q.k/sqrt(d) + (q.k)^2/(2d), feature_dim 1 + d + d^2)
+    feature_map: FeatureMap = "elu1"
+    # sum = divide by phi(q_t).sum phi(k) (needs a positive map); rms = RMSNorm per head on the output;
+    # none = raw o_t
+    normalize: Literal["sum", "rms", "none"] = "sum"
+    chunk_size: int = 64  # tokens per chunk of the training form (any length works; tail is padded)
+
+    def key_dim(self, d_model: int) -> int:
+        return self.d_key or d_model // self.n_heads
+
+    def feature_dim(self, d_model: int) -> int:
+        dk = self.key_dim(d_model)
+        return 1 + dk + dk * dk if self.feature_map == "taylor" else dk
+
+    def value_dim(self, d_model: int) -> int:
+        """Columns of the state: head_dim, plus one for the "sum" normalizer."""
+        return d_model // self.n_heads + (self.normalize == "sum")
+
+    def param_count(self, d_model: int) -> int:
+        hd, dk = d_model // self.n_heads, self.key_dim(d_model)
+        norm = hd if self.normalize == "rms" else 0
+        return d_model * self.n_heads * (2 * dk + hd) + self.n_heads * hd * d_model + norm
+
+    def validate(self, d_model: int) -> None:
+        if self.n_heads < 1 or d_model % self.n_heads:
+            raise UserError(f"model.mixer.n_heads={self.n_heads} must be >= 1 and divide model.d_model={d_model}")
+        if self.d_key < 0:
+            raise UserError(f"model.mixer.d_key={self.d_key} must be >= 1 (0 = head_dim)")
+        if self.chunk_size < 1:
+            raise UserError(f"model.mixer.chunk_size={self.chunk_size} must be >= 1")
+        if self.normalize == "sum" and self.feature_map == "identity":
+            raise UserError("model.mixer.normalize=sum needs a positive feature map (elu1, taylor), not identity")
+
+
+def feature_map(x: jax.Array, kind: FeatureMap) -> jax.Array:
+    """x: (..., d) -> (..., F) with F = d, or 1 + d + d^2 for taylor."""
+    if kind == "elu1":
+        return jax.nn.elu(x) + 1.0
+    if kind == "identity":
+        return x
+    d = x.shape[-1]
+    outer = (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], d * d)
+    ones = jnp.ones((*x.shape[:-1], 1), x.dtype)
+    return jnp.concatenate([ones, x / d**0.25, outer / (2.0 * d) ** 0.5], axis=-1)
+
+
+def recurrent_step(state: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array):
+    """One token. state: (B, H, F, D); q, k: (B, H, F); v: (B, H, D) -> (new state, o: (B, H, D))."""
+    state = state + k[..., :, None] * v[..., None, :]
+    return state, jnp.einsum("bhf,bhfd->bhd", q, state)
+
+
+def linear_attention_reference(q, k, v, state=None):
+    """Plain lax.scan over time. q, k: (B, L, H, F); v: (B, L, H, D); state: (B, H, F, D) or None.
+    Returns (o: (B, L, H, D), final state). fp32 throughout."""
+    q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+    if state is None:
+        state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
+    time_major = lambda t: jnp.moveaxis(t, 1, 0)
+    state, o = jax.lax.scan(lambda s, x: recurrent_step(s, *x), state, (time_major(q), time_major(k), time_major(v)))
+    return jnp.moveaxis(o, 0, 1), state
+
+
+def chunked_linear_attention(q, k, v, chunk: int, state=None):
+    """Chunked form, same signature and result as `linear_attention_reference`.
+
+    A lax.scan over chunks of `chunk` tokens carries S; within a chunk, o = q S_prev + tril(q k^T) v.
+    The tail is zero-padded after the feature map, so padded keys add nothing to the final state.
+    """
+    q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+    b, length, h, f = q.shape
+    d = v.shape[-1]
+    if state is None:
+        state = jnp.zeros((b, h, f, d), jnp.float32)
+    c = min(chunk, length)
+    n = -(-length // c)
+    pad = ((0, 0), (0, n * c - length), (0, 0), (0, 0))
+
+    def chunks(t):  # (B, L, H, X) -> (n, B, c, H, X)
+        return jnp.moveaxis(jnp.pad(t, pad).reshape(b, n, c, h, t.shape[-1]), 1, 0)
+
+    causal = jnp.tril(jnp.ones((c, c), bool))
+
+    def body(s, inputs):
+        qc, kc, vc = inputs
+        scores = jnp.where(causal, jnp.einsum("bihf,bjhf->bhij", qc, kc), 0.0)
+        o = jnp.einsum("bihf,bhfd->bihd", qc, s) + jnp.einsum("bhij,bjhd->bihd", scores, vc)
+        return s + jnp.einsum("bjhf,bjhd->bhfd", kc, vc), o
+
+    state, o = jax.lax.scan(body, state, (chunks(q), chunks(k), chunks(v)))
+    return jnp.moveaxis(o, 0, 1).reshape(b, n * c, h, d)[:, :length], state
+
+
+@register("mixer", "linear_attention", LinearAttentionConfig)
+class LinearAttention(nnx.Module):
+    def __init__(self, cfg: LinearAttentionConfig, ctx: LayerContext, *, rngs: nnx.Rngs):
+        self.cfg, d = cfg, ctx.d_model
+        self.n_heads, self.head_dim, self.d_key = cfg.n_heads, d // cfg.n_heads, cfg.key_dim(d)
+        self.feature_dim, self.value_dim = cfg.feature_dim(d), cfg.value_dim(d)
+        init = normal_init(ctx.init_std)
+        self.q_proj = linear(d, self.n_heads * self.d_key, init, rngs)
+        self.k_proj = linear(d, self.n_heads * self.d_key, init, rngs)
+        self.v_proj = linear(d, self.n_heads * self.head_dim, init, rngs)
+        self.o_proj = linear(self.n_heads * self.head_dim, d, output_init(ctx), rngs)
+        self.out_norm = nnx.RMSNorm(self.head_dim, rngs=rngs) if cfg.normalize == "rms" else None
+
+    def _features(self, x: jax.Array):
+        """x: (B, L, d_model) -> phi(q), phi(k): (B, L, H, F) fp32; v: (B, L, H, value_dim) fp32."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, self.n_heads, self.d_key).astype(jnp.float32)
+        k = self.k_proj(x).reshape(b, s, self.n_heads, self.d_key).astype(jnp.float32)
+        v = self.v_proj(x).reshape(b, s, self.n_heads, self.head_dim).astype(jnp.float32)
+        q, k = feature_map(q, self.cfg.feature_map), feature_map(k, self.cfg.feature_map)
+        if self.cfg.feature_map != "taylor":  # taylor carries its own 1/sqrt(d) scaling
+            q = q * self.d_key**-0.5
+        if self.cfg.normalize == "sum":  # the ones column accumulates the normalizer sum phi(k)
+            v = jnp.concatenate([v, jnp.ones((b, s, self.n_heads, 1), jnp.float32)], axis=-1)
+        return q, k, v
+
+    def _readout(self, o: jax.Array, dtype) -> jax.Array:
+        """o: (..., H, value_dim) fp32 -> (..., d_model)."""
+        if self.cfg.normalize == "sum":
+            o = o[..., :-1] / (o[..., -1:] + SUM_EPS)
+        elif self.cfg.normalize == "rms":
+            o = self.out_norm(o)
+        return self.o_proj(o.reshape(*o.shape[:-2], self.n_heads * self.head_dim).astype(dtype))
+
+    def __call__(self, x: jax.Array):
+        """x: (batch, seq, d_model) -> (y: (batch, seq, d_model), aux)."""
+        o, _ = chunked_linear_attention(*self._features(x), self.cfg.chunk_size)
+        return self._readout(o, x.dtype), make_aux()
+
+    # --- decoding ---
+
+    def init_state(self, batch: int, max_len: int) -> dict:
+        """Recurrent state S: (batch, heads, feature_dim, value_dim) fp32; independent of max_len."""
+        return {"S": jnp.zeros((batch, self.n_heads, self.feature_dim, self.value_dim), jnp.float32)}
+
+    def step(self, x: jax.Array, state: dict):
+        """One token. x: (batch, d_model) -> (y: (batch, d_model), new state)."""
+        q, k, v = (t[:, 0] for t in self._features(x[:, None, :]))
+        s, o = recurrent_step(state["S"], q, k, v)
+        return self._readout(o, x.dtype), {"S": s}
+
+    # --- accounting ---
+
+    def state_bytes(self, context_len: int) -> int:
+        """Recurrent state bytes per sequence (fp32): heads * feature_dim * value_dim, any context."""
+        return self.n_heads * self.feature_dim * self.value_dim * FP32_BYTES
+
+    def flops_per_token(self, context_len: int) -> int:
+        """Forward FLOPs of one decoding token: projections + state update + readout (no context term)."""
+        d = self.q_proj.in_features
+        projections = 2 * d * self.n_heads * (2 * self.d_key + self.head_dim) + 2 * self.n_heads * self.head_dim * d
+        taylor = 2 * self.n_heads * self.d_key**2 if self.cfg.feature_map == "taylor" else 0  # q and k outer products
+        return projections + taylor + 2 * 2 * self.n_heads * self.feature_dim * self.value_dim
