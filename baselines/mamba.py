@@ -1,0 +1,232 @@
+"""Mixer `mamba`: the Mamba-1 selective SSM block (Gu & Dao 2023, arXiv 2312.00752; mamba_ssm's
+`Mamba` module and `selective_scan_ref`).
+
+    x, z = in_proj(u)                      (d_inner each; z is the gate)
+    x = silu(causal depthwise conv(x))     (d_conv taps)
+    dt, B, C = x_proj(x);  dt = softplus(dt_proj(dt))          (dt: d_inner; B, C: d_state)
+    h_t = exp(dt_t A) * h_{t-1} + dt_t B_t x_t    y_t = C_t . h_t + D x_t    (h: d_inner x d_state)
+    out = out_proj(y * silu(z))
+
+A = -exp(A_log) is diagonal and real (S4D-real init A_log = log(1..N)). Training runs
+`selective_scan_chunked` (outer lax.scan over chunks carrying h; inside a chunk an associative scan,
+rematerialized in the backward pass, so (batch, L, d_inner, d_state) never exists for the whole
+sequence); decoding runs `selective_step` and carries the last d_conv - 1 conv inputs and h.
+`selective_scan_reference` is the plain scan over time both are tested against.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from baselines.scan_utils import check_threshold, from_chunks, horizon, to_chunks
+from cfm_jax.errors import UserError
+from cfm_jax.layers.attention import FP32_BYTES
+from cfm_jax.layers.common import linear, make_aux, normal_init, output_init
+from cfm_jax.registry import LayerContext, SlotConfig, register
+
+
+@dataclass(frozen=True)
+class MambaConfig(SlotConfig):
+    expand: int = 2  # d_inner = expand * d_model
+    d_state: int = 16  # N: SSM state size per inner channel
+    d_conv: int = 4  # taps of the causal depthwise conv before the SSM
+    dt_rank: int = 0  # rank of the dt projection; 0 = ceil(d_model / 16)
+    dt_min: float = 1e-3  # dt at init is log-uniform in [dt_min, dt_max] (through the dt_proj bias)
+    dt_max: float = 0.1  # upper end of that range
+    dt_init_floor: float = 1e-4  # lower clamp of the initial dt
+    chunk_size: int = 128  # tokens per chunk of the training scan (any length works; tail is padded)
+
+    def inner(self, d_model: int) -> int:
+        return self.expand * d_model
+
+    def rank(self, d_model: int) -> int:
+        return self.dt_rank or math.ceil(d_model / 16)
+
+    def validate(self, d_model: int) -> None:
+        for name in ("expand", "d_state", "d_conv", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"model.mixer.{name}={getattr(self, name)} must be >= 1")
+        if self.dt_rank < 0:
+            raise UserError(f"model.mixer.dt_rank={self.dt_rank} must be >= 1 (or 0 = ceil(d_model/16))")
+        if not 0 < self.dt_min <= self.dt_max:
+            raise UserError(f"model.mixer.dt_min={self.dt_min}, dt_max={self.dt_max}: need 0 < dt_min <= dt_max")
+        if self.dt_init_floor <= 0:
+            raise UserError(f"model.mixer.dt_init_floor={self.dt_init_floor} must be > 0")
+
+    def param_count(self, d_model: int) -> int:
+        """Parameters of one layer: in_proj, conv (+bias), x_proj, dt_proj (+bias), A_log, D, out_proj."""
+        E, N, R, K = self.inner(d_model), self.d_state, self.rank(d_model), self.d_conv
+        return d_model * 2 * E + E * (K + 1) + E * (R + 2 * N) + (R + 1) * E + E * N + E + E * d_model
+
+
+# --- the selective scan ---
+
+
+def selective_step(h: jax.Array, u: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array):
+    """One token. h: (b, E, N) fp32; u, dt: (b, E); A: (E, N); B, C: (b, N). Returns (y: (b, E), h)."""
+    h = jnp.exp(dt[..., None] * A) * h + (dt * u)[..., None] * B[:, None, :]
+    return jnp.einsum("ben,bn->be", h, C), h
+
+
+def _prepare(u, dt, B, C, h0, A):
+    u, dt, B, C = (a.astype(jnp.float32) for a in (u, dt, B, C))
+    if h0 is None:
+        h0 = jnp.zeros((u.shape[0], *A.shape), jnp.float32)
+    return u, dt, B, C, h0.astype(jnp.float32)
+
+
+def selective_scan_reference(u, dt, A, B, C, h0=None):
+    """Plain lax.scan over time. u, dt: (b, L, E); A: (E, N); B, C: (b, L, N); h0: (b, E, N) or None.
+    Returns (y: (b, L, E) fp32, without the D skip and gate; final h: (b, E, N) fp32)."""
+    u, dt, B, C, h0 = _prepare(u, dt, B, C, h0, A)
+
+    def step(h, inputs):
+        y, h = selective_step(h, *inputs[:2], A, *inputs[2:])
+        return h, y
+
+    h, y = jax.lax.scan(step, h0, tuple(jnp.moveaxis(a, 1, 0) for a in (u, dt, B, C)))
+    return jnp.moveaxis(y, 0, 1), h
+
+
+def _combine(earlier, later):
+    """Compose h -> a1 h + b1 then h -> a2 h + b2."""
+    a1, b1 = earlier
+    a2, b2 = later
+    return a1 * a2, a2 * b1 + b2
+
+
+def _scan_chunk(h, inputs, A):
+    """h: (b, E, N); inputs u, dt: (b, T, E), B, C: (b, T, N) -> (h at the chunk end, y: (b, T, E))."""
+    u, dt, B, C = inputs
+    a = jnp.exp(dt[..., None] * A)  # (b, T, E, N), in (0, 1]
+    b = (dt * u)[..., None] * B[:, :, None, :]
+    b = b.at[:, 0].add(a[:, 0] * h)  # fold the carried state into the first step
+    _, hs = jax.lax.associative_scan(_combine, (a, b), axis=1)
+    return hs[:, -1], jnp.einsum("bten,btn->bte", hs, C)
+
+
+def selective_scan_chunked(u, dt, A, B, C, h0=None, *, chunk: int = 64):
+    """Chunked form of `selective_scan_reference` (same arguments and results): (b, T, E, N) exists
+    for one chunk at a time. Padded steps have dt = 0, so exp(0 A) = 1 and no input: h is unchanged."""
+    u, dt, B, C, h0 = _prepare(u, dt, B, C, h0, A)
+    length = u.shape[1]
+    T = min(chunk, length)
+    body = jax.checkpoint(lambda h, inputs: _scan_chunk(h, inputs, A))
+    h, y = jax.lax.scan(body, h0, tuple(to_chunks(a, length, T) for a in (u, dt, B, C)))
+    return from_chunks(y, length), h
+
+
+# --- the module ---
+
+
+@partial(jax.jit, static_argnums=(1, 2, 3, 4))  # one compile instead of one per eager op
+def _dt_bias(rng: jax.Array, size: int, dt_min: float, dt_max: float, floor: float) -> jax.Array:
+    """Inverse softplus of dt ~ log-uniform[dt_min, dt_max] (clamped at floor), as in Mamba."""
+    lo, hi = math.log(dt_min), math.log(dt_max)
+    dt = jnp.maximum(jnp.exp(jax.random.uniform(rng, (size,)) * (hi - lo) + lo), floor)
+    return dt + jnp.log(-jnp.expm1(-dt))
+
+
+@register("mixer", "mamba", MambaConfig)
+class Mamba(nnx.Module):
+    def __init__(self, cfg: MambaConfig, ctx: LayerContext, *, rngs: nnx.Rngs):
+        d, E, N, R, K = ctx.d_model, cfg.inner(ctx.d_model), cfg.d_state, cfg.rank(ctx.d_model), cfg.d_conv
+        self.cfg, self.d_model, self.d_inner = cfg, d, E
+        self.in_proj = linear(d, 2 * E, normal_init(ctx.init_std), rngs)
+        # PyTorch Conv1d / Linear default scales (uniform, 1/sqrt(fan_in)), which Mamba keeps.
+        conv_bound = 1 / math.sqrt(K)
+        self.conv_w = nnx.Param(jax.random.uniform(rngs.params(), (K, E), minval=-conv_bound, maxval=conv_bound))
+        self.conv_b = nnx.Param(jax.random.uniform(rngs.params(), (E,), minval=-conv_bound, maxval=conv_bound))
+        self.x_proj = linear(E, R + 2 * N, nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"), rngs)
+        dt_bound = R**-0.5  # Mamba's dt_init="random": uniform(-dt_rank^-0.5, dt_rank^-0.5)
+        self.dt_proj = nnx.Linear(
+            R, E, rngs=rngs,
+            kernel_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -dt_bound, dt_bound),
+            bias_init=lambda key, shape, dtype=jnp.float32: _dt_bias(
+                key, shape[0], cfg.dt_min, cfg.dt_max, cfg.dt_init_floor).astype(dtype),
+        )
+        # A_log is stored flat: 1-D parameters escape the trainer's weight decay, as Mamba excludes A_log.
+        self.A_log = nnx.Param(jnp.asarray(np.log(np.tile(np.arange(1, N + 1, dtype=np.float32), E))))
+        self.D = nnx.Param(jnp.asarray(np.ones((E,), np.float32)))
+        self.out_proj = linear(E, d, output_init(ctx), rngs)
+
+    def A(self) -> jax.Array:
+        """(d_inner, d_state) negative real diagonal."""
+        return -jnp.exp(self.A_log[...].reshape(self.d_inner, self.cfg.d_state))
+
+    def _ssm_inputs(self, xc: jax.Array):
+        """xc: (..., E) conv output -> dt (..., E) > 0, B, C (..., N)."""
+        R, N = self.dt_proj.in_features, self.cfg.d_state
+        dbc = self.x_proj(xc)
+        dt = jax.nn.softplus(self.dt_proj(dbc[..., :R]).astype(jnp.float32))
+        return dt, dbc[..., R : R + N], dbc[..., R + N :]
+
+    def _conv(self, x: jax.Array) -> jax.Array:
+        """Causal depthwise conv. x: (b, L, E) -> silu(conv) (b, L, E)."""
+        K, L = self.cfg.d_conv, x.shape[1]
+        xp = jnp.pad(x, ((0, 0), (K - 1, 0), (0, 0)))
+        w = self.conv_w[...]
+        return jax.nn.silu(sum(xp[:, j : j + L] * w[j] for j in range(K)) + self.conv_b[...])
+
+    def __call__(self, x: jax.Array):
+        """x: (batch, seq, d_model) -> (y: (batch, seq, d_model), aux with the memory horizon)."""
+        xi, z = jnp.split(self.in_proj(x), 2, axis=-1)
+        xc = self._conv(xi)
+        dt, B, C = self._ssm_inputs(xc)
+        y, _ = selective_scan_chunked(xc, dt, self.A(), B, C, chunk=self.cfg.chunk_size)
+        y = (y + xc * self.D[...]) * jax.nn.silu(z)
+        mean_log_decay = jnp.mean(dt, axis=(0, 1))[:, None] * self.A()
+        return self.out_proj(y.astype(x.dtype)), make_aux(memory_horizon=horizon(mean_log_decay))
+
+    # --- decoding ---
+
+    def init_state(self, batch: int, max_len: int) -> dict:
+        """conv: the last d_conv - 1 conv inputs (batch, d_conv - 1, E); h: (batch, E, N). max_len unused."""
+        E = self.d_inner
+        return {"conv": jnp.zeros((batch, self.cfg.d_conv - 1, E)), "h": jnp.zeros((batch, E, self.cfg.d_state))}
+
+    def step(self, x: jax.Array, state: dict):
+        """One token. x: (batch, d_model) -> (y: (batch, d_model), new state)."""
+        xi, z = jnp.split(self.in_proj(x), 2, axis=-1)
+        window = jnp.concatenate([state["conv"], xi[:, None].astype(state["conv"].dtype)], axis=1)  # (b, K, E)
+        xc = jax.nn.silu(jnp.einsum("bke,ke->be", window, self.conv_w[...]) + self.conv_b[...])
+        dt, B, C = self._ssm_inputs(xc)
+        y, h = selective_step(state["h"], xc, dt, self.A(), B, C)
+        y = (y + xc * self.D[...]) * jax.nn.silu(z)
+        return self.out_proj(y.astype(x.dtype)), {"conv": window[:, 1:], "h": h}
+
+    # --- accounting ---
+
+    def state_bytes(self, context_len: int) -> int:
+        """Per sequence (fp32), independent of context_len: h (E x N) + conv inputs (E x (d_conv - 1))."""
+        return self.d_inner * (self.cfg.d_state + self.cfg.d_conv - 1) * FP32_BYTES
+
+    def flops_per_token(self, context_len: int) -> int:
+        """Forward FLOPs per token (2 per multiply-add) of the recurrent form; independent of context_len.
+        Projections, conv, and 7 E N for the scan: discretize (dt A, exp), update (a h + dt u B), read C . h."""
+        d, E, N, R, K = self.d_model, self.d_inner, self.cfg.d_state, self.dt_proj.in_features, self.cfg.d_conv
+        projections = 2 * d * 2 * E + 2 * E * (R + 2 * N) + 2 * R * E + 2 * E * d
+        return projections + 2 * E * K + 7 * E * N + 4 * E  # + D skip and gate
+
+    def decay_stats(self, x: jax.Array | None = None) -> jax.Array:
+        """Mean log-decay per token of each state entry, (E * N,) <= 0: dt_t A averaged over the tokens
+        of x (the mixer input, (batch, seq, d_model)); x = None uses softplus(dt bias), the input-independent
+        part of dt."""
+        if x is None:
+            dt = jax.nn.softplus(self.dt_proj.bias[...])
+        else:
+            dt = jnp.mean(self._ssm_inputs(self._conv(jnp.split(self.in_proj(x), 2, axis=-1)[0]))[0], axis=(0, 1))
+        return (dt[:, None] * self.A()).reshape(-1)
+
+    def memory_horizon(self, threshold: float = 0.01, x: jax.Array | None = None) -> float:
+        """Tokens after which the mean retained fraction of the state, mean_i exp(distance * l_i) over
+        `decay_stats(x)`, falls below `threshold` (see `scan_utils.horizon`)."""
+        check_threshold(threshold)
+        return float(np.asarray(horizon(self.decay_stats(x), threshold)))
