@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import math
+import re
 import shlex
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from cfm_jax.harness.experiments import Experiment
 from cfm_jax.harness.sweep import cell_workdir
 
 BASE_COLUMNS = ("params_total", "params_non_embedding", "step")
+SEED_SUFFIX = re.compile(r"\.s\d+$")  # NAME.sK: seed K of cell NAME
 PROMOTED = ("metrics",)  # sections whose keys are used without a prefix
 SKIPPED = ("sets",)  # repeated in `metrics`
 
@@ -60,7 +62,7 @@ def collect_runs(experiment: Experiment, scale: str, runs_dir: Path) -> list[dic
     bases = experiment.base_cells(scale)
     for cell, overrides in experiment.cells(scale).items():
         workdir = cell_workdir(runs_dir, experiment.name, scale, cell)
-        base = cell if cell in bases else cell.rsplit(".s", 1)[0]
+        base = cell if cell in bases else SEED_SUFFIX.sub("", cell)
         row = {"cell": cell, "base": base}
         if (workdir / wd.EVAL).exists():
             row.update(flatten_result(json.loads((workdir / wd.EVAL).read_text())))
