@@ -1,0 +1,263 @@
+"""MoE FFN: dispatch paths vs the per-expert loop (outputs and gradients), capacity semantics,
+routing (top-k weights, top-p selection), balancing (aux loss, loss-free bias), statistics, bad input.
+Expert parallelism: tests/test_moe_expert_parallel.py."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from baselines import moe_dispatch as D
+from baselines import moe_routing as R
+from baselines.moe import MoE, MoEConfig
+from cfm_jax.cli import main
+from cfm_jax.config import ModelConfig, TrainConfig
+from cfm_jax.errors import UserError
+from cfm_jax.layers.model import LanguageModel
+from cfm_jax.registry import LayerContext
+from cfm_jax.train import make_optimizer, make_train_step
+
+N, D_MODEL, E, F = 26, 8, 4, 6  # 26 tokens = 2 sequences of 13
+CTX = LayerContext(d_model=16, n_layers=2, layer=0, init_std=0.1)
+# Jitted: one compile instead of op-by-op dispatch. Modules share shapes (E 4, width 8) so their
+# eager initializers compile once.
+call = nnx.jit(lambda module, x: module(x))
+route = jax.jit(R.route, static_argnames=("score", "mode", "k", "top_p", "renormalize"))
+
+
+def random_problem(mode: str, k: int, seed: int = 0):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    x = jax.random.normal(keys[0], (N, D_MODEL))
+    logits = 2.0 * jax.random.normal(keys[1], (N, E))
+    shapes = [(E, D_MODEL, F), (E, D_MODEL, F), (E, F, D_MODEL)]
+    w = D.Experts(*(0.3 * jax.random.normal(kk, s) for kk, s in zip(keys[2:], shapes)))
+    r = route(logits, None, score="softmax", mode=mode, k=k, top_p=0.6, renormalize=True)
+    return x, r, w
+
+
+# (routing mode, slots, dispatch, groups (G, T), capacity): every fast path, with drops and padding.
+CASES = [
+    ("topk", 2, "dropless", None, None),
+    ("topp", 3, "dropless", None, None),
+    ("topk", 1, "capacity", (2, 13), 3),  # per-sequence groups, drops
+    ("topk", 2, "capacity", (6, 5), 2),  # fixed groups of 5, the last padded, drops
+    ("topp", 3, "capacity", (2, 13), 4),
+]
+
+
+def with_grads(f):
+    """One compile per implementation: (loss, (y, kept)) and the gradients of sum(sin(y)) wrt
+    (x, weights, experts)."""
+    def loss(*args):
+        y, kept = f(*args)
+        return jnp.sum(jnp.sin(y)), (y, kept)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+@pytest.mark.parametrize("mode,k,path,groups,cap", CASES)
+def test_dispatch_matches_loop_reference(mode, k, path, groups, cap):
+    x, r, w = random_problem(mode, k)
+    keep = jax.jit(D.reference_keep, static_argnums=(2, 3, 4))(r.experts, r.valid, E, groups, cap) if cap else r.valid
+    if path == "dropless":
+        run = lambda x, wt, w: D.dropless_dispatch(x, r.experts, wt, r.valid, w)
+    else:
+        run = lambda x, wt, w: D.capacity_dispatch(x, r.experts, wt, r.valid, w, groups=groups, cap=cap)
+    reference = lambda x, wt, w: (D.moe_reference(x, r.experts, wt, keep, w), keep)
+    (_, (y, kept)), g_fast = with_grads(run)(x, r.weights, w)
+    (_, (y_ref, _)), g_ref = with_grads(reference)(x, r.weights, w)
+    np.testing.assert_array_equal(kept, keep)
+    if cap:
+        assert not bool(jnp.all(kept == r.valid)), "the case should drop something"
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_capacity_priority_and_drops():
+    """4 tokens, 2 experts, capacity 2: top-1 choices claim slots before any top-2 choice."""
+    experts = jnp.array([[0, 1], [0, 1], [0, 1], [1, 0]])
+    valid = jnp.ones((4, 2), bool)
+    weights = jnp.full((4, 2), 0.5)
+    w = D.Experts(jnp.ones((2, 3, 2)), jnp.ones((2, 3, 2)), jnp.ones((2, 2, 3)))
+    x = jnp.arange(12.0).reshape(4, 3) / 10
+    _, kept = jax.jit(D.capacity_dispatch, static_argnames=("groups", "cap"))(
+        x, experts, weights, valid, w, groups=(1, 4), cap=2)
+    # expert 0: top-1 of tokens 0, 1 (token 2's top-1 is third: dropped); expert 1: token 3's top-1
+    # first, then token 0's top-2; tokens 1 and 2's top-2 find it full; token 3's top-2 (expert 0) too.
+    expected = [[True, True], [True, False], [False, False], [True, False]]
+    np.testing.assert_array_equal(kept, expected)
+    np.testing.assert_array_equal(D.reference_keep(experts, valid, 2, (1, 4), 2), expected)
+    r = R.Routing(experts, weights, valid, jnp.full((4, 2), 0.5))
+    stats = jax.jit(lambda r, kept: R.routing_stats(r, kept, R.expert_load(r, 2), seq=4, n_shared=0,
+                                                    params_per_expert=1, router_params=1))(r, kept)
+    assert float(stats["dropped_fraction"]) == pytest.approx(4 / 8)
+    assert float(stats["experts_per_token_p50"]) == 1 and float(stats["experts_per_token_max"]) == 2
+    assert float(stats["activation_ratio"]) == pytest.approx(4 / 8)  # 4 of 8 (token, expert) pairs
+    assert float(stats["union_ratio_8"]) == float(stats["union_ratio_batch"]) == 1.0  # both experts used
+
+
+def test_capacity_factor_e_over_k_is_dropless():
+    for t, k, e in [(13, 2, 4), (5, 1, 8), (128, 2, 8), (7, 3, 6)]:
+        assert D.capacity(t, k, e, e / k) == t
+    x, r, w = random_problem("topk", 2)
+    cap = D.capacity(13, 2, E, E / 2)
+    y, kept = jax.jit(lambda *a: D.capacity_dispatch(*a, groups=(2, 13), cap=cap))(x, r.experts, r.weights, r.valid, w)
+    assert bool(jnp.all(kept))
+    y_dropless, _ = jax.jit(D.dropless_dispatch)(x, r.experts, r.weights, r.valid, w)
+    np.testing.assert_allclose(y, y_dropless, rtol=1e-5, atol=1e-6)
+
+
+def test_topk_weights_renormalized_or_not():
+    logits = jnp.log(jnp.array([[0.1, 0.5, 0.3, 0.1]]))
+    mixtral = route(logits, None, score="softmax", mode="topk", k=2, top_p=1.0, renormalize=True)
+    switch = route(logits, None, score="softmax", mode="topk", k=2, top_p=1.0, renormalize=False)
+    np.testing.assert_array_equal(mixtral.experts, [[1, 2]])
+    np.testing.assert_allclose(mixtral.weights, [[0.5 / 0.8, 0.3 / 0.8]], rtol=1e-6)
+    np.testing.assert_allclose(mixtral.weights, jax.nn.softmax(logits[:, 1:3]), rtol=1e-6)
+    np.testing.assert_allclose(switch.weights, [[0.5, 0.3]], rtol=1e-6)
+    sig = route(jnp.array([[0.0, 2.0, -1.0]]), None, score="sigmoid", mode="topk", k=1, top_p=1.0, renormalize=False)
+    np.testing.assert_allclose(sig.weights, [[jax.nn.sigmoid(2.0)]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("p,max_k,expected", [
+    (0.4, 4, [1]), (0.6, 4, [1, 2]), (0.85, 4, [1, 2, 0]), (0.85, 2, [1, 2]), (1.0, 4, [1, 2, 0, 3]),
+])
+def test_topp_picks_expected_experts(p, max_k, expected):
+    probs = jnp.array([[0.15, 0.5, 0.3, 0.05]])  # order 1, 2, 0, 3; cumulative 0.5, 0.8, 0.95, 1
+    r = route(jnp.log(probs), None, score="softmax", mode="topp", k=max_k, top_p=p, renormalize=True)
+    chosen = [int(e) for e, v in zip(r.experts[0], r.valid[0]) if v]
+    assert chosen == expected
+    mass = probs[0, jnp.array(expected)]
+    np.testing.assert_allclose(r.weights[0][: len(expected)], mass / mass.sum(), rtol=1e-5)
+    assert float(jnp.sum(r.weights[0][len(expected):])) == 0.0
+
+
+def test_aux_loss_is_one_under_uniform_routing():
+    # Every token's probabilities are a cyclic shift of one vector: mean P and load both uniform.
+    base = jnp.log(jnp.array([0.4, 0.3, 0.2, 0.1]))
+    logits = jnp.stack([jnp.roll(base, i) for i in range(8)])
+    r = route(logits, None, score="softmax", mode="topk", k=2, top_p=1.0, renormalize=True)
+    load = R.expert_load(r, 4)
+    np.testing.assert_allclose(load, [4, 4, 4, 4])
+    assert float(R.switch_aux_loss(load, r.probs)) == pytest.approx(1.0, abs=1e-6)
+    skewed = route(jnp.tile(jnp.array([[9.0, 0, 0, 0]]), (8, 1)), None, score="softmax", mode="topk",
+                     k=1, top_p=1.0, renormalize=True)
+    assert float(R.switch_aux_loss(R.expert_load(skewed, 4), skewed.probs)) > 3.9  # ~E when collapsed
+
+
+def test_bias_update_sign_and_size():
+    new = R.bias_update(jnp.array([0.0, 0.1, 0.0, 0.0]), jnp.array([3.0, 1.0, 2.0, 2.0]), 1e-3)
+    np.testing.assert_allclose(new, [-1e-3, 0.1 + 1e-3, 0.0, 0.0], rtol=1e-6)
+
+
+def test_bias_steers_selection_not_weights():
+    logits = jnp.log(jnp.array([[0.6, 0.3, 0.1]]))
+    r = route(logits, jnp.array([0.0, 0.0, 1.0]), score="softmax", mode="topk", k=1, top_p=1.0, renormalize=False)
+    assert int(r.experts[0, 0]) == 2 and float(r.weights[0, 0]) == pytest.approx(0.1, rel=1e-5)
+
+
+def test_module_stats_and_accounting():
+    cfg = MoEConfig(n_experts=4, d_expert=8, top_k=2, n_shared=1, bias_update_rate=0.05)
+    module = MoE(cfg, CTX, rngs=nnx.Rngs(0))
+    _, aux = call(module, jax.random.normal(jax.random.key(1), (2, 7, 16)))
+    np.testing.assert_array_equal(module.bias[...], 0.0)  # constructed for inference: never updated
+    s = {k: float(v) for k, v in aux["stats"].items()}
+    assert s["bias_range"] == 0
+    assert s["activation_ratio"] == pytest.approx(3 / 5)  # (k + shared) / (E + shared)
+    assert s["experts_per_token_mean"] == s["experts_per_token_p50"] == s["experts_per_token_p90"] == 2
+    assert s["dropped_fraction"] == 0 and 0 < s["router_entropy"] <= 1
+    assert sum(s[f"load_e{e}"] for e in range(4)) == pytest.approx(1.0)
+    assert s["load_cv"] >= 0 and s["load_maxvio"] >= 0
+    assert float(aux["loss"]) == pytest.approx(0.01 * s["aux_loss"] + 1e-3 * s["z_loss"], rel=1e-5)
+    per_expert = 3 * 16 * 8
+    assert module.param_count() == 16 * 4 + 5 * per_expert
+    assert module.param_count() == sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+    assert module.active_params_per_token() == 16 * 4 + 3 * per_expert == s["active_params_per_token"]
+    assert module.flops_per_token() == 2 * module.active_params_per_token()
+
+
+def test_module_dispatch_paths_agree_with_loop():
+    """The module end to end (router, shared expert, each dispatch) against the reference loop."""
+    x = jax.random.normal(jax.random.key(1), (2, 7, 16))
+    for cfg in [MoEConfig(n_experts=4, d_expert=8, n_shared=1, routing="topp", top_p=0.5, max_k=3),
+                MoEConfig(n_experts=4, d_expert=8, score="sigmoid", dispatch="capacity", capacity_factor=0.75,
+                          group_size=4)]:
+        module = MoE(cfg, CTX, rngs=nnx.Rngs(0))
+        y, aux = call(module, x)
+        groups = D.group_shape(2, 7, cfg.group_size)
+        cap = D.capacity(groups[1], cfg.slots(), 4, cfg.capacity_factor) if cfg.dispatch == "capacity" else None
+
+        @nnx.jit
+        def reference(m, x):
+            tokens = x.reshape(14, 16)
+            r, _ = m.route(tokens)
+            keep = D.reference_keep(r.experts, r.valid, 4, groups, cap)
+            y = D.moe_reference(tokens, r.experts, r.weights, keep, m.experts())
+            if cfg.n_shared:
+                y = y + m.shared_down(jax.nn.silu(m.shared_gate(tokens)) * m.shared_up(tokens))
+            return y
+
+        np.testing.assert_allclose(y.reshape(14, 16), reference(module, x), rtol=1e-5, atol=1e-6)
+        assert (float(aux["stats"]["dropped_fraction"]) > 0) == (cfg.dispatch == "capacity")
+
+
+def test_capacity_dispatch_is_not_causal():
+    """Documented: with capacity, a later token can take an earlier token's slot."""
+    cfg = MoEConfig(n_experts=4, d_expert=8, dispatch="capacity", capacity_factor=0.5)
+    module = MoE(cfg, CTX, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (1, 16, 16))
+    y1, _ = call(module, x)
+    changed = False
+    for seed in range(5):
+        x2 = x.at[:, 8:].set(jax.random.normal(jax.random.key(10 + seed), (1, 8, 16)))
+        changed |= not np.allclose(call(module, x2)[0][:, :8], y1[:, :8])
+    assert changed
+
+
+def test_training_step_updates_bias_and_everything_trains():
+    """One trainer step with top-p, shared experts, jitter and loss-free balancing: every parameter
+    moves and the carried bias is b + u * sign(mean(load) - load) for the step's load."""
+    u = 1e-3
+    ffn = MoEConfig(n_experts=4, d_expert=8, routing="topp", max_k=2, n_shared=1, jitter=0.01, bias_update_rate=u)
+    cfg = ModelConfig(d_model=16, n_layers=1, ffn=ffn)
+    cfg.validate()
+    model = LanguageModel(cfg, vocab_size=11, rngs=nnx.Rngs(0))
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx, _ = make_optimizer(TrainConfig(steps=10, warmup_steps=0, lr=1e-2))
+    tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, 11)
+    batch = {"inputs": tokens[:, :-1], "labels": tokens[:, 1:]}
+    new_params, new_rest, _, metrics = make_train_step(graphdef, tx)(params, rest, tx.init(params), batch, 3)
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params, new_params)))
+    bias = np.asarray(new_rest["blocks"][0]["ffn"]["bias"][...])
+    share = np.array([float(metrics[f"ffn/load_e{e}"]) for e in range(4)])  # load / total load
+    below = 0.25 - share  # the sign of mean(load) - load; |.| < 1e-6 is a tie (no change)
+    np.testing.assert_allclose(bias, np.where(np.abs(below) > 1e-6, u * np.sign(below), 0.0), atol=1e-9)
+    assert np.any(bias != 0)
+    for name in ("aux_loss", "z_loss", "load_cv", "router_entropy", "experts_per_token_p90", "bias_range"):
+        assert np.isfinite(float(metrics[f"ffn/{name}"]))
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("model.ffn.top_k=9", "model.ffn.top_k=9 must be in [1, n_experts=8]"),
+    ("model.ffn.top_p=0", "model.ffn.top_p=0.0 must be in (0, 1]"),
+    ("model.ffn.top_p=1.5", "model.ffn.top_p=1.5 must be in (0, 1]"),
+    ("model.ffn.capacity_factor=0", "model.ffn.capacity_factor=0.0 must be > 0"),
+    ("model.ffn.max_k=0", "model.ffn.max_k=0 must be in [1, n_experts=8]"),
+    ("model.ffn.n_experts=1", "model.ffn.n_experts=1 must be >= 2"),
+    ("model.ffn.dispatch=ragged", "allowed: dropless, capacity"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, override, fragment):
+    code = main(["train", "--workdir", str(tmp_path / "w"), "--scale", "smoke", "model.ffn=moe", override])
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err and err.count("\n") == 1 and err.startswith("error: ")
+    assert not (tmp_path / "w").exists()
+
+
+def test_validate_raises_user_error():
+    with pytest.raises(UserError, match="group_size"):
+        MoEConfig(group_size=-1).validate(16)
