@@ -59,6 +59,11 @@ class MoEConfig(SlotConfig):
         dense = -(-(8 * d_model // 3) // 8) * 8  # the dense SwiGLU default
         return -(-dense // (self.top_k + self.n_shared) // 8) * 8
 
+    def validate_mesh(self, axes: dict[str, int]) -> None:
+        from baselines.moe_parallel import check_mesh
+
+        check_mesh(self, axes.get("expert", 1))
+
     def validate(self, d_model: int) -> None:
         e = self.n_experts
         checks = [

@@ -180,6 +180,11 @@ class Config:
         self.model.validate()
         self.train.validate()
         self.data.validate()
+        from cfm_jax.sharding import parse_mesh
+
+        axes = parse_mesh(self.train.mesh)
+        for slot_cfg in (self.model.ffn, self.model.mixer, *self.model.mixers):
+            slot_cfg.validate_mesh(axes)
         return self
 
 

@@ -30,6 +30,9 @@ class SlotConfig:
     def validate(self, d_model: int) -> None:
         """Raise UserError (one line) if this config cannot be built at width d_model."""
 
+    def validate_mesh(self, axes: dict[str, int]) -> None:
+        """Raise UserError (one line) if this config cannot run on a mesh with these axis sizes."""
+
 
 class LayerContext(NamedTuple):
     """Where a slot module sits in the model; modules use what they need (e.g. output init scale)."""

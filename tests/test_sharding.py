@@ -36,6 +36,14 @@ def test_sharded_step_equals_single_device(mesh, fsdp):
         assert any("data" in spec for spec in r["specs"]), "FSDP shards some weights over `data`"
 
 
+def test_expert_parallel_training_step_equals_single_device():
+    """MoE under train.mesh: experts sharded over `expert`, tokens exchanged by all_to_all."""
+    r = run_check("step", "data:2,expert:4", "nofsdp", "moe")
+    assert r["loss_n"] == pytest.approx(r["loss_1"], rel=1e-6)
+    assert r["max_param_diff"] < 1e-5 * r["param_scale"]
+    assert any("expert" in spec for spec in r["specs"])
+
+
 def test_checkpoint_saved_on_one_mesh_resumes_on_another(tmp_path):
     r = run_check("resume", str(tmp_path))
     assert len(r["single"]) == len(r["moved"]) == 6
