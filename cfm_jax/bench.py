@@ -32,7 +32,7 @@ from flax import nnx
 from cfm_jax import registry
 from cfm_jax.config import ModelConfig, TrainConfig
 from cfm_jax.errors import UserError
-from cfm_jax.layers.model import LanguageModel
+from cfm_jax.layers.model import LanguageModel, forward_flops_per_token
 from cfm_jax.registry import LayerContext
 from cfm_jax.train import make_optimizer, make_train_step
 
@@ -82,11 +82,8 @@ def ceilings(s: dict) -> dict:
 
 
 def model_flops_per_token(model: LanguageModel, seq: int) -> float:
-    """Forward FLOPs per token: every block's mixer (average causal context seq/2) and FFN, plus the head."""
-    total = 2 * model.cfg.d_model * model.vocab_size
-    for block in model.blocks:
-        total += block.mixer.flops_per_token(max(1, seq // 2)) + block.ffn.flops_per_token()
-    return float(total)
+    """Forward FLOPs per token in training on length seq (average causal context seq / 2)."""
+    return forward_flops_per_token(model, max(1, seq // 2))
 
 
 def train_step_bench(cfg: ModelConfig, batch: int, seq: int, reps: int, ceiling: float | None) -> dict:

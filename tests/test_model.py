@@ -59,3 +59,19 @@ def test_identity_neuron_hook_reproduces_the_forward():
         hooked, _ = model(tokens, neuron_hook=lambda layer, ffn, a: seen.append(layer) or a)
         np.testing.assert_array_equal(hooked, model(tokens)[0])
         assert seen == [0, 1]
+
+
+def test_efficiency_accounting_uses_measured_activity():
+    from cfm_jax.layers.model import efficiency
+
+    dense = LanguageModel(resolve("smoke", ["model.d_model=32"]).model, vocab_size=20, rngs=nnx.Rngs(0))
+    e = efficiency(dense, {}, context_len=100)
+    counts = param_counts(dense)
+    assert e["params_active_per_token"] == counts["params_non_embedding"]
+    assert e["weight_bytes"]["bf16"] == 2 * counts["params_total"]
+    assert e["inference_memory_100_bytes"] == 4 * counts["params_total"] + sum(b.mixer.state_bytes(100) for b in dense.blocks)
+    sparse = LanguageModel(resolve("smoke", ["model.d_model=32", "model.ffn=neuron_sparse"]).model, 20, rngs=nnx.Rngs(0))
+    stats = {"ffn/activation_ratio/layer0": 0.5, "ffn/activation_ratio/layer1": 0.0}
+    d, f = 32, 128  # relu: up (selector, always read) + down (read for active neurons only)
+    expected = param_counts(sparse)["params_non_embedding"] - 2 * 2 * d * f + 2 * d * f + 0.5 * d * f
+    assert efficiency(sparse, stats)["params_active_per_token"] == expected

@@ -24,7 +24,7 @@ from cfm_jax.harness.bricks import bricks_analysis
 from cfm_jax.harness.cett import cett_analysis
 from cfm_jax.harness.dynamic import dynamic_analysis
 from cfm_jax.harness.neurons import has_neurons
-from cfm_jax.layers.model import param_counts
+from cfm_jax.layers.model import efficiency, param_counts
 from cfm_jax.train import cross_entropy, restore_model
 
 
@@ -100,6 +100,7 @@ def evaluate(workdir: Path, analyses: tuple[str, ...] = ()) -> dict:
         "sets": sets,
         "metrics": {f"{s}/{k}": v for s, entry in sets.items() for k, v in entry.items() if k != "tokens"},
         "stats": stats,
+        **efficiency(model, stats),
         "state_bytes": {str(n): state_bytes(model, n) for n in sorted({cfg.data.seq_len, *lengths})},
         "eval_seconds": round(time.perf_counter() - t0, 3),
         "device": f"{jax.default_backend()}: {jax.devices()[0].device_kind}",

@@ -92,5 +92,43 @@ def param_counts(model: LanguageModel) -> dict[str, int]:
     return {"params_total": total, "params_embedding": embedding, "params_non_embedding": total - embedding}
 
 
+def forward_flops_per_token(model: LanguageModel, context_len: int) -> float:
+    """Analytic forward FLOPs per token (2 per multiply-add): every block's mixer at `context_len`
+    (training on length L: L / 2 on average for causal attention) and FFN, plus the output head."""
+    total = 2 * model.cfg.d_model * model.vocab_size
+    for block in model.blocks:
+        total += block.mixer.flops_per_token(max(1, context_len)) + block.ffn.flops_per_token()
+    return float(total)
+
+
+def efficiency(model: LanguageModel, stats: dict, context_len: int = 4096) -> dict:
+    """Parameters active per token (measured where the FFN reports it), weight bytes, inference memory.
+
+    Active parameters per token = non-embedding parameters outside the FFNs + each FFN's active
+    parameters: MoE's measured `ffn/active_params_per_token/layerI`, the neuron-sparse FFN's weights
+    at its measured activation ratio, every weight for a dense FFN.
+    """
+    counts = param_counts(model)
+    ffn_total, ffn_active = 0, 0.0
+    for i, block in enumerate(model.blocks):
+        ffn_total += sum(x.size for x in jax.tree.leaves(nnx.state(block.ffn, nnx.Param)))
+        measured = stats.get(f"ffn/active_params_per_token/layer{i}")
+        ratio = stats.get(f"ffn/activation_ratio/layer{i}")
+        if measured is not None:
+            ffn_active += measured
+        elif ratio is not None and "activation_ratio" in block.ffn.active_params_per_token.__code__.co_varnames:
+            ffn_active += block.ffn.active_params_per_token(ratio)
+        else:
+            ffn_active += block.ffn.active_params_per_token()
+    state = sum(block.mixer.state_bytes(context_len) for block in model.blocks)
+    return {
+        "params_active_per_token": float(counts["params_non_embedding"] - ffn_total + ffn_active),
+        "flops_per_token": forward_flops_per_token(model, context_len // 2),
+        "weight_bytes": {"fp32": 4 * counts["params_total"], "bf16": 2 * counts["params_total"],
+                         "int8": counts["params_total"]},
+        f"inference_memory_{context_len}_bytes": 4 * counts["params_total"] + int(state),
+    }
+
+
 def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> LanguageModel:
     return LanguageModel(cfg, vocab_size, rngs=nnx.Rngs(seed))
