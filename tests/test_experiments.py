@@ -41,3 +41,18 @@ def test_sweep_skips_finished_cells_and_reports_one_row_per_cell(tmp_path, capsy
     assert float(rows[0]["val/bits_per_byte"]) > 0 and 0 <= float(rows[1]["len32/accuracy"]) <= 1
     assert all(r["command"].startswith("cfm-jax train --workdir") for r in rows)
     assert "cfm-jax report tiny --scale smoke" in md_path.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["memory_horizon", "moe_balance"])
+def test_experiment_smoke_sweep_and_report(tmp_path, name):
+    """A long-context and an efficiency experiment at smoke scale, end to end: md + csv + png + reading."""
+    experiment = load_experiment(name)
+    assert sweep(experiment, "smoke", tmp_path / "runs", progress=False, workers=2) == []
+    md_path, _ = report(experiment, "smoke", tmp_path / "runs", tmp_path / "results")
+    text = md_path.read_text()
+    assert "## Reading" in text and f"cfm-jax sweep {name} --scale smoke" in text and "±" in text
+    rows = list(csv.DictReader((tmp_path / "results" / f"{name}_smoke.csv").open()))
+    assert len(rows) == len(experiment.cells("smoke")) and all(r["val/loss"] or r.get(next(iter(r))) for r in rows)
+    if experiment.plot_fn is not None:
+        assert (tmp_path / "results" / f"{name}_smoke.png").stat().st_size > 0
