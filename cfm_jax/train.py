@@ -122,7 +122,11 @@ def train(cfg: Config, workdir: Path, progress: bool = True, reconfigure: bool =
     ckpt = Checkpoints(workdir / wd.CHECKPOINTS, tc.keep_checkpoints)
     start = ckpt.latest_step() or 0
     if start:
-        state = ckpt.restore(start, state)
+        try:
+            state = ckpt.restore(start, state)
+        except UserError:
+            ckpt.close()
+            raise
     if writer:
         wd.save_config(workdir, cfg)
     rows = wd.truncate_metrics(workdir, start) if writer else wd.read_metrics(workdir)

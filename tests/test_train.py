@@ -91,3 +91,16 @@ def test_same_seed_same_metrics(tmp_path):
     other = resolve("smoke", [*TINY, "train.steps=6", "train.seed=1"])
     train(other, tmp_path / "c", progress=False)
     assert strip(wd.read_metrics(tmp_path / "c")) != strip(wd.read_metrics(tmp_path / "a"))
+
+
+def test_reconfigure_continues_a_checkpoint_under_a_new_config(tmp_path):
+    train(resolve("smoke", [*TINY, "train.steps=5"]), tmp_path, progress=False)
+    changed = resolve("smoke", [*TINY, "train.steps=8", "train.lr=5e-4"])
+    with pytest.raises(UserError, match="holds a different config"):
+        train(changed, tmp_path, progress=False)
+    last = train(changed, tmp_path, progress=False, reconfigure=True)
+    assert last["step"] == 8 and wd.load_config(tmp_path).train.lr == 5e-4
+    wider = resolve("smoke", [*TINY, "train.steps=9", "model.d_model=64"])
+    with pytest.raises(UserError, match="cannot be restored"):  # shapes differ: refused, nothing lost
+        train(wider, tmp_path, progress=False, reconfigure=True)
+    assert wd.load_config(tmp_path).model.d_model == 32
