@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from typing import ClassVar
 
 import numpy as np
@@ -10,7 +11,7 @@ IGNORE = -1  # label of positions that are not scored
 EVAL_STREAM = 0x5EED  # seeds evaluation data apart from every training seed's stream
 
 
-class Task:
+class Task(abc.ABC):
     name: ClassVar[str]
     vocab_size: int
     # True when one token is one byte, so eval reports bits per byte = loss / ln 2.
@@ -23,10 +24,10 @@ class Task:
     def validate(cls, cfg) -> None:
         """Raise UserError (one line) for settings this task cannot generate."""
 
+    @abc.abstractmethod
     def train_batch(self, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
         """The training batch of `step`: a pure function of (seed, step) and the config."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def eval_sets(self, batch_size: int) -> dict[str, list[dict[str, np.ndarray]]]:
         """Named fixed evaluation sets (e.g. "val" or "len512"), each a list of batches."""
-        raise NotImplementedError

@@ -14,6 +14,7 @@ position t and IGNORE where nothing is scored.
 
 from __future__ import annotations
 
+import abc
 from typing import ClassVar
 
 import numpy as np
@@ -88,8 +89,9 @@ class SyntheticTask(Task):
         for length in (cfg.seq_len, *cfg.lengths()):
             cls.check(cfg, length)
 
+    @abc.abstractmethod
     def generate(self, rng: np.random.Generator, batch: int, length: int, depth: float | None):
-        raise NotImplementedError
+        """(inputs, labels): (batch, length) int32 each; depth in [0, 1] or None (task's choice)."""
 
     def train_batch(self, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
         depth = self.cfg.needle_depth if self.cfg.needle_depth >= 0 else None
