@@ -18,6 +18,7 @@ import shlex
 from pathlib import Path
 
 from cfm_jax import workdir as wd
+from cfm_jax.errors import UserError
 from cfm_jax.harness.experiments import Experiment
 from cfm_jax.harness.sweep import cell_workdir
 
@@ -125,6 +126,14 @@ def to_csv(columns: list[str], rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def _call_hook(experiment: Experiment, name: str, fn, *args):
+    """Run an experiment file's plot/reading; its bugs are the user's input, reported in one line."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"experiment {experiment.name!r}: {name}() failed: {type(e).__name__}: {e}") from None
+
+
 def report(experiment: Experiment, scale: str, runs_dir: Path, results_dir: Path) -> tuple[Path, str]:
     """Write NAME[_SCALE].md, .csv (and .png) under results_dir; returns (md path, markdown table)."""
     rows = collect_runs(experiment, scale, runs_dir)
@@ -150,10 +159,10 @@ def report(experiment: Experiment, scale: str, runs_dir: Path, results_dir: Path
     if experiment.plot_fn is not None and any("status" not in r for r in rows):
         png = results_dir / f"{stem}.png"
         results_dir.mkdir(parents=True, exist_ok=True)
-        experiment.plot_fn(table, png)
+        _call_hook(experiment, "plot", experiment.plot_fn, table, png)
         parts.append(f"![{experiment.name}]({png.name})\n")
     if experiment.reading_fn is not None and any("status" not in r for r in rows):
-        parts.append("## Reading\n\n" + experiment.reading_fn(table).strip() + "\n")
+        parts.append("## Reading\n\n" + _call_hook(experiment, "reading", experiment.reading_fn, table).strip() + "\n")
     md_path = results_dir / f"{stem}.md"
     wd.write_atomic(md_path, "\n".join(parts))
     csv_columns = ["cell", *columns, *(["status"] if any("status" in r for r in rows) else []), "command"]
