@@ -19,6 +19,10 @@ SEEDS = 3
 DEPTHS = (0, 25, 50, 75, 100)
 
 
+def COLUMNS(scale):
+    return [f"len{SIZES[scale]['L']}_depth{d}/accuracy" for d in DEPTHS] + ["memory_horizon/mean"]
+
+
 def cells(scale):
     s = SIZES[scale]
     return {
@@ -51,6 +55,9 @@ def reading(table):
     parts = []
     for r in table:
         acc = [r.get(f"len{L}_depth{d}/accuracy") for d in DEPTHS]
+        if acc[0] is None or acc[-1] is None:
+            parts.append(f"- {r['cell']}: not run.")
+            continue
         horizon = r.get("memory_horizon/mean")
         parts.append(f"- {r['cell']}: accuracy far (depth 0) {acc[0]:.2f} vs near (depth 100) {acc[-1]:.2f}; "
                      + (f"horizon from learned decays {horizon:.0f} tokens." if horizon is not None

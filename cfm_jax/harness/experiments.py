@@ -3,7 +3,7 @@
 An experiment file has a docstring (command, expected runtime, expected result) and
 
     def cells(scale: str) -> dict[str, list[str]]:   # cell name -> config overrides
-    COLUMNS = ["val/bits_per_byte", ...]              # optional: eval.json values shown in the table
+    COLUMNS = ["val/bits_per_byte", ...]              # optional: eval.json values shown (or COLUMNS(scale))
     ANALYSES = ["cett"]                               # optional: `eval --analysis` run on every cell
     SEEDS = 3                                         # optional: each cell run with train.seed=0..2
     def plot(table, path): ...                        # optional: draw the aggregated table to a .png
@@ -41,7 +41,7 @@ class Experiment:
     name: str
     path: Path
     cells_fn: Callable[[str], dict]
-    columns: tuple[str, ...]
+    columns: tuple[str, ...] | Callable[[str], list[str]]  # COLUMNS, or COLUMNS(scale)
     doc: str
     analyses: tuple[str, ...] = ()  # eval analyses run on every cell (ANALYSES in the file)
     seeds: int = 1  # SEEDS in the file
@@ -62,6 +62,9 @@ class Experiment:
             if not isinstance(overrides, (list, tuple)) or not all(isinstance(o, str) for o in overrides):
                 raise UserError(f"experiment {self.name!r}: cell {name!r} must map to a list of 'key=value' strings")
         return {name: list(overrides) for name, overrides in cells.items()}
+
+    def columns_for(self, scale: str) -> list[str]:
+        return list(self.columns(scale) if callable(self.columns) else self.columns)
 
     def cells(self, scale: str) -> dict[str, list[str]]:
         """Every run: base cells, each expanded to NAME.sK with train.seed=K when SEEDS > 1."""
@@ -102,8 +105,8 @@ def load_experiment(name_or_path: str) -> Experiment:
     if not callable(cells_fn):
         raise UserError(f"experiment file {str(path)!r} defines no cells(scale) function")
     columns = getattr(module, "COLUMNS", ())
-    if not isinstance(columns, (list, tuple)) or not all(isinstance(c, str) for c in columns):
-        raise UserError(f"experiment file {str(path)!r}: COLUMNS must be a list of metric names")
+    if not callable(columns) and (not isinstance(columns, (list, tuple)) or not all(isinstance(c, str) for c in columns)):
+        raise UserError(f"experiment file {str(path)!r}: COLUMNS must be a list of metric names or a function of the scale")
     analyses = getattr(module, "ANALYSES", ())
     from cfm_jax.harness.evaluate import ANALYSES as KNOWN
 
@@ -113,5 +116,6 @@ def load_experiment(name_or_path: str) -> Experiment:
     if not isinstance(seeds, int) or seeds < 1:
         raise UserError(f"experiment file {str(path)!r}: SEEDS must be an int >= 1")
     hooks = {name: getattr(module, name, None) for name in ("plot", "reading")}
-    return Experiment(path.stem, path, cells_fn, tuple(columns), (module.__doc__ or "").strip(), tuple(analyses),
+    return Experiment(path.stem, path, cells_fn, columns if callable(columns) else tuple(columns),
+                      (module.__doc__ or "").strip(), tuple(analyses),
                       seeds, hooks["plot"], hooks["reading"])

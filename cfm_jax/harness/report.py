@@ -109,7 +109,7 @@ def to_markdown(columns: list[str], table: list[dict]) -> str:
         if col == "command":
             return f"`{row[col]}`" if row.get(col) else ""
         text = _fmt(row.get(col))
-        if text and col + "_std" in row:
+        if text and row.get(col + "_std"):  # no "± 0" for values every seed shares
             text += f" ± {_fmt(row[col + '_std'])}"
         return text
 
@@ -137,7 +137,7 @@ def _call_hook(experiment: Experiment, name: str, fn, *args):
 def report(experiment: Experiment, scale: str, runs_dir: Path, results_dir: Path) -> tuple[Path, str]:
     """Write NAME[_SCALE].md, .csv (and .png) under results_dir; returns (md path, markdown table)."""
     rows = collect_runs(experiment, scale, runs_dir)
-    metric_columns = list(experiment.columns) or list(dict.fromkeys(
+    metric_columns = experiment.columns_for(scale) or list(dict.fromkeys(
         k for r in rows for k in r if "/" in k and not k.startswith(("stats/", "state_bytes/", "corpus/"))))
     columns = [c for c in (*BASE_COLUMNS, *metric_columns) if c not in ("cell",)]
     table = aggregate(rows, columns)
