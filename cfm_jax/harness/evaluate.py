@@ -45,14 +45,14 @@ def _make_eval_step(graphdef):
     return eval_step
 
 
-def evaluate_sets(model, task, batch_size: int) -> tuple[dict, dict]:
+def evaluate_sets(model, task, eval_sets: dict) -> tuple[dict, dict]:
     """Returns ({set: {loss, accuracy, sequence_accuracy, tokens[, bits_per_byte]}},
     {stat: mean over eval batches}). sequence_accuracy: share of sequences whose scored tokens are
     all predicted right (exact match / RULER's string_match_all under teacher forcing)."""
     graphdef, state = nnx.split(model)
     eval_step = _make_eval_step(graphdef)
     results, stats_sum, stats_n = {}, {}, 0
-    for name, batches in task.eval_sets(batch_size).items():
+    for name, batches in eval_sets.items():
         ce, correct, n, seq_correct, seqs = 0.0, 0, 0, 0, 0
         for batch in batches:
             out, stats = eval_step(state, {k: jnp.asarray(v) for k, v in batch.items()})
@@ -90,7 +90,9 @@ def evaluate(workdir: Path, analyses: tuple[str, ...] = ()) -> dict:
     task = make_task(cfg.data)
     model, step = restore_model(workdir, cfg, task.vocab_size)
     t0 = time.perf_counter()
-    sets, stats = evaluate_sets(model, task, cfg.train.batch_size)
+    eval_sets = task.eval_sets(cfg.train.batch_size)  # generated once, shared by everything below
+    first_set = next(iter(eval_sets.values()))
+    sets, stats = evaluate_sets(model, task, eval_sets)
     lengths = {int(name[3:]): entry for name, entry in sets.items() if name[3:].isdigit()}
     result = {
         "step": step,
@@ -108,14 +110,14 @@ def evaluate(workdir: Path, analyses: tuple[str, ...] = ()) -> dict:
     if hasattr(task, "corpus"):
         result["corpus"] = {"fingerprint": task.corpus.fingerprint, "files": task.corpus.n_files,
                             "train_bytes": int(len(task.corpus.train)), "val_bytes": int(len(task.corpus.val))}
-    horizons = memory_horizons(model, next(iter(task.eval_sets(cfg.train.batch_size).values()))[0]["inputs"])
+    horizons = memory_horizons(model, first_set[0]["inputs"])
     if horizons:
         result["memory_horizon"] = horizons
     if lengths and not task.tokens_are_bytes:
         result["effective_length"] = effective_length(lengths, cfg.data.effective_threshold)
         result["metrics"]["effective_length"] = result["effective_length"]
     for name in analyses:
-        result[name] = _run_analysis(name, model, task, cfg, workdir)
+        result[name] = _run_analysis(name, model, task, cfg, workdir, first_set)
     wd.write_json(workdir / wd.EVAL, _jsonable(result))
     return result
 
@@ -151,12 +153,12 @@ def effective_length(by_length: dict[int, dict], threshold: float) -> int:
     return best
 
 
-def _run_analysis(name: str, model, task, cfg, workdir: Path) -> dict:
+def _run_analysis(name: str, model, task, cfg, workdir: Path, first_set: list[dict]) -> dict:
     if not has_neurons(model):
         return {"skipped": f"ffn kind {cfg.model.ffn.kind!r} exposes no neurons (hidden/down)"}
     batch_size = cfg.train.batch_size
     if name == "cett":
-        return cett_analysis(model, next(iter(task.eval_sets(batch_size).values())))
+        return cett_analysis(model, first_set)
     if name == "dynamic":
         return dynamic_analysis(model, task, cfg.data, batch_size, plot_path=workdir / "dynamic_activation.png")
     return bricks_analysis(model, task, cfg.data, batch_size)

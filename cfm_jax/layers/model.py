@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -116,7 +117,7 @@ def efficiency(model: LanguageModel, stats: dict, context_len: int = 4096) -> di
         ratio = stats.get(f"ffn/activation_ratio/layer{i}")
         if measured is not None:
             ffn_active += measured
-        elif ratio is not None and "activation_ratio" in block.ffn.active_params_per_token.__code__.co_varnames:
+        elif ratio is not None and "activation_ratio" in inspect.signature(block.ffn.active_params_per_token).parameters:
             ffn_active += block.ffn.active_params_per_token(ratio)
         else:
             ffn_active += block.ffn.active_params_per_token()
