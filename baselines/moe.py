@@ -159,6 +159,22 @@ class MoE(nnx.Module):
         loss = cfg.aux_loss_weight * aux + cfg.z_loss_weight * z
         return y.reshape(b, s, d).astype(x.dtype), make_aux(loss, **stats)
 
+    def expert_forward(self, x: jax.Array, hook) -> jax.Array:
+        """Analysis only (bricks at expert granularity): x (batch, seq, d_model) -> y (batch, seq, d_model)
+        with every expert computed for every token and the combine weights w (batch, seq, E) (0 where an
+        expert was not chosen) rewritten by hook(w) first. No capacity drops (as dropless dispatch);
+        the shared experts are added unchanged. Cost E/k times a routed forward: small models only."""
+        b, s, d = x.shape
+        tokens = x.reshape(b * s, d)
+        r, _ = self.route(tokens)
+        w = jnp.zeros((b * s, self.cfg.n_experts), jnp.float32)
+        w = w.at[jnp.arange(b * s)[:, None], r.experts].add(r.weights).reshape(b, s, -1)
+        every = dispatch.expert_ffn(jnp.broadcast_to(tokens, (self.cfg.n_experts, b * s, d)), self.experts())
+        y = jnp.einsum("ne,end->nd", hook(w).reshape(b * s, -1).astype(every.dtype), every)
+        if self.cfg.n_shared:
+            y = y + self.shared_down(jax.nn.silu(self.shared_gate(tokens)) * self.shared_up(tokens))
+        return y.reshape(b, s, d).astype(x.dtype)
+
     # --- accounting ---
 
     def params_per_expert(self) -> int:

@@ -91,6 +91,20 @@ def test_eval_with_all_analyses(sparse_run, capsys):
     assert set(bricks["prune_loss_ratio"]) == {"text", "mqar", "copy", "random"}
 
 
+def test_bricks_at_expert_granularity_for_moe(tmp_path):
+    workdir = tmp_path / "moe"
+    cfg = resolve("smoke", ["model.ffn=moe", "model.d_model=32", "data.seq_len=64", "train.batch_size=4",
+                            "train.steps=5", "data.eval_batches=2", "data.num_kv_pairs=4"])
+    train(cfg, workdir, progress=False)
+    assert main(["eval", "--workdir", str(workdir), "--analysis", "all"]) == 0
+    result = json.loads((workdir / "eval.json").read_text())
+    bricks = result["bricks"]
+    assert bricks["unit"] == "expert" and bricks["units_per_layer"] == 8 and bricks["top_units_per_layer"] == 1
+    assert bricks["top5pct_overlap"]["mqar"]["mqar"] == 1.0 and bricks["coactivation_top2_of_8_share"] is None
+    assert all(r > 0 for row in bricks["prune_loss_ratio"].values() for r in row.values())
+    assert "skipped" in result["cett"] and "skipped" in result["dynamic"]  # neuron-level only
+
+
 def test_unknown_analysis_is_bad_input(sparse_run, capsys):
     assert main(["eval", "--workdir", str(sparse_run), "--analysis", "cett,nope"]) == 2
     assert "unknown analysis 'nope'; allowed: cett, dynamic, bricks, all" in capsys.readouterr().err

@@ -205,6 +205,26 @@ def test_module_dispatch_paths_agree_with_loop():
         assert (float(aux["stats"]["dropped_fraction"]) > 0) == (cfg.dispatch == "capacity")
 
 
+def test_expert_forward_matches_dropless_and_masks_experts():
+    """The bricks analysis path (every expert computed, weights hooked) equals the dropless layer with
+    an identity hook, and zeroing an expert's weight removes exactly its contribution."""
+    x = jax.random.normal(jax.random.key(2), (2, 5, 16))
+    cfg = MoEConfig(n_experts=4, d_expert=8, top_k=2, n_shared=1)
+    module = MoE(cfg, CTX, rngs=nnx.Rngs(0))
+    y, _ = call(module, x)
+    np.testing.assert_allclose(module.expert_forward(x, lambda w: w), y, rtol=1e-5, atol=1e-6)
+    w = []
+    module.expert_forward(x, lambda a: w.append(a) or a)
+    assert w[0].shape == (2, 5, 4) and np.all(np.sum(np.asarray(w[0]) > 0, axis=-1) == 2)  # top-2 per token
+    keep = jnp.asarray([1.0, 0.0, 1.0, 1.0])
+    tokens = x.reshape(10, 16)
+    r, _ = module.route(tokens)
+    expected = D.moe_reference(tokens, r.experts, r.weights * (r.experts != 1), r.valid, module.experts())
+    expected = expected + module.shared_down(jax.nn.silu(module.shared_gate(tokens)) * module.shared_up(tokens))
+    np.testing.assert_allclose(module.expert_forward(x, lambda a: a * keep).reshape(10, 16), expected,
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_capacity_dispatch_is_not_causal():
     """Documented: with capacity, a later token can take an earlier token's slot."""
     cfg = MoEConfig(n_experts=4, d_expert=8, dispatch="capacity", capacity_factor=0.5)

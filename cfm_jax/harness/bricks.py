@@ -13,6 +13,10 @@ string, a separator, then the string again; the copy is scored).
 - Co-activation clustering: neurons of each layer split into equal groups by balanced k-means on
   their co-activation profiles; the share of a token's active neurons that falls in its top-2 groups,
   against a random equal-size partition (what MoEfication exploits).
+
+For a MoE model the unit is the expert (the hook sees its combine weight per token): FuncScore,
+top-5 % overlap (at least one expert) and cross-pruning are computed the same way; clustering is
+skipped (the experts are the groups).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 
 from cfm_jax.data import IGNORE
 from cfm_jax.data.mqar import mqar_batch
-from cfm_jax.harness.neurons import make_capture_forward, make_masked_forward, mean_loss
+from cfm_jax.harness.neurons import analysis_units, make_capture_forward, make_masked_forward, mean_loss
 
 TOP_FRACTION = 0.05
 N_GROUPS = 8
@@ -99,7 +103,8 @@ def bricks_analysis(model, task, data_cfg, batch_size: int) -> dict:
     masked = make_masked_forward(model)
     skills = skill_batches(task, data_cfg, model.vocab_size, batch_size)
     names = list(skills)
-    n_layers, d_ff = len(model.blocks), model.blocks[0].ffn.down.kernel.shape[0]
+    unit, d_ff = analysis_units(model)  # d_ff: units per layer (neurons, or experts for MoE)
+    n_layers = len(model.blocks)
 
     # Mean |activation| per example, neuron: (examples, layers * d_ff); activity per token for clustering.
     scores, labels, tokens_active = [], [], [[] for _ in range(n_layers)]
@@ -139,7 +144,7 @@ def bricks_analysis(model, task, data_cfg, batch_size: int) -> dict:
 
     clustering = []
     groups = min(N_GROUPS, d_ff)
-    for layer in range(n_layers):
+    for layer in range(n_layers if unit == "neuron" else 0):  # experts are already the groups
         active = np.concatenate(tokens_active[layer]).astype(np.float32)
         coact = active.T @ active  # (d_ff, d_ff) co-activation counts
         learned = balanced_kmeans(coact, groups, seed=layer)
@@ -147,15 +152,16 @@ def bricks_analysis(model, task, data_cfg, batch_size: int) -> dict:
         clustering.append({"layer": layer, "clustered": top_group_share(active, learned, groups, TOP_GROUPS),
                            "random": top_group_share(active, random, groups, TOP_GROUPS)})
 
+    coact = ({"clustered": float(np.mean([c["clustered"] for c in clustering])),
+              "random": float(np.mean([c["random"] for c in clustering])), "per_layer": clustering}
+             if clustering else None)
     return {
+        "unit": unit, "units_per_layer": int(d_ff), "top_units_per_layer": int(k),
         "skills": names,
         "examples_per_skill": {name: int(np.sum(labels == s)) for s, name in enumerate(names)},
         "funcscore_mean_top5pct": {name: float(np.mean(np.sort(func[s], axis=1)[:, -k:])) for s, name in enumerate(names)},
         "top5pct_overlap": {a: dict(zip(names, row)) for a, row in zip(names, overlap)},
         "base_loss": base,
         "prune_loss_ratio": cross,  # prune_loss_ratio[pruned skill][evaluated skill]
-        "coactivation_top2_of_8_share": {
-            "clustered": float(np.mean([c["clustered"] for c in clustering])),
-            "random": float(np.mean([c["random"] for c in clustering])), "per_layer": clustering,
-        },
+        "coactivation_top2_of_8_share": coact,
     }

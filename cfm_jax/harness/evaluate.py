@@ -23,7 +23,7 @@ from cfm_jax.errors import UserError
 from cfm_jax.harness.bricks import bricks_analysis
 from cfm_jax.harness.cett import cett_analysis
 from cfm_jax.harness.dynamic import dynamic_analysis
-from cfm_jax.harness.neurons import has_neurons
+from cfm_jax.harness.neurons import has_experts, has_neurons
 from cfm_jax.layers.model import efficiency, param_counts
 from cfm_jax.train import cross_entropy, restore_model
 
@@ -154,6 +154,8 @@ def effective_length(by_length: dict[int, dict], threshold: float) -> int:
 
 
 def _run_analysis(name: str, model, task, cfg, workdir: Path, first_set: list[dict]) -> dict:
+    if name == "bricks" and has_experts(model):
+        return bricks_analysis(model, task, cfg.data, cfg.train.batch_size)  # at expert granularity
     if not has_neurons(model):
         return {"skipped": f"ffn kind {cfg.model.ffn.kind!r} exposes no neurons (hidden/down)"}
     batch_size = cfg.train.batch_size

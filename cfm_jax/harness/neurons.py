@@ -1,7 +1,8 @@
 """Shared plumbing for the neuron analyses (CETT, dynamic activation, bricks).
 
 They all run the model with a `neuron_hook` that reads or rewrites each FFN's intermediate
-activations a: (batch, seq, d_ff). Models whose FFN has no neurons (e.g. MoE) are skipped.
+activations a: (batch, seq, d_ff). For MoE, the bricks analysis runs at expert granularity: the hook
+sees the per-expert combine weights (batch, seq, n_experts) instead. Other FFNs are skipped.
 """
 
 from __future__ import annotations
@@ -16,6 +17,20 @@ from cfm_jax.data import IGNORE
 
 def has_neurons(model) -> bool:
     return all(hasattr(b.ffn, "hidden") and hasattr(b.ffn, "down") for b in model.blocks)
+
+
+def has_experts(model) -> bool:
+    """An FFN whose per-expert combine weights a neuron_hook can read and rewrite (MoE)."""
+    return all(hasattr(b.ffn, "expert_forward") for b in model.blocks)
+
+
+def analysis_units(model) -> tuple[str, int]:
+    """The unit the hooks see and how many per layer: ("neuron", d_ff) or ("expert", n_experts)."""
+    if has_neurons(model):
+        return "neuron", model.blocks[0].ffn.down.kernel.shape[0]
+    if has_experts(model):
+        return "expert", model.blocks[0].ffn.cfg.n_experts
+    raise ValueError("the model's FFN exposes neither neurons (hidden/down) nor experts (expert_forward)")
 
 
 def down_column_norms(model) -> list[np.ndarray]:

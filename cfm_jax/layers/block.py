@@ -21,12 +21,15 @@ class Block(nnx.Module):
         """x: (batch, seq, d_model) -> (x, {"mixer": aux, "ffn": aux}).
 
         neuron_hook (analysis only): a -> a' applied to the FFN's intermediate activations, computing
-        the FFN as down(hook(hidden(x))); needs an FFN with neurons (`hidden`, `down`).
+        the FFN as down(hook(hidden(x))) for an FFN with neurons (`hidden`, `down`), or to its
+        per-expert combine weights for an FFN with `expert_forward` (MoE, expert granularity).
         """
         h, mixer_aux = self.mixer(self.mixer_norm(x))
         x = x + h
         if neuron_hook is None:
             h, ffn_aux = self.ffn(self.ffn_norm(x))
+        elif hasattr(self.ffn, "expert_forward"):
+            h, ffn_aux = self.ffn.expert_forward(self.ffn_norm(x), neuron_hook), make_aux()
         else:
             h, ffn_aux = self.ffn.down(neuron_hook(self.ffn.hidden(self.ffn_norm(x)))), make_aux()
         return x + h, {"mixer": mixer_aux, "ffn": ffn_aux}
