@@ -5,6 +5,8 @@ Suites (all by default):
     ceilings       fp32 / bf16 matmul FLOP/s and memory copy bandwidth of this device
     train          training step per variant (every ffn kind with attention, every mixer kind with the
                    dense FFN): tokens/s, MFU against the measured fp32 ceiling, compile time, memory
+    compile        first-step compile time of an 8-layer dense transformer
+    torch          the dense transformer's step vs a plain PyTorch eager twin (needs `pip install torch`)
     seqlen         training step time and memory per mixer at growing length, constant tokens/batch
     decode         batch-1 per-token decode latency per mixer against context length
     sparse_decode  neuron-sparse gather FFN vs dense FFN at batch 1 for several activation ratios
@@ -36,7 +38,7 @@ from cfm_jax.layers.model import LanguageModel, forward_flops_per_token
 from cfm_jax.registry import LayerContext
 from cfm_jax.train import make_optimizer, make_train_step
 
-SUITES = ("ceilings", "train", "seqlen", "decode", "sparse_decode", "moe")
+SUITES = ("ceilings", "train", "compile", "torch", "seqlen", "decode", "sparse_decode", "moe")
 VOCAB = 256
 
 SIZES = {  # per scale: model and problem sizes
@@ -132,6 +134,27 @@ def suite_train(s: dict, ceiling: float | None) -> dict:
         if dense and r.get("mfu"):
             r["mfu_vs_dense"] = r["mfu"] / dense
     return results
+
+
+def suite_compile(s: dict) -> dict:
+    """First-step compile seconds of the dense transformer at 8 layers (the issue's target: < 30 s)."""
+    cfg = ModelConfig(d_model=s["d"], n_layers=8)
+    r = train_step_bench(cfg, s["batch"], s["seq"], 1, None)
+    return {"layers": 8, "compile_s": r["compile_s"]}
+
+
+def suite_torch(s: dict) -> dict:
+    """The dense transformer's training step here vs a plain PyTorch eager twin, side by side."""
+    from cfm_jax.bench_torch import train_step_seconds
+
+    torch_r = train_step_seconds(s["d"], s["layers"], s["seq"], s["batch"], VOCAB, s["reps"])
+    if "skipped" in torch_r:
+        return torch_r
+    cfg = ModelConfig(d_model=s["d"], n_layers=s["layers"])
+    ours = train_step_bench(cfg, s["batch"], s["seq"], s["reps"], None)
+    ours_params = sum(x.size for x in jax.tree.leaves(nnx.state(LanguageModel(cfg, VOCAB, rngs=nnx.Rngs(0)), nnx.Param)))
+    return {"torch": torch_r, "jax_step_s": ours["step_s"], "jax_params": int(ours_params),
+            "torch_vs_jax_time": torch_r["step_s"] / ours["step_s"]}
 
 
 def suite_seqlen(s: dict) -> dict:
@@ -248,13 +271,73 @@ def run(suites: tuple[str, ...], scale: str) -> dict:
     if "ceilings" in suites or "train" in suites:
         result["ceilings"] = ceilings(s)
         ceiling = result["ceilings"]["matmul_float32_flops"]
-    runners = {"train": lambda: suite_train(s, ceiling), "seqlen": lambda: suite_seqlen(s),
+    runners = {"train": lambda: suite_train(s, ceiling), "compile": lambda: suite_compile(s),
+               "torch": lambda: suite_torch(s), "seqlen": lambda: suite_seqlen(s),
                "decode": lambda: suite_decode(s), "sparse_decode": lambda: suite_sparse_decode(s),
                "moe": lambda: suite_moe(s)}
     for name in suites:
         if name in runners:
             result[name] = runners[name]()
     return result
+
+
+LINEAR_FAMILY = ("linear_attention", "gla", "mamba", "rwkv", "sliding_window")  # constant state per token
+
+
+def targets(result: dict) -> list[dict]:
+    """The issue's targets against this run's measurements: [{target, measured, met}] (met None = not run)."""
+    rows = []
+
+    def add(target, measured, met):
+        rows.append({"target": target, "measured": measured, "met": met})
+
+    train = {k: v for k, v in result.get("train", {}).items() if "skipped" not in v}
+    if "ffn=dense" in train and train["ffn=dense"].get("mfu") is not None:
+        mfu = train["ffn=dense"]["mfu"]
+        add("dense transformer MFU >= 40% of the fp32 matmul ceiling", f"{mfu:.1%}", mfu >= 0.40)
+        worst = min(train, key=lambda k: train[k].get("mfu_vs_dense", 1.0))
+        ratio = train[worst].get("mfu_vs_dense", 1.0)
+        add("every variant's MFU >= 0.5x the dense transformer's", f"lowest {worst}: {ratio:.2f}x", ratio >= 0.5)
+    if "compile" in result:
+        c = result["compile"]["compile_s"]
+        add("first-step compile of an 8-layer model < 30 s", f"{c:.1f} s", c < 30)
+    if "torch" in result and "skipped" not in result["torch"]:
+        r = result["torch"]["torch_vs_jax_time"]
+        add("dense training step at least matches PyTorch eager (torch time / ours >= 1)", f"{r:.2f}", r >= 1.0)
+    for kind, rows_ in result.get("seqlen", {}).items():
+        if "skipped" in rows_:
+            continue
+        lengths = [k for k in rows_ if k.isdigit()]
+        if kind in LINEAR_FAMILY:
+            r = rows_["time_ratio_longest_vs_shortest"]
+            add(f"seqlen {kind}: step time at {lengths[-1]} <= 1.3x at {lengths[0]}", f"{r:.2f}x", r <= 1.3)
+        elif kind == "attention":
+            m0, m1 = rows_[lengths[0]]["memory_bytes"], rows_[lengths[-1]]["memory_bytes"]
+            if m0 and m1:  # constant tokens per batch: linear memory per sequence stays flat, quadratic grows ~L
+                add(f"seqlen attention: memory at {lengths[-1]} vs {lengths[0]} (constant tokens) <= 2x "
+                    f"(quadratic scores: ~{int(lengths[-1]) // int(lengths[0])}x)", f"{m1 / m0:.2f}x", m1 / m0 <= 2)
+    for kind, rows_ in result.get("decode", {}).items():
+        if "skipped" in rows_:
+            continue
+        contexts = [k for k in rows_ if k.isdigit()]
+        r = rows_["latency_ratio_longest_vs_shortest"]
+        if kind in LINEAR_FAMILY:
+            add(f"decode {kind}: latency at {contexts[-1]} <= 1.2x at {contexts[0]}", f"{r:.2f}x", r <= 1.2)
+        elif kind == "attention":
+            bound = int(contexts[-1]) / int(contexts[0])
+            add(f"decode attention: latency grows no worse than linearly ({contexts[0]} -> {contexts[-1]}: <= {bound:.0f}x)",
+                f"{r:.2f}x", r <= bound)
+    sparse = result.get("sparse_decode", {})
+    for ratio, need in (("0.25", 2.5), ("0.1", 4.0)):
+        if ratio in sparse:
+            r = sparse[ratio]
+            add(f"sparse gather decode >= {need}x dense at activation ratio {ratio}",
+                f"{r['speedup']:.2f}x (weights-read bound {r['theoretical_speedup']:.2f}x)", r["speedup"] >= need)
+    moe = result.get("moe", {})
+    if "moe_vs_dense" in moe:
+        add("MoE layer fwd+bwd <= 1.5x a dense FFN of equal active parameters", f"{moe['moe_vs_dense']:.2f}x",
+            moe["moe_vs_dense"] <= 1.5)
+    return rows
 
 
 def to_markdown(result: dict, command: str) -> str:
@@ -309,11 +392,28 @@ def to_markdown(result: dict, command: str) -> str:
             lines.append(f"| {ratio} | {r['dense_s'] * 1e6:.1f} | {r['sparse_s'] * 1e6:.1f} | {r['speedup']:.2f}x | "
                          f"{r['theoretical_speedup']:.2f}x |")
         lines.append("")
+    if "compile" in result:
+        lines += [f"First-step compile of the 8-layer dense transformer: {result['compile']['compile_s']:.1f} s.", ""]
+    if "torch" in result:
+        t = result["torch"]
+        lines += ["## Dense training step vs PyTorch (eager, same architecture and sizes)", ""]
+        if "skipped" in t:
+            lines += [f"Skipped: {t['skipped']}.", ""]
+        else:
+            lines += [f"PyTorch {t['torch']['torch_version']} ({t['torch']['threads']} threads, {t['torch']['params']} "
+                      f"parameters): {t['torch']['step_s'] * 1e3:.0f} ms per step; ours ({t['jax_params']} parameters): "
+                      f"{t['jax_step_s'] * 1e3:.0f} ms. PyTorch time / ours = {t['torch_vs_jax_time']:.2f} "
+                      "(above 1: ours is faster).", ""]
     if "moe" in result and "skipped" not in result["moe"]:
         m = result["moe"]
         lines += ["## MoE layer vs dense FFN of equal active parameters (forward + backward)", "",
                   f"MoE {m['moe_fwd_bwd_s'] * 1e3:.1f} ms, dense {m['dense_fwd_bwd_s'] * 1e3:.1f} ms: "
                   f"{m['moe_vs_dense']:.2f}x the dense time.", ""]
+    rows = targets(result)
+    if rows:
+        lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {r['target']} | {r['measured']} | {'yes' if r['met'] else 'NO'} |" for r in rows]
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,91 @@
+"""A plain PyTorch (eager) twin of the dense transformer, for `cfm-jax bench`'s speed comparison.
+
+Same architecture and sizes as `ModelConfig(d_model=d, n_layers=L)` with the default attention and
+SwiGLU FFN: pre-RMSNorm blocks, RoPE multi-head attention (4 heads), SwiGLU width 8/3 d rounded up to
+a multiple of 8, untied embedding and head, AdamW with global-norm clipping at 1.0. It exists only
+to time one training step next to ours; torch is optional (`pip install torch`), and the comparison
+is reported as skipped without it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def _model(d: int, layers: int, vocab: int, heads: int, d_ff: int):
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm1, self.norm2 = nn.RMSNorm(d, eps=1e-6), nn.RMSNorm(d, eps=1e-6)
+            self.qkv, self.o = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
+            self.gate_up, self.down = nn.Linear(d, 2 * d_ff, bias=False), nn.Linear(d_ff, d, bias=False)
+
+        def forward(self, x, cos, sin):
+            b, s, _ = x.shape
+            q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, heads, d // heads).transpose(1, 3).unbind(2)
+
+            def rope(t):  # (b, h, s, hd), rotate-half convention
+                t1, t2 = t.chunk(2, dim=-1)
+                return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], dim=-1)
+
+            y = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
+            x = x + self.o(y.transpose(1, 2).reshape(b, s, d))
+            g, u = self.gate_up(self.norm2(x)).chunk(2, dim=-1)
+            return x + self.down(F.silu(g) * u)
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(vocab, d), nn.Linear(d, vocab, bias=False)
+            self.blocks, self.norm = nn.ModuleList(Block() for _ in range(layers)), nn.RMSNorm(d, eps=1e-6)
+
+        def forward(self, tokens):
+            s, hd = tokens.shape[1], d // heads
+            freqs = 10000.0 ** (-torch.arange(0, hd // 2, dtype=torch.float32) * 2 / hd)
+            angles = torch.arange(s, dtype=torch.float32)[:, None] * freqs[None]
+            cos, sin = angles.cos(), angles.sin()
+            x = self.embed(tokens)
+            for block in self.blocks:
+                x = block(x, cos, sin)
+            return self.head(self.norm(x))
+
+    return LM()
+
+
+def train_step_seconds(d: int, layers: int, seq: int, batch: int, vocab: int, reps: int, heads: int = 4) -> dict:
+    """Median seconds of one eager AdamW training step (after two warm-up steps), or {'skipped': why}."""
+    try:
+        import torch
+        from torch.nn import functional as F
+    except ImportError:
+        return {"skipped": "torch is not installed (pip install torch)"}
+    torch.manual_seed(0)
+    d_ff = -(-(8 * d // 3) // 8) * 8
+    model = _model(d, layers, vocab, heads, d_ff)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    tokens = torch.randint(0, vocab, (batch, seq + 1))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+
+    def step():
+        logits = model(inputs)
+        loss = F.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)
+    return {"step_s": seconds, "tokens_per_s": batch * seq / seconds, "torch_version": torch.__version__,
+            "threads": torch.get_num_threads(), "params": sum(p.numel() for p in model.parameters())}
