@@ -2,9 +2,9 @@
 density (Densing Law) against the dense SwiGLU family.
 
 Command:  cfm-jax sweep param_efficiency --scale cpu && cfm-jax report param_efficiency --scale cpu
-Runtime:  smoke ~6 min (9 FFNs x 1 size x 3 seeds, 20 steps); cpu: 9 FFNs x 3 sizes x 3 seeds at 300
-          steps each, several hours on 2 cores (more than the one-hour target: run it with --workers or
-          on an accelerator).
+Runtime:  smoke ~6 min (9 FFNs x 1 size x 3 seeds, 20 steps); cpu: 9 FFNs x 3 sizes (d_model 64, 96,
+          128; 2 layers) x 3 seeds at 300 steps of 2048 tokens, about 25 min on 2 cores with one
+          --shard per core; full: d_model 256-768, 4 layers, 5000 steps.
 Expected: (Sparsing Law, CFM) at matched total parameters the neuron-sparse FFNs reach the dense
           models' bits per byte at a much lower activation ratio; MoE at matched ACTIVE parameters beats
           dense of the same active size but is less parameter-efficient per total parameter.
@@ -30,8 +30,8 @@ FFNS = {
     "moe_topp": ["model.ffn=moe", "model.ffn.routing=topp", "model.ffn.top_p=0.5"],
     "moe_fine_shared": ["model.ffn=moe", "model.ffn.n_experts=16", "model.ffn.top_k=4", "model.ffn.n_shared=1"],
 }
-SIZES = {"smoke": dict(widths=(64,), steps=20), "cpu": dict(widths=(64, 128, 192), steps=300),
-         "full": dict(widths=(256, 512, 768), steps=5000)}
+SIZES = {"smoke": dict(widths=(64,), steps=20, layers=4), "cpu": dict(widths=(64, 96, 128), steps=300, layers=2),
+         "full": dict(widths=(256, 512, 768), steps=5000, layers=4)}
 SEEDS = 3
 ANALYSES = ["cett"]
 COLUMNS = ["val/bits_per_byte", "params_active_per_token", "flops_per_token", "stats/ffn/activation_ratio",
@@ -41,7 +41,7 @@ COLUMNS = ["val/bits_per_byte", "params_active_per_token", "flops_per_token", "s
 def cells(scale):
     s = SIZES[scale]
     return {
-        f"{name}-d{d}": [*overrides, "data.task=text", f"model.d_model={d}", "model.n_layers=4",
+        f"{name}-d{d}": [*overrides, "data.task=text", f"model.d_model={d}", f"model.n_layers={s['layers']}",
                          f"train.steps={s['steps']}", "train.batch_size=16", "data.seq_len=128",
                          "data.eval_batches=4", "train.checkpoint_every=1000"]
         for d in s["widths"] for name, overrides in FFNS.items()

@@ -3,7 +3,8 @@ neuron-sparse FFN (sweeping L1 strength and FATReLU threshold) against MoE (swee
 experts) and the fixed top-k-neuron control.
 
 Command:  cfm-jax sweep sparsity_pareto --scale cpu && cfm-jax report sparsity_pareto --scale cpu
-Runtime:  smoke ~4 min; cpu: 13 cells x 3 seeds x 400 steps, about an hour on 2 cores.
+Runtime:  smoke ~4 min; cpu: 13 cells x 3 seeds x 300 steps at d_model 64 (FFN width 256, 2 layers),
+          about 10 min on 2 cores with one --shard per core.
 Expected: the neuron-sparse curve lies below (better loss at equal activation ratio) the MoE curve,
           and the top-k-neuron control sits between them (Sparsing Law: "the best sparsity ratio is
           hard to predefine" for MoE).
@@ -11,20 +12,24 @@ Expected: the neuron-sparse curve lies below (better loss at equal activation ra
 
 from cfm_jax.harness.plots import grouped_lines, parse_cell
 
-D, D_FF = 128, 512
+D_FF = {"smoke": 256, "cpu": 256, "full": 2048}  # neuron-sparse width = MoE experts x expert width
 POINTS = {
     "ns_l1": [("model.ffn.l1_coef={}", v) for v in (0.0, 0.03, 0.1, 0.3)],
     "ns_threshold": [("model.ffn.threshold={}", v) for v in (0.05, 0.2)],
     "topk_neurons": [("model.ffn.top_k={}", v) for v in (16, 64, 256)],
     "moe_k": [("model.ffn.top_k={}", v) for v in (1, 2, 4, 8)],
 }
-BASE = {"ns_l1": ["model.ffn=neuron_sparse", f"model.ffn.d_ff={D_FF}"],
-        "ns_threshold": ["model.ffn=neuron_sparse", f"model.ffn.d_ff={D_FF}"],
-        "topk_neurons": ["model.ffn=neuron_sparse", f"model.ffn.d_ff={D_FF}"],
-        "moe_k": ["model.ffn=moe", "model.ffn.n_experts=16", f"model.ffn.d_expert={D_FF // 16}"]}
-SIZES = {"smoke": dict(d=64, steps=20, points=2), "cpu": dict(d=D, steps=400, points=4), "full": dict(d=512, steps=5000, points=4)}
+SIZES = {"smoke": dict(d=64, steps=20, points=2, layers=4), "cpu": dict(d=64, steps=300, points=4, layers=2),
+         "full": dict(d=512, steps=5000, points=4, layers=4)}
 SEEDS = 3
 COLUMNS = ["val/loss", "stats/ffn/activation_ratio"]
+
+
+def base(family, scale):
+    f = D_FF[scale]
+    if family == "moe_k":
+        return ["model.ffn=moe", "model.ffn.n_experts=16", f"model.ffn.d_expert={f // 16}"]
+    return ["model.ffn=neuron_sparse", f"model.ffn.d_ff={f}"]
 
 
 def cells(scale):
@@ -32,8 +37,8 @@ def cells(scale):
     out = {}
     for family, pts in POINTS.items():
         for template, v in pts[: s["points"]]:
-            out[f"{family}-k{v}"] = [*BASE[family], template.format(v), "data.task=text", f"model.d_model={s['d']}",
-                                     "model.n_layers=4", f"train.steps={s['steps']}", "train.batch_size=16",
+            out[f"{family}-k{v}"] = [*base(family, scale), template.format(v), "data.task=text", f"model.d_model={s['d']}",
+                                     f"model.n_layers={s['layers']}", f"train.steps={s['steps']}", "train.batch_size=16",
                                      "data.seq_len=128", "data.eval_batches=4", "train.checkpoint_every=1000"]
     return out
 
