@@ -88,3 +88,17 @@ def test_bad_config_is_one_line_error(override, fragment):
     with pytest.raises(UserError) as info:
         resolve("smoke", ["model.mixer=mla", override])
     assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_query_chunked_forward_and_grads_match_unchunked():
+    x = jax.random.normal(jax.random.key(3), (2, 37, 32))
+    chunked, whole = build(query_chunk=8), build(query_chunk=0)
+
+    def loss(m, x):
+        return jnp.sum(jnp.sin(m(x)[0]))
+
+    np.testing.assert_allclose(chunked(x)[0], whole(x)[0], rtol=1e-5, atol=1e-6)
+    g_chunk = nnx.grad(loss)(chunked, x)
+    g_whole = nnx.grad(loss)(whole, x)
+    for a, b in zip(jax.tree.leaves(g_chunk), jax.tree.leaves(g_whole)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -58,28 +58,31 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, query_chunk: int = 0) -> jax.Array:
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, query_chunk: int = 0, scale: float | None = None) -> jax.Array:
     """Fast path (XLA's fused attention; handles grouped heads natively). Shapes as the reference.
-    Sequences longer than query_chunk (> 0) go through `chunked_attention`."""
+    Sequences longer than query_chunk (> 0) go through `chunked_attention`. scale: None = 1/sqrt(head_dim)."""
     if 0 < query_chunk < q.shape[1]:
-        return chunked_attention(q, k, v, query_chunk)
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        return chunked_attention(q, k, v, query_chunk, scale)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int) -> jax.Array:
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int, scale: float | None = None) -> jax.Array:
     """Causal attention one block of `chunk` queries at a time (lax.map), so the score tensor is
-    (batch, heads, chunk, seq) instead of (batch, heads, seq, seq). Shapes as the reference."""
+    (batch, heads, chunk, seq) instead of (batch, heads, seq, seq). Each block is rematerialized in
+    the backward pass (jax.checkpoint), so training memory also stays O(seq * chunk), not O(seq^2):
+    without it autodiff keeps every block's probabilities. Shapes as the reference."""
     b, s, h, d = q.shape
     n_blocks = -(-s // chunk)
     pad = n_blocks * chunk - s
     q_blocks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n_blocks, chunk, h, d)
     key_pos = jnp.arange(s)
 
+    @jax.checkpoint
     def block(args):
         q_blk, start = args  # (b, chunk, h, d), ()
         query_pos = start + jnp.arange(chunk)
         mask = key_pos[None, :] <= query_pos[:, None]  # (chunk, s)
-        return jax.nn.dot_product_attention(q_blk, k, v, mask=mask[None, None])
+        return jax.nn.dot_product_attention(q_blk, k, v, mask=mask[None, None], scale=scale)
 
     out = jax.lax.map(block, (jnp.moveaxis(q_blocks, 1, 0), jnp.arange(n_blocks) * chunk))
     return jnp.moveaxis(out, 0, 1).reshape(b, n_blocks * chunk, h, d)[:, :s]
