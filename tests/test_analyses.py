@@ -102,7 +102,10 @@ def test_bricks_at_expert_granularity_for_moe(tmp_path):
     assert bricks["unit"] == "expert" and bricks["units_per_layer"] == 8 and bricks["top_units_per_layer"] == 1
     assert bricks["top5pct_overlap"]["mqar"]["mqar"] == 1.0 and bricks["coactivation_top2_of_8_share"] is None
     assert all(r > 0 for row in bricks["prune_loss_ratio"].values() for r in row.values())
-    assert "skipped" in result["cett"] and "skipped" in result["dynamic"]  # neuron-level only
+    assert "skipped" in result["cett"]  # neuron-level only
+    dyn = result["dynamic"]  # top-2 routing: every token computes exactly 2 experts' neurons
+    assert dyn["unit"] == "expert" and dyn["text"]["mean_active"] == 2 * dyn["neurons_per_unit"]
+    assert dyn["mqar_easy"]["mean_active_all_positions"] == dyn["mqar_hard"]["mean_active_all_positions"]
 
 
 def test_unknown_analysis_is_bad_input(sparse_run, capsys):

@@ -3,6 +3,10 @@
 For each scored token: its active-neuron count (nonzero activations, averaged over layers) and its
 loss. Reported: Spearman correlation, mean count per loss decile, and on MQAR the mean count per
 token at an easy (few pairs) and a hard (many pairs) setting of the same length.
+
+For MoE the hook sees per-expert combine weights, so a token's count is its routed experts times the
+expert width (the expert neurons it computes; shared experts, always on, are left out): constant
+under top-k by construction, variable under top-p.
 """
 
 from __future__ import annotations
@@ -14,18 +18,19 @@ import numpy as np
 
 from cfm_jax.data.mqar import check_mqar, mqar_batch
 from cfm_jax.errors import UserError
-from cfm_jax.harness.neurons import make_capture_forward, spearman
+from cfm_jax.harness.neurons import analysis_units, make_capture_forward, spearman
 
 N_BINS = 10
 
 
-def counts_and_losses(capture, batches: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(active count per token averaged over layers, per-token loss, scored mask), all flat."""
+def counts_and_losses(capture, batches: list[dict], per_unit: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(active count per token averaged over layers, per-token loss, scored mask), all flat. per_unit:
+    neurons per captured unit (1 for neurons, the expert width for MoE combine weights)."""
     counts, losses, masks = [], [], []
     for batch in batches:
         ce, mask, captured = capture(jnp.asarray(batch["inputs"]), jnp.asarray(batch["labels"]))
         per_layer = jnp.stack([jnp.sum(a != 0, axis=-1) for a in captured])  # (layers, b, s)
-        counts.append(np.asarray(jnp.mean(per_layer.astype(jnp.float32), axis=0)).ravel())
+        counts.append(per_unit * np.asarray(jnp.mean(per_layer.astype(jnp.float32), axis=0)).ravel())
         losses.append(np.asarray(ce).ravel())
         masks.append(np.asarray(mask).ravel())
     return np.concatenate(counts), np.concatenate(losses), np.concatenate(masks)
@@ -56,8 +61,11 @@ def mqar_settings(data_cfg, vocab_size: int) -> dict[str, int]:
 def dynamic_analysis(model, task, data_cfg, batch_size: int, plot_path: Path | None = None) -> dict:
     """Per-token active count vs loss on the task's eval data, plus MQAR easy vs hard."""
     capture = make_capture_forward(model)
+    unit, _ = analysis_units(model)
+    per_unit = 1 if unit == "neuron" else model.blocks[0].ffn.w_gate.shape[2]  # expert width
     first_set = next(iter(task.eval_sets(batch_size).values()))
-    out = {data_cfg.task: summarize(*counts_and_losses(capture, first_set))}
+    out = {"unit": unit, "neurons_per_unit": per_unit,
+           data_cfg.task: summarize(*counts_and_losses(capture, first_set, per_unit))}
     vocab = model.vocab_size - model.vocab_size % 2
     for name, kv in mqar_settings(data_cfg, vocab).items():
         try:
@@ -70,7 +78,7 @@ def dynamic_analysis(model, task, data_cfg, batch_size: int, plot_path: Path | N
         for _ in range(data_cfg.eval_batches):
             inputs, labels = mqar_batch(rng, batch_size, data_cfg.seq_len, vocab, kv, data_cfg.power_a)
             batches.append({"inputs": inputs, "labels": labels})
-        out[f"mqar_{name}"] = {"num_kv_pairs": kv, **summarize(*counts_and_losses(capture, batches))}
+        out[f"mqar_{name}"] = {"num_kv_pairs": kv, **summarize(*counts_and_losses(capture, batches, per_unit))}
     if plot_path is not None:
         plot(out, plot_path)
     return out
@@ -84,7 +92,7 @@ def plot(result: dict, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for name, entry in result.items():
-        if "loss_bins" in entry:
+        if isinstance(entry, dict) and "loss_bins" in entry:
             mids = [(b["loss_lo"] + b["loss_hi"]) / 2 for b in entry["loss_bins"]]
             left.plot(mids, [b["mean_active"] for b in entry["loss_bins"]], marker="o",
                       label=f"{name} (Spearman {entry['spearman']:.2f})")
