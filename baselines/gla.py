@@ -26,7 +26,7 @@ from flax import nnx
 from baselines.scan_utils import check_threshold, gla_chunked, gla_step, horizon
 from cfm_jax.errors import UserError
 from cfm_jax.layers.attention import FP32_BYTES
-from cfm_jax.layers.common import linear, make_aux, normal_init, output_init
+from cfm_jax.layers.common import Linear, linear, make_aux, normal_init, output_init
 from cfm_jax.registry import LayerContext, SlotConfig, register
 
 
@@ -85,9 +85,9 @@ class GLA(nnx.Module):
         self.v_proj, self.g_proj = linear(d, V, init, rngs), linear(d, V, init, rngs)
         if cfg.gate == "per_dim":
             self.gate_down = linear(d, cfg.gate_low_rank, init, rngs)
-            self.gate_up = nnx.Linear(cfg.gate_low_rank, K, kernel_init=init, rngs=rngs)
+            self.gate_up = Linear(cfg.gate_low_rank, K, kernel_init=init, rngs=rngs)
         else:
-            self.gate_up = nnx.Linear(d, H, kernel_init=init, rngs=rngs)
+            self.gate_up = Linear(d, H, kernel_init=init, rngs=rngs)
         self.norm_weight = nnx.Param(jnp.asarray(np.ones(self.dv, np.float32)))  # shared by heads, as fla's gated RMSNorm
         self.o_proj = linear(V, d, output_init(ctx), rngs)
 

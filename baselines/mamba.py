@@ -28,7 +28,7 @@ from flax import nnx
 from baselines.scan_utils import check_threshold, from_chunks, horizon, to_chunks
 from cfm_jax.errors import UserError
 from cfm_jax.layers.attention import FP32_BYTES
-from cfm_jax.layers.common import linear, make_aux, normal_init, output_init
+from cfm_jax.layers.common import Linear, linear, make_aux, normal_init, output_init
 from cfm_jax.registry import LayerContext, SlotConfig, register
 
 
@@ -146,7 +146,7 @@ class Mamba(nnx.Module):
         self.conv_b = nnx.Param(jax.random.uniform(rngs.params(), (E,), minval=-conv_bound, maxval=conv_bound))
         self.x_proj = linear(E, R + 2 * N, nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"), rngs)
         dt_bound = R**-0.5  # Mamba's dt_init="random": uniform(-dt_rank^-0.5, dt_rank^-0.5)
-        self.dt_proj = nnx.Linear(
+        self.dt_proj = Linear(
             R, E, rngs=rngs,
             kernel_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -dt_bound, dt_bound),
             bias_init=lambda key, shape, dtype=jnp.float32: _dt_bias(

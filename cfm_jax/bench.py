@@ -23,6 +23,7 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -277,6 +278,7 @@ def run(suites: tuple[str, ...], scale: str) -> dict:
                "moe": lambda: suite_moe(s)}
     for name in suites:
         if name in runners:
+            print(f"bench: suite {name} ({time.strftime('%H:%M:%S')})", file=sys.stderr, flush=True)
             result[name] = runners[name]()
     return result
 

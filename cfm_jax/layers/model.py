@@ -11,7 +11,7 @@ from flax import nnx
 
 from cfm_jax.config import ModelConfig
 from cfm_jax.layers.block import Block
-from cfm_jax.layers.common import normal_init
+from cfm_jax.layers.common import Linear, normal_init
 from cfm_jax.registry import LayerContext
 
 
@@ -25,7 +25,7 @@ class LanguageModel(nnx.Module):
             for i in range(cfg.n_layers)
         )
         self.final_norm = nnx.RMSNorm(d, epsilon=cfg.norm_eps, rngs=rngs)
-        self.head = None if cfg.tie_embeddings else nnx.Linear(
+        self.head = None if cfg.tie_embeddings else Linear(
             d, vocab_size, use_bias=False, kernel_init=normal_init(cfg.init_std), rngs=rngs
         )
 
