@@ -109,9 +109,10 @@ class SlidingWindow(Attention):
 
     def init_state(self, batch: int, max_len: int) -> dict:
         """KV cache of sinks + window slots, whatever max_len: slots [0, sinks) hold tokens 0..sinks-1,
-        slot sinks + (j - sinks) % window holds token j >= sinks (a ring). k, v: (batch, sinks + window,
-        kv_heads, head_dim) with RoPE applied at the token's absolute position; pos: tokens seen."""
-        shape = (batch, self.cfg.sinks + self.cfg.window, self.n_kv, self.head_dim)
+        slot sinks + (j - sinks) % window holds token j >= sinks (a ring). k, v: (batch, kv_heads,
+        sinks + window, head_dim) (head-major, as attention's cache) with RoPE applied at the token's
+        absolute position; pos: tokens seen."""
+        shape = (batch, self.n_kv, self.cfg.sinks + self.cfg.window, self.head_dim)
         return {"k": jnp.zeros(shape), "v": jnp.zeros(shape), "pos": jnp.zeros((), jnp.int32)}
 
     def step(self, x: jax.Array, state: dict):
@@ -120,16 +121,16 @@ class SlidingWindow(Attention):
         s, w = self.cfg.sinks, self.cfg.window
         q, k, v = self._qkv(x[:, None, :], pos[None])
         slot = jnp.where(pos < s, pos, s + (pos - s) % w)
-        k_cache = jax.lax.dynamic_update_slice(state["k"], k.astype(state["k"].dtype), (0, slot, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(state["v"], v.astype(state["v"].dtype), (0, slot, 0, 0))
+        k_cache = jax.lax.dynamic_update_slice(state["k"], jnp.swapaxes(k, 1, 2).astype(state["k"].dtype), (0, 0, slot, 0))
+        v_cache = jax.lax.dynamic_update_slice(state["v"], jnp.swapaxes(v, 1, 2).astype(state["v"].dtype), (0, 0, slot, 0))
         # Slot i was first written by token i (sinks) or s + (i - s) (ring): filled iff that is <= pos.
         # A filled ring slot always holds one of the last w tokens, so no further check is needed.
         filled = jnp.arange(s + w) <= pos
         groups = self.n_heads // self.n_kv
         q = q.reshape(b, self.n_kv, groups, self.head_dim)
-        scores = jnp.einsum("bkgd,bskd->bkgs", q, k_cache) / jnp.sqrt(self.head_dim).astype(q.dtype)
+        scores = jnp.einsum("bkgd,bksd->bkgs", q, k_cache) / jnp.sqrt(self.head_dim).astype(q.dtype)
         probs = jax.nn.softmax(jnp.where(filled, scores, -jnp.inf), axis=-1)
-        out = jnp.einsum("bkgs,bskd->bkgd", probs, v_cache).reshape(b, self.n_heads * self.head_dim)
+        out = jnp.einsum("bkgs,bksd->bkgd", probs, v_cache).reshape(b, self.n_heads * self.head_dim)
         return self.o_proj(out), {"k": k_cache, "v": v_cache, "pos": pos + 1}
 
     # --- accounting ---

@@ -86,7 +86,7 @@ def test_ring_buffer_decode_matches_forward(fields):
     module, length = build(**fields), 23
     x = jax.random.normal(jax.random.key(3), (2, length, 32))
     state = module.init_state(2, length)
-    assert state["k"].shape[1] == fields["window"] + fields["sinks"]  # the cache never grows
+    assert state["k"].shape[2] == fields["window"] + fields["sinks"]  # the cache never grows
     y, outs, state = forward_and_decode(module, x, state)
     np.testing.assert_allclose(outs, y, rtol=1e-4, atol=1e-5)
     assert int(state["pos"]) == length

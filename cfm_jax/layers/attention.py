@@ -118,22 +118,28 @@ class Attention(nnx.Module):
     # --- decoding ---
 
     def init_state(self, batch: int, max_len: int) -> dict:
-        """KV cache for `max_len` tokens: k, v (batch, max_len, kv_heads, head_dim), pos ()."""
-        shape = (batch, max_len, self.n_kv, self.head_dim)
+        """KV cache for `max_len` tokens: k, v (batch, kv_heads, max_len, head_dim), pos ().
+
+        Head-major, so each head's keys are contiguous: the decode step's per-head dot products over
+        the cache ran 7-14x faster on XLA:CPU than with (batch, max_len, kv_heads, head_dim)."""
+        shape = (batch, self.n_kv, max_len, self.head_dim)
         return {"k": jnp.zeros(shape), "v": jnp.zeros(shape), "pos": jnp.zeros((), jnp.int32)}
 
     def step(self, x: jax.Array, state: dict):
         """One token. x: (batch, d_model) -> (y: (batch, d_model), new state). pos must be < max_len."""
         b, pos = x.shape[0], state["pos"]
         q, k, v = self._qkv(x[:, None, :], pos[None])
-        k_cache = jax.lax.dynamic_update_slice(state["k"], k.astype(state["k"].dtype), (0, pos, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(state["v"], v.astype(state["v"].dtype), (0, pos, 0, 0))
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # (b, K, 1, hd)
         groups = self.n_heads // self.n_kv
-        q = q.reshape(b, self.n_kv, groups, self.head_dim)
-        scores = jnp.einsum("bkgd,bskd->bkgs", q, k_cache) / jnp.sqrt(self.head_dim).astype(q.dtype)
-        visible = jnp.arange(k_cache.shape[1]) <= pos
-        probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
-        out = jnp.einsum("bkgs,bskd->bkgd", probs, v_cache).reshape(b, self.n_heads * self.head_dim)
+        q = q.reshape(b, self.n_kv, groups, self.head_dim) / jnp.sqrt(self.head_dim).astype(q.dtype)
+        # Attend over the cached tokens (< pos) and the new one separately, then write the new one:
+        # reading the cache after the write made XLA:CPU fuse the two into a far slower loop.
+        cached = jnp.where(jnp.arange(state["k"].shape[2]) < pos, jnp.einsum("bkgd,bksd->bkgs", q, state["k"]), -jnp.inf)
+        probs = jax.nn.softmax(jnp.concatenate([cached, jnp.einsum("bkgd,bksd->bkgs", q, k)], axis=-1), axis=-1)
+        out = jnp.einsum("bkgs,bksd->bkgd", probs[..., :-1], state["v"]) + probs[..., -1:] * v
+        k_cache = jax.lax.dynamic_update_slice(state["k"], k.astype(state["k"].dtype), (0, 0, pos, 0))
+        v_cache = jax.lax.dynamic_update_slice(state["v"], v.astype(state["v"].dtype), (0, 0, pos, 0))
+        out = out.reshape(b, self.n_heads * self.head_dim)
         return self.o_proj(out), {"k": k_cache, "v": v_cache, "pos": pos + 1}
 
     # --- accounting ---
