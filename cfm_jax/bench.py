@@ -299,6 +299,7 @@ def run(suites: tuple[str, ...], scale: str) -> dict:
         if name in runners:
             print(f"bench: suite {name} ({time.strftime('%H:%M:%S')})", file=sys.stderr, flush=True)
             result[name] = runners[name]()
+            result.setdefault("measured_at", {})[name] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return result
 
 
@@ -363,9 +364,14 @@ def targets(result: dict) -> list[dict]:
 
 def to_markdown(result: dict, command: str) -> str:
     f = lambda v, spec=".3g": "" if v is None else format(v, spec)
+    commands = [*result.get("commands", []), command]
     lines = [f"# Benchmarks ({result['scale']} scale)", "",
-             f"Regenerate with `{command}`. Device: {result['backend']} ({result['device']}), "
-             f"{result['cpu_count']} CPUs, {result['machine']}, jax {result['jax_version']}.", ""]
+             "Regenerate with " + ", then ".join(f"`{c}`" for c in dict.fromkeys(commands)) + ". Device: "
+             f"{result['backend']} ({result['device']}), {result['cpu_count']} CPUs, {result['machine']}, "
+             f"jax {result['jax_version']}.", ""]
+    if len(set(result.get("measured_at", {}).values())) > 1:
+        lines += ["Suites measured at: " + ", ".join(f"{k} {v}" for k, v in result["measured_at"].items())
+                  + ". Ratios are only ever taken within one suite.", ""]
     if "ceilings" in result:
         c = result["ceilings"]
         lines += ["## Ceilings", "", "| fp32 matmul | bf16 matmul | memory copy |", "|---|---|---|",
@@ -443,11 +449,31 @@ def to_markdown(result: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _stem(scale: str) -> str:
+    return "bench" if scale == "cpu" else f"bench_{scale}"
+
+
+def read(out_dir: Path, scale: str) -> dict | None:
+    path = Path(out_dir) / f"{_stem(scale)}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def merge(old: dict | None, new: dict) -> dict:
+    """`new`'s suites over `old`'s (same scale and machine, else `new` alone); each suite keeps the
+    time it was measured at, so the markdown can say which suites come from which run."""
+    if old is None or (old["scale"], old["machine"], old["device"]) != (new["scale"], new["machine"], new["device"]):
+        return new
+    merged = {**old, **{k: v for k, v in new.items() if k != "measured_at"}}
+    merged["measured_at"] = {**old.get("measured_at", {}), **new["measured_at"]}
+    return merged
+
+
 def write(result: dict, out_dir: Path, command: str) -> Path:
     from cfm_jax import workdir as wd
 
-    stem = "bench" if result["scale"] == "cpu" else f"bench_{result['scale']}"
+    stem = _stem(result["scale"])
     out_dir = Path(out_dir)
+    result = {**result, "commands": [*result.get("commands", []), command]}
     wd.write_json(out_dir / f"{stem}.json", result)
     wd.write_atomic(out_dir / f"{stem}.md", to_markdown(result, command))
     return out_dir / f"{stem}.md"

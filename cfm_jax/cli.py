@@ -63,9 +63,12 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--results-dir", type=Path, default=None, help="default: experiments/results")
 
     b = sub.add_parser("bench", help="speed / memory benchmarks -> experiments/results/bench[_SCALE].md/.json")
-    b.add_argument("--suite", default="all", help="comma list of: ceilings, train, seqlen, decode, sparse_decode, moe; or all")
+    b.add_argument("--suite", default="all",
+                   help="comma list of: ceilings, train, compile, torch, seqlen, decode, sparse_decode, moe; or all")
     b.add_argument("--scale", default="cpu", choices=list(SCALES))
     b.add_argument("--out", type=Path, default=None, help="default: experiments/results")
+    b.add_argument("--update", action="store_true",
+                   help="re-measure only these suites and keep the others from the existing bench json")
 
     sub.add_parser("list", help="registered ffn and mixer kinds, tasks, experiments")
     return p
@@ -112,8 +115,12 @@ def _run(args: argparse.Namespace) -> int:
         from cfm_jax.harness.experiments import experiments_dir
 
         suites = bench.SUITES if args.suite == "all" else tuple(x.strip() for x in args.suite.split(",") if x.strip())
-        command = f"cfm-jax bench --suite {args.suite} --scale {args.scale}"
-        path = bench.write(bench.run(suites, args.scale), args.out or experiments_dir() / "results", command)
+        command = f"cfm-jax bench --suite {args.suite} --scale {args.scale}" + (" --update" if args.update else "")
+        out_dir = args.out or experiments_dir() / "results"
+        result = bench.run(suites, args.scale)
+        if args.update:
+            result = bench.merge(bench.read(out_dir, args.scale), result)
+        path = bench.write(result, out_dir, command)
         print(path.read_text())
     elif args.command == "list":
         from cfm_jax import registry

@@ -20,6 +20,19 @@ def test_bench_smoke_suites_write_md_and_json(tmp_path, capsys):
     assert "cfm-jax bench --suite ceilings,sparse_decode,moe --scale smoke" in md and "| 0.25 |" in md
 
 
+def test_update_keeps_other_suites_and_says_when_each_was_measured(tmp_path, capsys):
+    assert main(["bench", "--suite", "moe", "--scale", "smoke", "--out", str(tmp_path)]) == 0
+    first = json.loads((tmp_path / "bench_smoke.json").read_text())
+    assert main(["bench", "--suite", "compile,decode", "--scale", "smoke", "--out", str(tmp_path), "--update"]) == 0
+    merged = json.loads((tmp_path / "bench_smoke.json").read_text())
+    assert merged["moe"] == first["moe"] and "decode" in merged and "compile" in merged
+    assert set(merged["measured_at"]) == {"moe", "compile", "decode"}
+    md = (tmp_path / "bench_smoke.md").read_text()
+    assert "`cfm-jax bench --suite moe --scale smoke`, then `cfm-jax bench --suite compile,decode" in md
+    targets = {r["target"]: r for r in bench.targets(merged)}
+    assert any(t.startswith("decode attention") for t in targets) and any(t.startswith("MoE layer") for t in targets)
+
+
 def test_unknown_suite_is_bad_input(tmp_path, capsys):
     assert main(["bench", "--suite", "nope", "--scale", "smoke", "--out", str(tmp_path)]) == 2
     assert "unknown bench suite 'nope'" in capsys.readouterr().err
