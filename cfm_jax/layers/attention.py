@@ -101,10 +101,13 @@ class Attention(nnx.Module):
 
     def _qkv(self, x: jax.Array, positions: jax.Array):
         """x: (batch, seq, d_model) -> q (b, s, H, hd), k, v (b, s, K, hd) with RoPE applied."""
-        b, s, _ = x.shape
-        q = self.q_proj(x).reshape(b, s, self.n_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, s, self.n_kv, self.head_dim)
-        v = self.v_proj(x).reshape(b, s, self.n_kv, self.head_dim)
+        b, s, d = x.shape
+        # One matmul against the three kernels side by side (faster than three on a CPU); same result.
+        w = jnp.concatenate([self.q_proj.kernel[...], self.k_proj.kernel[...], self.v_proj.kernel[...]], axis=1)
+        nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        q, k, v = jnp.split(x.reshape(b * s, d) @ w, [nq, nq + nk], axis=1)
+        q = q.reshape(b, s, self.n_heads, self.head_dim)
+        k, v = (t.reshape(b, s, self.n_kv, self.head_dim) for t in (k, v))
         theta = self.cfg.rope_theta
         return rope(q, positions, theta), rope(k, positions, theta), v
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from cfm_jax.errors import UserError
@@ -45,8 +46,11 @@ class DenseFFN(nnx.Module):
 
     def hidden(self, x: jax.Array) -> jax.Array:
         """x: (..., d_model) -> intermediate activations (..., d_ff)."""
-        if self.activation == "swiglu":
-            return jax.nn.silu(self.gate(x)) * self.up(x)
+        if self.activation == "swiglu":  # gate and up in one matmul (faster on a CPU); same result
+            f = self.up.out_features
+            w = jnp.concatenate([self.gate.kernel[...], self.up.kernel[...]], axis=1)
+            gu = x.reshape(-1, x.shape[-1]) @ w
+            return (jax.nn.silu(gu[:, :f]) * gu[:, f:]).reshape(*x.shape[:-1], f)
         if self.activation == "gelu":
             return jax.nn.gelu(self.up(x))
         return jax.nn.relu(self.up(x))
