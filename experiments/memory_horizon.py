@@ -71,6 +71,8 @@ def reading(table):
             verdict = "forgets: far facts are recalled less often than near ones"
         else:
             verdict = "recalls facts from every distance within the training length"
+        if std and std > 0.3:
+            verdict += " in the runs that learned it; the seeds disagree (others stayed at chance)"
         parts.append(f"- {r['cell']}: accuracy far (depth 0, ~{L} tokens back) {acc[0]:.2f}{spread}, near (depth 100) "
                      f"{acc[-1]:.2f}; horizon from learned decays {h}. It {verdict}.")
     return "\n".join(parts) + ("\n\nA horizon shorter than the fact-query distance predicts a far-depth drop. Where a "
