@@ -22,6 +22,15 @@ COLUMNS = ["val/loss", "stats/ffn/load_cv", "stats/ffn/load_maxvio", "stats/ffn/
            "stats/ffn/router_entropy", "stats/ffn/top10_share"]
 
 
+def plot(table, path):
+    from cfm_jax.harness.plots import grouped_lines
+
+    grouped_lines(table, x=lambda r: r.get("stats/ffn/load_cv"), y=lambda r: r.get("val/loss"),
+                  ystd=lambda r: r.get("val/loss_std"), group=lambda r: r["cell"], path=path,
+                  xlabel="expert load CV (0 = balanced)", ylabel="validation loss (nats)",
+                  title="MoE balancing: load imbalance vs quality")
+
+
 def cells(scale):
     return {name: [*o, "data.task=text", "model.d_model=128", "model.n_layers=4", f"train.steps={SIZES[scale]['steps']}",
                    "train.batch_size=16", "data.seq_len=128", "data.eval_batches=4", "train.checkpoint_every=1000"]
