@@ -14,7 +14,7 @@ SIZES = {"smoke": dict(steps=20, d=128, layers=4), "cpu": dict(steps=600, d=64, 
          "full": dict(steps=5000, d=512, layers=4)}
 SEEDS = 3
 ANALYSES = ["bricks"]
-COLUMNS = ["val/loss", "bricks/unit", "bricks/top5pct_overlap/text/mqar", "bricks/top5pct_overlap/text/copy",
+COLUMNS = ["val/loss", "bricks/unit", "bricks/top_units_per_layer", "bricks/top5pct_overlap/text/mqar", "bricks/top5pct_overlap/text/copy",
            "bricks/prune_loss_ratio/text/text", "bricks/prune_loss_ratio/text/mqar", "bricks/prune_loss_ratio/random/text",
            "bricks/coactivation_top2_of_8_share/clustered", "bricks/coactivation_top2_of_8_share/random"]
 
@@ -24,6 +24,17 @@ def cells(scale):
                    f"model.n_layers={SIZES[scale]['layers']}", f"train.steps={SIZES[scale]['steps']}",
                    "train.batch_size=16", "data.seq_len=128", "data.eval_batches=4", "train.checkpoint_every=1000"]
             for name, o in VARIANTS.items()}
+
+
+def plot(table, path):
+    from cfm_jax.harness.plots import grouped_lines
+
+    rows = [{"cell": r["cell"], "x": i, "y": r.get(f"bricks/prune_loss_ratio/{pruned}/text"),
+             "std": r.get(f"bricks/prune_loss_ratio/{pruned}/text_std")}
+            for r in table for i, pruned in enumerate(("random", "text"))]
+    grouped_lines(rows, x=lambda r: r["x"], y=lambda r: r["y"], ystd=lambda r: r["std"], group=lambda r: r["cell"],
+                  path=path, xlabel="units pruned: 0 = a random 5 %, 1 = text's top 5 % by FuncScore",
+                  ylabel="text loss / unpruned text loss", title="cross-pruning (bricks)")
 
 
 def reading(table):
