@@ -144,7 +144,7 @@ class MoE(nnx.Module):
         r, logits = self.route(tokens)
         y, kept = self.dispatch_tokens(tokens, r, b, s)
         if cfg.n_shared:
-            y = y + self.shared_down(jax.nn.silu(self.shared_gate(tokens)) * self.shared_up(tokens))
+            y = y + self.shared_experts(tokens)
         load = routing.expert_load(r, cfg.n_experts)
         aux, z = routing.switch_aux_loss(load, r.probs), routing.router_z_loss(logits)
         stats = routing.routing_stats(r, kept, load, seq=s, n_shared=cfg.n_shared,
@@ -159,6 +159,10 @@ class MoE(nnx.Module):
         loss = cfg.aux_loss_weight * aux + cfg.z_loss_weight * z
         return y.reshape(b, s, d).astype(x.dtype), make_aux(loss, **stats)
 
+    def shared_experts(self, tokens: jax.Array) -> jax.Array:
+        """The always-on experts as one SwiGLU: tokens (N, d_model) -> (N, d_model)."""
+        return self.shared_down(jax.nn.silu(self.shared_gate(tokens)) * self.shared_up(tokens))
+
     def expert_forward(self, x: jax.Array, hook) -> jax.Array:
         """Analysis only (bricks at expert granularity): x (batch, seq, d_model) -> y (batch, seq, d_model)
         with every expert computed for every token and the combine weights w (batch, seq, E) (0 where an
@@ -172,7 +176,7 @@ class MoE(nnx.Module):
         every = dispatch.expert_ffn(jnp.broadcast_to(tokens, (self.cfg.n_experts, b * s, d)), self.experts())
         y = jnp.einsum("ne,end->nd", hook(w).reshape(b * s, -1).astype(every.dtype), every)
         if self.cfg.n_shared:
-            y = y + self.shared_down(jax.nn.silu(self.shared_gate(tokens)) * self.shared_up(tokens))
+            y = y + self.shared_experts(tokens)
         return y.reshape(b, s, d).astype(x.dtype)
 
     # --- accounting ---

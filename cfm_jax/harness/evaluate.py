@@ -154,12 +154,8 @@ def effective_length(by_length: dict[int, dict], threshold: float) -> int:
 
 
 def _run_analysis(name: str, model, task, cfg, workdir: Path, first_set: list[dict]) -> dict:
-    if name in ("bricks", "dynamic") and has_experts(model):  # at expert granularity
-        if name == "dynamic":
-            return dynamic_analysis(model, task, cfg.data, cfg.train.batch_size,
-                                    plot_path=workdir / "dynamic_activation.png")
-        return bricks_analysis(model, task, cfg.data, cfg.train.batch_size)
-    if not has_neurons(model):
+    # dynamic and bricks also run at expert granularity (MoE); CETT needs neurons.
+    if not (has_neurons(model) or (name != "cett" and has_experts(model))):
         return {"skipped": f"ffn kind {cfg.model.ffn.kind!r} exposes no neurons (hidden/down)"}
     batch_size = cfg.train.batch_size
     if name == "cett":
