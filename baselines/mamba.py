@@ -8,9 +8,10 @@
     out = out_proj(y * silu(z))
 
 A = -exp(A_log) is diagonal and real (S4D-real init A_log = log(1..N)). Training runs
-`selective_scan_chunked` (outer lax.scan over chunks carrying h; inside a chunk an associative scan,
-rematerialized in the backward pass, so (batch, L, d_inner, d_state) never exists for the whole
-sequence); decoding runs `selective_step` and carries the last d_conv - 1 conv inputs and h.
+`selective_scan_chunked` (outer lax.scan over chunks carrying h, each chunk rematerialized in the
+backward pass, so (batch, L, d_inner, d_state) never exists for the whole sequence; inside a chunk a
+sequential scan, or an associative scan with `scan=associative`: the sequential one is ~3x faster on
+XLA:CPU, the associative one has log-depth for accelerators); decoding runs `selective_step` and carries the last d_conv - 1 conv inputs and h.
 `selective_scan_reference` is the plain scan over time both are tested against.
 """
 
@@ -41,7 +42,8 @@ class MambaConfig(SlotConfig):
     dt_min: float = 1e-3  # dt at init is log-uniform in [dt_min, dt_max] (through the dt_proj bias)
     dt_max: float = 0.1  # upper end of that range
     dt_init_floor: float = 1e-4  # lower clamp of the initial dt
-    chunk_size: int = 128  # tokens per chunk of the training scan (any length works; tail is padded)
+    chunk_size: int = 64  # tokens per chunk of the training scan (any length works; tail is padded)
+    scan: str = "sequential"  # inside a chunk: "sequential" (fastest on CPU) or "associative" (log depth)
 
     def inner(self, d_model: int) -> int:
         return self.expand * d_model
@@ -53,6 +55,8 @@ class MambaConfig(SlotConfig):
         for name in ("expand", "d_state", "d_conv", "chunk_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"model.mixer.{name}={getattr(self, name)} must be >= 1")
+        if self.scan not in SCANS:
+            raise UserError(f"model.mixer.scan={self.scan!r} is not one of {sorted(SCANS)}")
         if self.dt_rank < 0:
             raise UserError(f"model.mixer.dt_rank={self.dt_rank} must be >= 1 (or 0 = ceil(d_model/16))")
         if not 0 < self.dt_min <= self.dt_max:
@@ -102,7 +106,7 @@ def _combine(earlier, later):
     return a1 * a2, a2 * b1 + b2
 
 
-def _scan_chunk(h, inputs, A):
+def _associative_chunk(h, inputs, A):
     """h: (b, E, N); inputs u, dt: (b, T, E), B, C: (b, T, N) -> (h at the chunk end, y: (b, T, E))."""
     u, dt, B, C = inputs
     a = jnp.exp(dt[..., None] * A)  # (b, T, E, N), in (0, 1]
@@ -112,13 +116,28 @@ def _scan_chunk(h, inputs, A):
     return hs[:, -1], jnp.einsum("bten,btn->bte", hs, C)
 
 
-def selective_scan_chunked(u, dt, A, B, C, h0=None, *, chunk: int = 64):
+def _sequential_chunk(h, inputs, A):
+    """Same contract as `_associative_chunk`, one token at a time (T steps of O(E N) work each)."""
+
+    def step(h, x):
+        y, h = selective_step(h, x[0], x[1], A, x[2], x[3])
+        return h, y
+
+    h, y = jax.lax.scan(step, h, tuple(jnp.moveaxis(a, 1, 0) for a in inputs))
+    return h, jnp.moveaxis(y, 0, 1)
+
+
+SCANS = {"sequential": _sequential_chunk, "associative": _associative_chunk}
+
+
+def selective_scan_chunked(u, dt, A, B, C, h0=None, *, chunk: int = 64, scan: str = "sequential"):
     """Chunked form of `selective_scan_reference` (same arguments and results): (b, T, E, N) exists
-    for one chunk at a time. Padded steps have dt = 0, so exp(0 A) = 1 and no input: h is unchanged."""
+    for one chunk at a time. Padded steps have dt = 0, so exp(0 A) = 1 and no input: h is unchanged.
+    `scan` picks the within-chunk kernel (see SCANS)."""
     u, dt, B, C, h0 = _prepare(u, dt, B, C, h0, A)
     length = u.shape[1]
     T = min(chunk, length)
-    body = jax.checkpoint(lambda h, inputs: _scan_chunk(h, inputs, A))
+    body = jax.checkpoint(lambda h, inputs: SCANS[scan](h, inputs, A))
     h, y = jax.lax.scan(body, h0, tuple(to_chunks(a, length, T) for a in (u, dt, B, C)))
     return from_chunks(y, length), h
 
@@ -180,7 +199,7 @@ class Mamba(nnx.Module):
         xi, z = jnp.split(self.in_proj(x), 2, axis=-1)
         xc = self._conv(xi)
         dt, B, C = self._ssm_inputs(xc)
-        y, _ = selective_scan_chunked(xc, dt, self.A(), B, C, chunk=self.cfg.chunk_size)
+        y, _ = selective_scan_chunked(xc, dt, self.A(), B, C, chunk=self.cfg.chunk_size, scan=self.cfg.scan)
         y = (y + xc * self.D[...]) * jax.nn.silu(z)
         mean_log_decay = jnp.mean(dt, axis=(0, 1))[:, None] * self.A()
         return self.out_proj(y.astype(x.dtype)), make_aux(memory_horizon=horizon(mean_log_decay))

@@ -19,7 +19,8 @@ BATCH, L, E, N = 2, 63, 6, 4  # L is not a multiple of the chunk
 CHUNK = 16
 
 
-def test_chunked_matches_reference():
+@pytest.mark.parametrize("scan", ["sequential", "associative"])
+def test_chunked_matches_reference(scan):
     """Nonzero initial state; strong decay in the first channels (dt A down to -21.5 per token, so
     exp(dt A) ~ 5e-10) and slow decay in the last (dt A up to -1.4e-4)."""
     ks = jax.random.split(jax.random.key(0), 8)
@@ -38,7 +39,7 @@ def test_chunked_matches_reference():
         return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))(u, dt, A, Bm, Cm, h0)
 
     (_, (y_ref, h_ref)), g_ref = run(selective_scan_reference)
-    (_, (y, h)), g = run(lambda *a: selective_scan_chunked(*a, chunk=CHUNK))
+    (_, (y, h)), g = run(lambda *a: selective_scan_chunked(*a, chunk=CHUNK, scan=scan))
     np.testing.assert_allclose(y, y_ref, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(h, h_ref, rtol=RTOL, atol=ATOL)
     for name, a, b in zip("u dt A B C h0".split(), g, g_ref):
@@ -108,6 +109,7 @@ def test_accounting_and_horizon():
         ({"d_conv": 0}, "d_conv=0"),
         ({"dt_min": 0.5}, "dt_min=0.5"),
         ({"chunk_size": 0}, "chunk_size=0"),
+        ({"scan": "parallel"}, "scan='parallel' is not one of"),
     ],
 )
 def test_bad_config(overrides, match):
