@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from baselines.scan_utils import check_threshold, gla_chunked, gla_step, horizon
+from baselines.scan_utils import check_scan, check_threshold, gla_chunked, gla_step, horizon
 from cfm_jax.errors import UserError
 from cfm_jax.layers.attention import FP32_BYTES
 from cfm_jax.layers.common import Linear, linear, make_aux, normal_init, output_init
@@ -41,6 +41,7 @@ class GLAConfig(SlotConfig):
     norm_eps: float = 1e-5  # epsilon of the per-head output RMSNorm
     chunk_size: int = 64  # tokens per chunk of the training form (any length works; tail is padded)
     sub_chunk: int = 16  # tokens per intra-chunk block (per_dim gate); must divide chunk_size
+    scan: str = "auto"  # within a chunk: "matmul", "sequential", or "auto" (sequential for small head states)
 
     def key_dim(self, d_model: int) -> int:
         return int(self.expand_k * d_model)
@@ -67,6 +68,7 @@ class GLAConfig(SlotConfig):
             raise UserError(
                 f"model.mixer.sub_chunk={self.sub_chunk} must be >= 1 and divide chunk_size={self.chunk_size}"
             )
+        check_scan(self.scan)
 
     def param_count(self, d_model: int) -> int:
         """Parameters of one layer: q, k, v, g projections, the gate, the norm weight, o_proj."""
@@ -113,7 +115,8 @@ class GLA(nnx.Module):
         """x: (batch, seq, d_model) -> (y: (batch, seq, d_model), aux with the memory horizon)."""
         q, k, v = self._qkv(x)
         la = self._log_decay(x)
-        o, _ = gla_chunked(q, k, v, la, chunk=self.cfg.chunk_size, sub_chunk=self.cfg.sub_chunk)
+        o, _ = gla_chunked(q, k, v, la, chunk=self.cfg.chunk_size, sub_chunk=self.cfg.sub_chunk,
+                           scan=self.cfg.scan)
         return self._output(o, x), make_aux(memory_horizon=horizon(jnp.mean(la, axis=(0, 1))))
 
     # --- decoding ---

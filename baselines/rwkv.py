@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from baselines.scan_utils import check_threshold, gla_chunked, gla_step, horizon
+from baselines.scan_utils import check_scan, check_threshold, gla_chunked, gla_step, horizon
 from cfm_jax.errors import UserError
 from cfm_jax.layers.attention import FP32_BYTES
 from cfm_jax.layers.common import linear, make_aux, normal_init, output_init
@@ -47,6 +47,7 @@ class RWKVConfig(SlotConfig):
     norm_eps: float = 64e-5  # GroupNorm epsilon (RWKV-6: 1e-5 * head_size_divisor^2)
     chunk_size: int = 64  # tokens per chunk of the training form (any length works; tail is padded)
     sub_chunk: int = 16  # tokens per intra-chunk block; must divide chunk_size
+    scan: str = "auto"  # within a chunk: "matmul", "sequential", or "auto" (sequential for small head states)
 
     def validate(self, d_model: int) -> None:
         if self.n_heads < 1 or d_model % self.n_heads:
@@ -60,6 +61,7 @@ class RWKVConfig(SlotConfig):
             raise UserError(
                 f"model.mixer.sub_chunk={self.sub_chunk} must be >= 1 and divide chunk_size={self.chunk_size}"
             )
+        check_scan(self.scan)
 
     def param_count(self, d_model: int) -> int:
         """Parameters of one layer: mu (6 d), mix LoRA, w_0, decay LoRA, u, W_r,k,v,g,o, GroupNorm (2 d)."""
@@ -134,7 +136,8 @@ class RWKV6(nnx.Module):
         """x: (batch, seq, d_model) -> (y: (batch, seq, d_model), aux with the memory horizon)."""
         x_prev = jnp.pad(x, ((0, 0), (1, 0), (0, 0)))[:, :-1]
         r, k, v, lw, g = self._project(x, x_prev)
-        o, _ = gla_chunked(r, k, v, lw, bonus=self._bonus(), chunk=self.cfg.chunk_size, sub_chunk=self.cfg.sub_chunk)
+        o, _ = gla_chunked(r, k, v, lw, bonus=self._bonus(), chunk=self.cfg.chunk_size, sub_chunk=self.cfg.sub_chunk,
+                           scan=self.cfg.scan)
         return self._output(o, g, x.dtype), make_aux(memory_horizon=horizon(jnp.mean(lw, axis=(0, 1))))
 
     # --- decoding ---

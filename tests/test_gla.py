@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from baselines.gla import GLA, GLAConfig
-from baselines.scan_utils import HORIZON_MAX, gla_chunked, gla_reference, horizon
+from baselines.scan_utils import HORIZON_MAX, gla_chunked, gla_reference, horizon, pick_scan
 from cfm_jax.errors import UserError
 from cfm_jax.registry import LayerContext
 
@@ -50,11 +50,12 @@ def outputs_and_grads(kernel, args):
     return o, S, grads
 
 
+@pytest.mark.parametrize("scan", ["matmul", "sequential"])
 @pytest.mark.parametrize("G", [K, 1], ids=["per_dim", "per_head"])
-def test_chunked_matches_reference(G):
+def test_chunked_matches_reference(G, scan):
     args = kernel_inputs(G)
     o_ref, S_ref, g_ref = outputs_and_grads(gla_reference, args)
-    o, S, g = outputs_and_grads(lambda *a: gla_chunked(*a, chunk=CHUNK, sub_chunk=SUB), args)
+    o, S, g = outputs_and_grads(lambda *a: gla_chunked(*a, chunk=CHUNK, sub_chunk=SUB, scan=scan), args)
     assert rel_rmse(o, o_ref) < FLA_RTOL and rel_rmse(S, S_ref) < FLA_RTOL
     for name, a, b in zip("q k v log_decay s0".split(), g, g_ref):
         assert bool(jnp.all(jnp.isfinite(a))), name
@@ -67,10 +68,11 @@ def build(d_model: int = 32, **overrides) -> GLA:
     return GLA(cfg, LayerContext(d_model, 2, 0, 0.1), rngs=nnx.Rngs(0))
 
 
+@pytest.mark.parametrize("scan", ["matmul", "sequential"])
 @pytest.mark.parametrize("gate", ["per_dim", "per_head"])
-def test_decode_matches_forward(gate):
+def test_decode_matches_forward(gate, scan):
     """Token-by-token `step` == the chunked forward over several chunks and a partial one."""
-    module = build(gate=gate)
+    module = build(gate=gate, scan=scan)
     x = jax.random.normal(jax.random.key(1), (2, 37, 32))
     y, _ = nnx.jit(lambda m, x: m(x))(module, x)
     step = nnx.jit(lambda m, xt, s: m.step(xt, s))
@@ -124,9 +126,16 @@ def test_memory_horizon():
         ({"n_heads": 0}, "n_heads=0"),
         ({"expand_k": 0.01}, "expand_k=0.01 gives a key width of 0"),
         ({"sub_chunk": 5}, "sub_chunk=5"),
+        ({"scan": "fast"}, "scan='fast' is not one of"),
         ({"gate_low_rank": 0}, "gate_low_rank=0"),
     ],
 )
 def test_bad_config(overrides, match):
     with pytest.raises(UserError, match=match):
         GLAConfig(**overrides).validate(32)
+
+
+def test_auto_scan_picks_by_head_state():
+    """`auto` runs small head states token by token and large ones in matmul form."""
+    assert pick_scan("auto", 16, 16) == "sequential" and pick_scan("auto", 64, 64) == "matmul"
+    assert pick_scan("matmul", 4, 4) == "matmul" and pick_scan("sequential", 64, 64) == "sequential"

@@ -23,7 +23,8 @@ def rel_rmse(actual, expected) -> float:
     return float(jnp.sqrt(jnp.mean((actual - expected) ** 2)) / jnp.sqrt(jnp.mean(expected**2)))
 
 
-def test_chunked_matches_reference():
+@pytest.mark.parametrize("scan", ["matmul", "sequential"])
+def test_chunked_matches_reference(scan):
     """Nonzero initial state; head 0 decays strongly (RWKV log w down to -e^4 ~ -55 per token) at the
     start of each chunk, head 1 gently: the exclusive decays of RWKV-6 must not blow up."""
     ks = jax.random.split(jax.random.key(0), 6)
@@ -42,7 +43,7 @@ def test_chunked_matches_reference():
         return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))(r, k, v, lw, s0, u)
 
     (_, (o_ref, S_ref)), g_ref = run(gla_reference)
-    (_, (o, S)), g = run(lambda *a, bonus: gla_chunked(*a, bonus=bonus, chunk=CHUNK, sub_chunk=SUB))
+    (_, (o, S)), g = run(lambda *a, bonus: gla_chunked(*a, bonus=bonus, chunk=CHUNK, sub_chunk=SUB, scan=scan))
     assert rel_rmse(o, o_ref) < FLA_RTOL and rel_rmse(S, S_ref) < FLA_RTOL
     for name, a, b in zip("r k v log_w s0 u".split(), g, g_ref):
         assert bool(jnp.all(jnp.isfinite(a))), name
@@ -55,9 +56,10 @@ def build(d_model: int = 32, layer: int = 1, **overrides) -> RWKV6:
     return RWKV6(cfg, LayerContext(d_model, 3, layer, 0.1), rngs=nnx.Rngs(0))
 
 
-def test_decode_matches_forward():
+@pytest.mark.parametrize("scan", ["matmul", "sequential"])
+def test_decode_matches_forward(scan):
     """Token-by-token `step` (carrying the token-shift input) == the chunked forward over several chunks."""
-    module = build()
+    module = build(scan=scan)
     x = jax.random.normal(jax.random.key(1), (2, 37, 32))
     y, _ = nnx.jit(lambda m, x: m(x))(module, x)
     step = nnx.jit(lambda m, xt, s: m.step(xt, s))
@@ -94,6 +96,7 @@ def test_init_and_accounting():
     [
         ({"n_heads": 5}, "n_heads=5 must be >= 1 and divide"),
         ({"sub_chunk": 3}, "sub_chunk=3"),
+        ({"scan": "fast"}, "scan='fast' is not one of"),
         ({"decay_low_rank": 0}, "decay_low_rank=0"),
     ],
 )
