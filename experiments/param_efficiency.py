@@ -2,9 +2,10 @@
 density (Densing Law) against the dense SwiGLU family.
 
 Command:  cfm-jax sweep param_efficiency --scale cpu && cfm-jax report param_efficiency --scale cpu
-Runtime:  smoke ~6 min (9 FFNs x 1 size x 3 seeds, 20 steps); cpu: 9 FFNs x 3 sizes (d_model 64, 96,
-          128; 2 layers) x 3 seeds at 300 steps of 2048 tokens, about 25 min on 2 cores with one
-          --shard per core; full: d_model 256-768, 4 layers, 5000 steps.
+Runtime:  smoke ~8 min (9 FFNs x 1 size + 3 reference widths, x 3 seeds, 20 steps); cpu: 9 FFNs x
+          3 sizes (d_model 64, 96, 128; 2 layers) + dense SwiGLU at 3 more widths for the density fit,
+          x 3 seeds at 300 steps of 2048 tokens, about 35 min on 2 cores with one --shard per core;
+          full: d_model 256-768 (+ 128, 384, 1024 for the fit), 4 layers, 5000 steps.
 Expected: (Sparsing Law, CFM) at matched total parameters the neuron-sparse FFNs reach the dense
           models' bits per byte at a much lower activation ratio; MoE at matched ACTIVE parameters beats
           dense of the same active size but is less parameter-efficient per total parameter.
@@ -32,24 +33,28 @@ FFNS = {
 }
 SIZES = {"smoke": dict(widths=(64,), steps=20, layers=4), "cpu": dict(widths=(64, 96, 128), steps=300, layers=2),
          "full": dict(widths=(256, 512, 768), steps=5000, layers=4)}
+# Extra dense SwiGLU widths for the density fit only (3 parameters need more than 3 points to be tested).
+REFERENCE_WIDTHS = {"smoke": (32, 48, 96), "cpu": (48, 80, 160), "full": (128, 384, 1024)}
+REFERENCE = "dense_swiglu"
 SEEDS = 3
 ANALYSES = ["cett"]
-COLUMNS = ["val/bits_per_byte", "params_active_per_token", "flops_per_token", "stats/ffn/activation_ratio",
+COLUMNS = ["val/bits_per_byte", "val/loss", "params_active_per_token", "flops_per_token", "stats/ffn/activation_ratio",
            "cett/sparsity_at_cett_ppl1", "inference_memory_4096_bytes"]
 
 
 def cells(scale):
     s = SIZES[scale]
+    models = [(name, d) for d in s["widths"] for name in FFNS] + [(REFERENCE, d) for d in REFERENCE_WIDTHS[scale]]
     return {
-        f"{name}-d{d}": [*overrides, "data.task=text", f"model.d_model={d}", f"model.n_layers={s['layers']}",
+        f"{name}-d{d}": [*FFNS[name], "data.task=text", f"model.d_model={d}", f"model.n_layers={s['layers']}",
                          f"train.steps={s['steps']}", "train.batch_size=16", "data.seq_len=128",
                          "data.eval_batches=4", "train.checkpoint_every=1000"]
-        for d in s["widths"] for name, overrides in FFNS.items()
+        for name, d in models
     }
 
 
 def _with_density(table):
-    dense = [r for r in table if parse_cell(r["cell"])["kind"] == "dense_swiglu" and r.get("val/loss") is not None]
+    dense = [r for r in table if parse_cell(r["cell"])["kind"] == REFERENCE and r.get("val/loss") is not None]
     fit = fit_loss_curve([r["params_non_embedding"] for r in dense], [r["val/loss"] for r in dense])
     for r in table:
         if r.get("val/loss") is None:
@@ -67,16 +72,55 @@ def plot(table, path):
                   title="parameter efficiency", logx=True)
 
 
+def _by_size(table):
+    """{d_model: {ffn kind: row}} over the rows that finished."""
+    out = {}
+    for r in table:
+        if r.get("val/bits_per_byte") is not None:
+            p = parse_cell(r["cell"])
+            out.setdefault(int(p["d"]), {})[p["kind"]] = r
+    return out
+
+
+def _comparisons(sizes):
+    """Plain-language lines: per size, neuron-sparse vs dense at equal total parameters and MoE vs
+    dense at equal active parameters (bits per byte, lower is better)."""
+    lines = []
+    for d, rows in sorted(sizes.items()):
+        ref = rows.get(REFERENCE)
+        ns = {k: v for k, v in rows.items() if k.startswith("ns_")}
+        moe = {k: v for k, v in rows.items() if k.startswith("moe_")}
+        if ref is None or not (ns or moe):
+            continue
+        bpb = lambda r: r["val/bits_per_byte"]
+        parts = []
+        if ns:
+            best = min(ns, key=lambda k: bpb(ns[k]))
+            ratio = ns[best].get("stats/ffn/activation_ratio")
+            parts.append(f"best neuron-sparse {best} {bpb(ns[best]):.3f} bits/byte at activation ratio "
+                         f"{ratio:.2f} vs dense SwiGLU {bpb(ref):.3f} (equal total parameters, "
+                         f"{bpb(ns[best]) - bpb(ref):+.3f})")
+        if moe:
+            best = min(moe, key=lambda k: bpb(moe[k]))
+            parts.append(f"best MoE {best} {bpb(moe[best]):.3f} (equal active parameters, "
+                         f"{bpb(moe[best]) - bpb(ref):+.3f} vs dense, with "
+                         f"{moe[best]['params_non_embedding'] / ref['params_non_embedding']:.1f}x its non-embedding parameters)")
+        lines.append(f"- d_model {d}: " + "; ".join(parts) + ".")
+    return lines
+
+
 def reading(table):
     fit = _with_density(table)
     lines = []
     if fit.get("ok"):
-        lines.append(f"Dense SwiGLU reference fit: L(N) = {fit['a']:.3g} N^-{fit['alpha']:.3f} + {fit['l_inf']:.3f} "
-                     f"(relative RMS residual {fit['rel_rms_residual']:.3%}).")
+        lines.append(f"Dense SwiGLU reference fit over {fit['points']} widths: L(N) = {fit['a']:.3g} N^-{fit['alpha']:.3f} "
+                     f"+ {fit['l_inf']:.3f} (N = non-embedding parameters; relative RMS residual "
+                     f"{fit['rel_rms_residual']:.2%}). Density = N_hat / N, where N_hat is the reference size "
+                     "that reaches a row's loss; 1 = as efficient as the dense family.")
     else:
         lines.append(f"The dense reference fit FAILED ({fit.get('reason')}), so no density is reported.")
     lines.append("")
-    lines.append("| cell | matched | bits/byte | activation ratio | density (N = total) | density (N = active) |")
+    lines.append("| cell | matched | bits/byte | activation ratio | density (N = non-embedding total) | density (N = active per token) |")
     lines.append("|---|---|---|---|---|---|")
     f = lambda v: "" if v is None else f"{v:.3g}"
     for r in table:
@@ -85,7 +129,10 @@ def reading(table):
         lines.append(f"| {r['cell']} | {r['matched']} | {f(r['val/bits_per_byte'])} | {f(r.get('stats/ffn/activation_ratio'))} | "
                      f"{f(r['density_total'])} | {f(r['density_active'])} |")
     lines.append("")
-    lines.append("Read against the published claim (neuron sparsity more parameter-efficient than MoE): compare "
-                 "ns_* with dense_* at equal total parameters, and moe_* with dense at equal active parameters. "
-                 "At the smoke scale the runs are far too short for any conclusion.")
+    lines.append("`matched` names the comparison a row belongs to: ns_* and dense_relu against dense_swiglu at "
+                 "equal total (and non-embedding) parameters; moe_* against dense_swiglu at equal active "
+                 "parameters per token (more total parameters). Reference-only widths (dense_swiglu at widths "
+                 "without the other FFNs) serve the density fit.")
+    lines.append("")
+    lines += _comparisons(_by_size(table))
     return "\n".join(lines)
