@@ -170,14 +170,16 @@ SCANS = ("auto", "matmul", "sequential")
 SEQUENTIAL_MAX_STATE = 512  # `auto` scans token by token when a head's state has at most this many entries
 
 
-def pick_scan(scan: str, d_k: int, d_v: int) -> str:
+def pick_scan(scan: str, d_k: int, d_v: int, backend: str | None = None) -> str:
     """Resolve a mixer's `scan` setting. On XLA:CPU the matmul (chunkwise-parallel) form is ~2x faster
     than a token-by-token scan for 64 x 64 head states, and ~4x slower for 16 x 16 ones, whose
-    intra-chunk matmuls are too small to pay for themselves (measured fwd+bwd, 32-1024 tokens)."""
+    intra-chunk matmuls are too small to pay for themselves (measured fwd+bwd, 32-1024 tokens). On
+    accelerators `auto` is always matmul: a token-by-token loop there is launch-bound."""
     if scan not in SCANS:
         raise ValueError(f"scan={scan!r} is not one of {SCANS}")
     if scan == "auto":
-        return "sequential" if d_k * d_v <= SEQUENTIAL_MAX_STATE else "matmul"
+        small = d_k * d_v <= SEQUENTIAL_MAX_STATE
+        return "sequential" if small and (backend or jax.default_backend()) == "cpu" else "matmul"
     return scan
 
 

@@ -136,6 +136,8 @@ def test_bad_config(overrides, match):
 
 
 def test_auto_scan_picks_by_head_state():
-    """`auto` runs small head states token by token and large ones in matmul form."""
-    assert pick_scan("auto", 16, 16) == "sequential" and pick_scan("auto", 64, 64) == "matmul"
+    """`auto` on a CPU runs small head states token by token and large ones in matmul form; on an
+    accelerator always matmul."""
+    assert pick_scan("auto", 16, 16, "cpu") == "sequential" and pick_scan("auto", 64, 64, "cpu") == "matmul"
+    assert pick_scan("auto", 16, 16, "gpu") == "matmul"
     assert pick_scan("matmul", 4, 4) == "matmul" and pick_scan("sequential", 64, 64) == "sequential"

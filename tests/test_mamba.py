@@ -19,7 +19,7 @@ BATCH, L, E, N = 2, 63, 6, 4  # L is not a multiple of the chunk
 CHUNK = 16
 
 
-@pytest.mark.parametrize("scan", ["sequential", "associative"])
+@pytest.mark.parametrize("scan", ["sequential", "associative", "auto"])
 def test_chunked_matches_reference(scan):
     """Nonzero initial state; strong decay in the first channels (dt A down to -21.5 per token, so
     exp(dt A) ~ 5e-10) and slow decay in the last (dt A up to -1.4e-4)."""
