@@ -3,8 +3,8 @@ knob that sets each mixer's state (window, key dim, d_state, heads).
 
 Command:  cfm-jax sweep recall_vs_state --scale cpu && cfm-jax report recall_vs_state --scale cpu
 Runtime:  smoke ~2 min; cpu: 5 families x 3 knob values x 3 seeds x 1000 steps on MQAR at 32 tokens,
-          4 pairs and a 64-token vocabulary (lengths a d=64 model learns on a CPU budget), ~15 min on
-          2 cores with one --shard per core.
+          3 pairs and a 64-token vocabulary (a shape a d=64 attention model learns on a CPU budget; 4
+          pairs does not, see mqar_capacity), ~30 min on 2 cores with one --shard per core.
 Expected: attention's state grows with length and it recalls best; at equal state, input-dependent
           recurrences (GLA, Mamba) beat linear attention; sliding window is worst at equal state (Based).
 """
@@ -18,7 +18,7 @@ KNOBS = {  # family -> (knob override template, values)
     "gla": ("model.mixer.expand_k={}", (0.25, 0.5, 1.0)),
     "mamba": ("model.mixer.d_state={}", (4, 8, 16)),
 }
-SIZES = {"smoke": dict(steps=30, values=1, L=128, kv=8, vocab=512), "cpu": dict(steps=1000, values=3, L=32, kv=4, vocab=64),
+SIZES = {"smoke": dict(steps=30, values=1, L=128, kv=8, vocab=512), "cpu": dict(steps=1000, values=3, L=32, kv=3, vocab=64),
          "full": dict(steps=5000, values=3, L=512, kv=32, vocab=8192)}
 SEEDS = 3
 
