@@ -134,5 +134,38 @@ def reading(table):
                  "parameters per token (more total parameters). Reference-only widths (dense_swiglu at widths "
                  "without the other FFNs) serve the density fit.")
     lines.append("")
-    lines += _comparisons(_by_size(table))
+    sizes = _by_size(table)
+    lines += _comparisons(sizes)
+    lines += ["", *_summary(table, sizes)]
     return "\n".join(lines)
+
+
+def _summary(table, sizes):
+    """Mean densities of the families, and whether ns_relu is the dense ReLU network (it should be)."""
+    mean = lambda xs: sum(xs) / len(xs) if xs else None
+    dens = lambda prefix, key: mean([r[key] for r in table if r.get(key) is not None and r["cell"].startswith(prefix)])
+    out = []
+    ns_act, moe_act = dens("ns_", "density_active"), dens("moe_", "density_active")
+    ns_tot, moe_tot = dens("ns_", "density_total"), dens("moe_", "density_total")
+    if None not in (ns_act, moe_act, ns_tot, moe_tot):
+        out.append(f"Mean density over sizes, N = active parameters per token: neuron-sparse {ns_act:.2f}, MoE {moe_act:.2f}; "
+                   f"N = non-embedding total: neuron-sparse {ns_tot:.2f}, MoE {moe_tot:.2f}. "
+                   + ("Per active parameter the neuron-sparse FFNs are the more efficient family here, as the "
+                      "Sparsing Law and CFM claim" if ns_act > moe_act else
+                      "Per active parameter MoE is the more efficient family here, against the Sparsing Law's claim")
+                   + "; per total parameter MoE pays for its unused experts (density well below 1).")
+    same = [d for d, rows in sizes.items() if "ns_relu" in rows and "dense_relu" in rows
+            and rows["ns_relu"]["val/loss"] == rows["dense_relu"]["val/loss"]]
+    if same:
+        out.append(f"ns_relu and dense_relu reach identical losses at d_model {', '.join(map(str, sorted(same)))}: "
+                   "without L1 the neuron-sparse FFN is the dense ReLU network (it adds statistics and the "
+                   "sparse decode path), so its difference from dense SwiGLU is ReLU's, and only the L1 / dReLU / "
+                   "ReLU^2 rows test sparsity-specific changes.")
+    gaps = [min(r["val/bits_per_byte"] for k, r in rows.items() if k.startswith("ns_")) - rows[REFERENCE]["val/bits_per_byte"]
+            for d, rows in sorted(sizes.items()) if REFERENCE in rows and any(k.startswith("ns_") for k in rows)]
+    if len(gaps) > 1:
+        trend = ("shrinks" if all(abs(b) < abs(a) for a, b in zip(gaps, gaps[1:])) else "does not shrink monotonically")
+        out.append(f"The best neuron-sparse row's gap to dense SwiGLU {trend} with width ("
+                   + ", ".join(f"{g:+.3f}" for g in gaps) + " bits/byte from the smallest size up); these are "
+                   "short runs of small models, and a longer budget may change the sign.")
+    return out
