@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cfm_jax.errors import UserError
-from cfm_jax.layers.attention import FP32_BYTES, _attend
+from cfm_jax.layers.attention import FP32_BYTES, _attend, check_causal_block
 from cfm_jax.layers.common import linear, make_aux, normal_init, output_init, rope
 from cfm_jax.registry import LayerContext, SlotConfig, register
 
@@ -33,6 +33,7 @@ class MLAConfig(SlotConfig):
     rope_theta: float = 10000.0  # RoPE base period
     # Training / eval sequences longer than this attend in query blocks (memory O(L * chunk)); 0 = never.
     query_chunk: int = 1024
+    causal_block: int = 128  # shorter sequences: query blocks reading only their key prefix (0 = off)
 
     def param_count(self, d_model: int) -> int:
         h, hd, c, r = self.n_heads, d_model // self.n_heads, self.latent_dim, self.rope_dim
@@ -49,6 +50,7 @@ class MLAConfig(SlotConfig):
             raise UserError(f"model.mixer.rope_theta={self.rope_theta} must be > 0")
         if self.query_chunk < 0:
             raise UserError(f"model.mixer.query_chunk={self.query_chunk} must be >= 0 (0 = never chunk)")
+        check_causal_block(self.causal_block)
 
 
 @register("mixer", "mla", MLAConfig)
@@ -88,7 +90,7 @@ class MLA(nnx.Module):
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], q_rope.shape)], axis=-1)
         # The fused kernel wants v as wide as q/k: zero-pad v's rope_dim columns, then drop them.
         v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, self.cfg.rope_dim)))
-        y = _attend(q, k, v, self.cfg.query_chunk, scale=self._scale())[..., : self.head_dim]
+        y = _attend(q, k, v, self.cfg.query_chunk, scale=self._scale(), causal_block=self.cfg.causal_block)[..., : self.head_dim]
         return self.o_proj(y.reshape(b, s, self.n_heads * self.head_dim)), make_aux()
 
     # --- decoding ---

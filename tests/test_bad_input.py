@@ -30,6 +30,7 @@ CASES = {
     "choice expected": (lambda w, t: TRAIN(w, "model.ffn.activation=tanh"), "allowed: swiglu, gelu, relu"),
     "heads do not divide": (lambda w, t: TRAIN(w, "model.d_model=66"), "must be >= 1 and divide model.d_model=66"),
     "kv heads": (lambda w, t: TRAIN(w, "model.mixer.n_kv_heads=3"), "n_kv_heads=3 must divide n_heads=4"),
+    "causal block": (lambda w, t: TRAIN(w, "model.mixer.causal_block=-2"), "causal_block=-2 must be >= 0"),
     "zero width": (lambda w, t: TRAIN(w, "model.d_model=0"), "model.d_model=0 must be > 0"),
     "zero steps": (lambda w, t: TRAIN(w, "train.steps=0"), "train.steps=0 must be > 0"),
     "negative batch": (lambda w, t: TRAIN(w, "train.batch_size=-1"), "train.batch_size=-1 must be > 0"),

@@ -83,6 +83,7 @@ def test_param_count(fields):
     ("model.mixer.rope_dim=3", "model.mixer.rope_dim=3 must be even and >= 0"),
     ("model.mixer.n_heads=5", "model.mixer.n_heads=5 must be >= 1 and divide model.d_model=64"),
     ("model.mixer.rope_theta=0", "model.mixer.rope_theta=0.0 must be > 0"),
+    ("model.mixer.causal_block=-1", "model.mixer.causal_block=-1 must be >= 0"),
 ])
 def test_bad_config_is_one_line_error(override, fragment):
     with pytest.raises(UserError) as info:
@@ -90,9 +91,10 @@ def test_bad_config_is_one_line_error(override, fragment):
     assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
-def test_query_chunked_forward_and_grads_match_unchunked():
+@pytest.mark.parametrize("fast", [dict(query_chunk=8), dict(query_chunk=0, causal_block=8)], ids=["chunked", "blocks"])
+def test_query_chunked_forward_and_grads_match_unchunked(fast):
     x = jax.random.normal(jax.random.key(3), (2, 37, 32))
-    chunked, whole = build(query_chunk=8), build(query_chunk=0)
+    chunked, whole = build(**fast), build(query_chunk=0, causal_block=0)
 
     def loss(m, x):
         return jnp.sum(jnp.sin(m(x)[0]))

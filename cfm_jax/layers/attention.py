@@ -23,6 +23,9 @@ class AttentionConfig(SlotConfig):
     # Sequences longer than this are attended in query blocks of this size, so memory grows as
     # L * chunk instead of L^2 (long-context evaluation); 0 = never chunk.
     query_chunk: int = 1024
+    # Shorter sequences attend in query blocks of this size, each reading only its causal key prefix
+    # (the masked upper triangle is skipped); 0 = one masked square.
+    causal_block: int = 128
 
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
@@ -40,8 +43,17 @@ class AttentionConfig(SlotConfig):
             )
         if self.query_chunk < 0:
             raise UserError(f"model.mixer.query_chunk={self.query_chunk} must be >= 0 (0 = never chunk)")
+        check_causal_block(self.causal_block)
         if self.rope_theta <= 0:
             raise UserError(f"model.mixer.rope_theta={self.rope_theta} must be > 0")
+
+
+MAX_CAUSAL_BLOCKS = 64  # beyond this many blocks (unrolled) a sequence takes the one masked square
+
+
+def check_causal_block(block: int) -> None:
+    if block < 0:
+        raise UserError(f"model.mixer.causal_block={block} must be >= 0 (0 = one masked square)")
 
 
 def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -58,12 +70,33 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, query_chunk: int = 0, scale: float | None = None) -> jax.Array:
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, query_chunk: int = 0, scale: float | None = None,
+            causal_block: int = 0) -> jax.Array:
     """Fast path (XLA's fused attention; handles grouped heads natively). Shapes as the reference.
-    Sequences longer than query_chunk (> 0) go through `chunked_attention`. scale: None = 1/sqrt(head_dim)."""
-    if 0 < query_chunk < q.shape[1]:
+    Sequences longer than query_chunk (> 0) go through `chunked_attention` (bounded memory), others
+    longer than causal_block (> 0) through `block_causal_attention` (less work). scale: None =
+    1/sqrt(head_dim)."""
+    s = q.shape[1]
+    if 0 < query_chunk < s:
         return chunked_attention(q, k, v, query_chunk, scale)
+    if 0 < causal_block < s <= causal_block * MAX_CAUSAL_BLOCKS:
+        return block_causal_attention(q, k, v, causal_block, scale)
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+def block_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int, scale: float | None = None) -> jax.Array:
+    """Causal attention in query blocks: block i (queries [i*block, (i+1)*block)) reads only keys
+    [0, (i+1)*block), so the fully masked key blocks above the diagonal are never computed: about
+    half the score and PV work for many blocks (forward + backward ~2x faster than the one masked
+    square on XLA:CPU at 512 and 1024 tokens, 8 heads of 64, measured). The blocks are unrolled
+    (each has its own static key length). Shapes as the reference."""
+    s = q.shape[1]
+    outs = []
+    for start in range(0, s, block):
+        end = min(start + block, s)
+        mask = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]  # (queries, keys)
+        outs.append(jax.nn.dot_product_attention(q[:, start:end], k[:, :end], v[:, :end], mask=mask[None, None], scale=scale))
+    return jnp.concatenate(outs, axis=1)
 
 
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int, scale: float | None = None) -> jax.Array:
@@ -115,7 +148,7 @@ class Attention(nnx.Module):
         """x: (batch, seq, d_model) -> (y: (batch, seq, d_model), aux)."""
         b, s, _ = x.shape
         q, k, v = self._qkv(x, jnp.arange(s))
-        y = _attend(q, k, v, self.cfg.query_chunk).reshape(b, s, self.n_heads * self.head_dim)
+        y = _attend(q, k, v, self.cfg.query_chunk, causal_block=self.cfg.causal_block).reshape(b, s, self.n_heads * self.head_dim)
         return self.o_proj(y), make_aux()
 
     # --- decoding ---
