@@ -11,7 +11,8 @@ A = -exp(A_log) is diagonal and real (S4D-real init A_log = log(1..N)). Training
 `selective_scan_chunked` (outer lax.scan over chunks carrying h, each chunk rematerialized in the
 backward pass, so (batch, L, d_inner, d_state) never exists for the whole sequence; inside a chunk a
 sequential scan or an associative one: `scan=auto` takes the sequential one on XLA:CPU, where it is
-~3x faster, and the log-depth associative one on accelerators); decoding runs `selective_step` and carries the last d_conv - 1 conv inputs and h.
+~3x faster, and the log-depth associative one on accelerators); decoding runs `selective_step` and
+carries the last d_conv - 1 conv inputs and h.
 `selective_scan_reference` is the plain scan over time both are tested against.
 """
 
