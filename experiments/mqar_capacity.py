@@ -2,7 +2,7 @@
 
 Command:  cfm-jax sweep mqar_capacity --scale cpu && cfm-jax report mqar_capacity --scale cpu
 Runtime:  smoke ~3 min (6 mixers, 1 width, 1 length, 3 seeds, 30 steps); cpu: 6 mixers x 2 widths x
-          2 (length, pairs) x 3 seeds x 1000 steps at a 64-token vocabulary, about 30 min on 2 cores
+          2 (length, pairs) x 3 seeds x 1000 steps at a 64-token vocabulary, about 45 min on 2 cores
           (two sweeps with --shard 0/2 and 1/2, one per core); full: 4 widths, 4 lengths, 8192 tokens.
           The cpu shapes are small because of what a 2-layer d=64 attention model learns in a CPU
           budget (measured while sizing this file, lr 3e-3, batch 64): 3 pairs at 24, 32 or 48 tokens

@@ -4,7 +4,7 @@ density (Densing Law) against the dense SwiGLU family.
 Command:  cfm-jax sweep param_efficiency --scale cpu && cfm-jax report param_efficiency --scale cpu
 Runtime:  smoke ~8 min (9 FFNs x 1 size + 3 reference widths, x 3 seeds, 20 steps); cpu: 9 FFNs x
           3 sizes (d_model 64, 96, 128; 2 layers) + dense SwiGLU at 3 more widths for the density fit,
-          x 3 seeds at 300 steps of 2048 tokens, about 35 min on 2 cores with one --shard per core;
+          x 3 seeds at 300 steps of 2048 tokens, about 45 min on 2 cores with one --shard per core;
           full: d_model 256-768 (+ 128, 384, 1024 for the fit), 4 layers, 5000 steps.
 Expected: (Sparsing Law, CFM) at matched total parameters the neuron-sparse FFNs reach the dense
           models' bits per byte at a much lower activation ratio; MoE at matched ACTIVE parameters beats
