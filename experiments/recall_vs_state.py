@@ -9,6 +9,8 @@ Expected: attention's state grows with length and it recalls best; at equal stat
           recurrences (GLA, Mamba) beat linear attention; sliding window is worst at equal state (Based).
 """
 
+import re
+
 from cfm_jax.harness.plots import grouped_lines, parse_cell
 
 KNOBS = {  # family -> (knob override template, values)
@@ -65,15 +67,18 @@ def _best_within(points, family, max_state):
     return max(accs) if accs else None
 
 
-def _compare(points, better, worse):
+def _compare(points, better, worse, chance):
     """'A beats B at equal state': the best accuracy of each with state up to the smallest budget at which
     both have a point (the larger of the two families' smallest states)."""
     cap = max(min(b for b, _, c in points if parse_cell(c)["kind"] == f) for f in (better, worse))
     a, b = _best_within(points, better, cap), _best_within(points, worse, cap)
     if a is None or b is None:
         return None
-    verdict = "agrees" if a > b + 0.02 else ("disagrees" if a < b - 0.02 else "tie")
-    return f"{better} {a:.2f} vs {worse} {b:.2f} with state <= {cap} bytes: {verdict}"
+    if max(a, b) < chance + 0.05:
+        verdict = "untested (both at chance)"
+    else:
+        verdict = "agrees" if a > b + 0.02 else ("disagrees" if a < b - 0.02 else "tie")
+    return f"{better} {a:.2f} vs {worse} {b:.2f} with state <= {cap:.0f} bytes: {verdict}"
 
 
 def reading(table):
@@ -84,9 +89,12 @@ def reading(table):
         return "No finished cells."
     best = max(pts, key=lambda p: p[1])
     smallest_good = min((p for p in pts if p[1] >= 0.9 * best[1]), key=lambda p: p[0])
-    lines = [f"- {c}: accuracy {a:.2f} with {b} bytes of state" for b, a, c in sorted(pts, key=lambda p: p[0])]
-    lines += ["", f"Best accuracy {best[1]:.2f} ({best[2]}, {best[0]} bytes of state); the smallest state within 90 % "
-              f"of it is {smallest_good[0]} bytes ({smallest_good[2]}).", "",
+    pairs = [int(m.group(1)) for r in table if (m := re.search(r"num_kv_pairs=(\d+)", r.get("command", "")))]
+    chance = 1 / pairs[0] if pairs else 0.0
+    lines = [f"- {c}: accuracy {a:.2f} with {b:.0f} bytes of state" for b, a, c in sorted(pts, key=lambda p: p[0])]
+    lines += ["", f"Chance (guessing among the sequence's {pairs[0] if pairs else '?'} values) is {chance:.2f}. "
+              f"Best accuracy {best[1]:.2f} ({best[2]}, {best[0]:.0f} bytes of state); the smallest state within 90 % "
+              f"of it is {smallest_good[0]:.0f} bytes ({smallest_good[2]}).", "",
               "The Based paper's claims, each tested at equal state (best accuracy of each family with at most "
               "the smallest state budget at which both have a point):"]
     families = {parse_cell(c)["kind"] for _, _, c in pts}
@@ -94,7 +102,7 @@ def reading(table):
               ("gla", "sliding_window"), ("mamba", "sliding_window")]
     for better, worse in claims:
         if better in families and worse in families:
-            lines.append(f"- {_compare(pts, better, worse)}")
+            lines.append(f"- {_compare(pts, better, worse, chance)}")
     if "attention" in families:
         top = max((a for _, a, c in pts if parse_cell(c)["kind"] == "attention"))
         others = max((a for _, a, c in pts if parse_cell(c)["kind"] != "attention"), default=None)
