@@ -4,7 +4,8 @@ knob that sets each mixer's state (window, key dim, d_state, heads).
 Command:  cfm-jax sweep recall_vs_state --scale cpu && cfm-jax report recall_vs_state --scale cpu
 Runtime:  smoke ~2 min; cpu: 5 families x 3 knob values x 3 seeds x 1000 steps on MQAR at 32 tokens,
           3 pairs and a 64-token vocabulary (a shape a d=64 attention model learns on a CPU budget; 4
-          pairs does not, see mqar_capacity), ~30 min on 2 cores with one --shard per core.
+          pairs does not, see mqar_capacity), ~35 min on 2 cores with one --shard per core (measured:
+          64 core-minutes of training; Mamba cells take 3-4 min each).
 Expected: attention's state grows with length and it recalls best; at equal state, input-dependent
           recurrences (GLA, Mamba) beat linear attention; sliding window is worst at equal state (Based).
 """
