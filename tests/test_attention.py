@@ -13,49 +13,35 @@ from cfm_jax.layers.common import rope
 from cfm_jax.registry import LayerContext
 
 
-@pytest.mark.parametrize("heads,kv_heads,seq", [(4, 4, 63), (4, 2, 17), (6, 1, 8)])
-def test_fast_matches_reference(heads, kv_heads, seq):
-    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+def assert_matches_reference(fast, heads: int, kv_heads: int, seq: int, seed: int) -> None:
+    """fast(q, k, v) == attention_reference on random inputs: outputs and gradients of sum(sin(out))."""
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
     q = jax.random.normal(k1, (2, seq, heads, 8))
     k = jax.random.normal(k2, (2, seq, kv_heads, 8))
     v = jax.random.normal(k3, (2, seq, kv_heads, 8))
-    np.testing.assert_allclose(_attend(q, k, v), attention_reference(q, k, v), rtol=1e-5, atol=1e-5)
-    loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
-    g_fast = jax.grad(loss(_attend), argnums=(0, 1, 2))(q, k, v)
-    g_ref = jax.grad(loss(attention_reference), argnums=(0, 1, 2))(q, k, v)
-    for a, b in zip(g_fast, g_ref):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("heads,kv_heads,seq,chunk", [(4, 2, 63, 16), (2, 2, 40, 40), (2, 1, 33, 8)])
-def test_chunked_matches_reference(heads, kv_heads, seq, chunk):
-    k1, k2, k3 = jax.random.split(jax.random.key(4), 3)
-    q = jax.random.normal(k1, (2, seq, heads, 8))
-    k = jax.random.normal(k2, (2, seq, kv_heads, 8))
-    v = jax.random.normal(k3, (2, seq, kv_heads, 8))
-    np.testing.assert_allclose(_attend(q, k, v, chunk), attention_reference(q, k, v), rtol=1e-5, atol=1e-5)
-    loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
-    g_chunk = jax.grad(loss(lambda *a: _attend(*a, chunk)), argnums=(0, 1, 2))(q, k, v)
-    g_ref = jax.grad(loss(attention_reference), argnums=(0, 1, 2))(q, k, v)
-    for a, b in zip(g_chunk, g_ref):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("heads,kv_heads,seq,block", [(4, 2, 63, 16), (2, 2, 40, 8), (2, 1, 33, 32), (4, 4, 16, 16)])
-def test_block_causal_matches_reference(heads, kv_heads, seq, block):
-    """Query blocks reading only their key prefix (last block partial, or a single block) == the plain
-    masked square, outputs and gradients."""
-    k1, k2, k3 = jax.random.split(jax.random.key(5), 3)
-    q = jax.random.normal(k1, (2, seq, heads, 8))
-    k = jax.random.normal(k2, (2, seq, kv_heads, 8))
-    v = jax.random.normal(k3, (2, seq, kv_heads, 8))
-    fast = lambda *a: _attend(*a, causal_block=block)
     np.testing.assert_allclose(fast(q, k, v), attention_reference(q, k, v), rtol=1e-5, atol=1e-5)
     loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
     g_fast = jax.grad(loss(fast), argnums=(0, 1, 2))(q, k, v)
     g_ref = jax.grad(loss(attention_reference), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g_fast, g_ref):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads,seq", [(4, 4, 63), (4, 2, 17), (6, 1, 8)])
+def test_fast_matches_reference(heads, kv_heads, seq):
+    assert_matches_reference(_attend, heads, kv_heads, seq, seed=0)
+
+
+@pytest.mark.parametrize("heads,kv_heads,seq,chunk", [(4, 2, 63, 16), (2, 2, 40, 40), (2, 1, 33, 8)])
+def test_chunked_matches_reference(heads, kv_heads, seq, chunk):
+    assert_matches_reference(lambda *a: _attend(*a, chunk), heads, kv_heads, seq, seed=4)
+
+
+@pytest.mark.parametrize("heads,kv_heads,seq,block", [(4, 2, 63, 16), (2, 2, 40, 8), (2, 1, 33, 32), (4, 4, 16, 16)])
+def test_block_causal_matches_reference(heads, kv_heads, seq, block):
+    """Query blocks reading only their key prefix (last block partial, or a single block) == the plain
+    masked square, outputs and gradients."""
+    assert_matches_reference(lambda *a: _attend(*a, causal_block=block), heads, kv_heads, seq, seed=5)
 
 
 def test_rope_is_relative():
