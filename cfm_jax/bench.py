@@ -110,6 +110,23 @@ def train_step_bench(cfg: ModelConfig, batch: int, seq: int, reps: int, ceiling:
     }
 
 
+def mixer_bench(cfg: ModelConfig, batch: int, seq: int, reps: int) -> dict:
+    """One mixer layer's forward + backward alone at the training shape, scaled to all layers: how
+    much of the step the sequence mixer takes, and the FLOP rate its own work reaches."""
+    ctx = LayerContext(d_model=cfg.d_model, n_layers=cfg.n_layers, layer=0, init_std=0.02)
+    module = registry.build(cfg.mixer, ctx, nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+    def loss(p, x):
+        y, _ = nnx.merge(graphdef, p, rest)(x)
+        return jnp.mean(y.astype(jnp.float32) ** 2)
+
+    x = jax.random.normal(jax.random.key(2), (batch, seq, cfg.d_model))
+    seconds = timed(jax.jit(jax.grad(loss)), params, x, reps=reps) * cfg.n_layers
+    flops = 3 * module.flops_per_token(max(1, seq // 2)) * batch * seq * cfg.n_layers
+    return {"mixer_s": seconds, "mixer_flops_per_s": flops / seconds}
+
+
 def variants() -> list[tuple[str, ModelConfig]]:
     """Every ffn kind with attention, every mixer kind with the dense FFN (default configs)."""
     out = []
@@ -128,6 +145,7 @@ def suite_train(s: dict, ceiling: float | None) -> dict:
         try:
             cfg.validate()
             results[name] = train_step_bench(cfg, s["batch"], s["seq"], s["reps"], ceiling)
+            results[name].update(mixer_bench(cfg, s["batch"], s["seq"], s["reps"]))
         except UserError as e:
             results[name] = {"skipped": str(e)}
     dense = results.get("ffn=dense", {}).get("mfu")
@@ -148,14 +166,15 @@ def suite_torch(s: dict) -> dict:
     """The dense transformer's training step here vs a plain PyTorch eager twin, side by side."""
     from cfm_jax.bench_torch import train_step_seconds
 
-    torch_r = train_step_seconds(s["d"], s["layers"], s["seq"], s["batch"], VOCAB, s["reps"])
+    torch_r = train_step_seconds(s["d"], s["layers"], s["seq"], s["batch"], VOCAB, s["reps"], matmul=s["matmul"])
     if "skipped" in torch_r:
         return torch_r
     cfg = ModelConfig(d_model=s["d"], n_layers=s["layers"])
     ours = train_step_bench(cfg, s["batch"], s["seq"], s["reps"], None)
+    xla_matmul = ceilings({**s, "copy_mb": 1})["matmul_float32_flops"]  # side by side with torch's
     ours_params = sum(x.size for x in jax.tree.leaves(nnx.state(LanguageModel(cfg, VOCAB, rngs=nnx.Rngs(0)), nnx.Param)))
     return {"torch": torch_r, "jax_step_s": ours["step_s"], "jax_params": int(ours_params),
-            "torch_vs_jax_time": torch_r["step_s"] / ours["step_s"]}
+            "torch_vs_jax_time": torch_r["step_s"] / ours["step_s"], "jax_matmul_flops": xla_matmul}
 
 
 def suite_seqlen(s: dict) -> dict:
@@ -171,6 +190,7 @@ def suite_seqlen(s: dict) -> dict:
         for length in s["lengths"]:
             batch = max(1, s["tokens"] // length)
             rows[str(length)] = train_step_bench(cfg, batch, length, max(1, s["reps"] // 2), None)
+            rows[str(length)].update(mixer_bench(cfg, batch, length, max(1, s["reps"] // 2)))
         first, last = rows[str(s["lengths"][0])], rows[str(s["lengths"][-1])]
         rows["time_ratio_longest_vs_shortest"] = last["step_s"] / first["step_s"]
         results[kind] = rows
@@ -378,25 +398,33 @@ def to_markdown(result: dict, command: str) -> str:
                   f"| {c['matmul_float32_flops'] / 1e9:.1f} GFLOP/s | {c['matmul_bfloat16_flops'] / 1e9:.1f} GFLOP/s | "
                   f"{c['copy_bytes_per_s'] / 1e9:.1f} GB/s |", ""]
     if "train" in result:
-        lines += ["## Training step per variant", "", "| variant | step (s) | tokens/s | MFU | MFU / dense | compile (s) | memory (MB) |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["## Training step per variant", "",
+                  "`mixer alone`: the sequence mixer's forward + backward timed by itself at the same shape, times "
+                  "the layer count, and the FLOP rate of its own work: where a variant's step time goes.", "",
+                  "| variant | step (s) | tokens/s | MFU | MFU / dense | compile (s) | memory (MB) | mixer alone (s) "
+                  "| mixer GFLOP/s |", "|---|---|---|---|---|---|---|---|---|"]
         for name, r in result["train"].items():
             if "skipped" in r:
-                lines.append(f"| {name} | skipped: {r['skipped']} | | | | | |")
+                lines.append(f"| {name} | skipped: {r['skipped']} | | | | | | | |")
                 continue
             mem = r["memory_bytes"] / 2**20 if r["memory_bytes"] else None
+            rate = r["mixer_flops_per_s"] / 1e9 if r.get("mixer_flops_per_s") else None
             lines.append(f"| {name} | {f(r['step_s'])} | {f(r['tokens_per_s'], '.0f')} | {f(r['mfu'], '.1%')} | "
-                         f"{f(r.get('mfu_vs_dense'), '.2f')} | {f(r['compile_s'], '.1f')} | {f(mem, '.0f')} |")
+                         f"{f(r.get('mfu_vs_dense'), '.2f')} | {f(r['compile_s'], '.1f')} | {f(mem, '.0f')} | "
+                         f"{f(r.get('mixer_s'))} | {f(rate, '.0f')} |")
         lines.append("")
     if "seqlen" in result:
         lengths = [k for k in next(iter(result["seqlen"].values())) if k.isdigit()] if result["seqlen"] else []
         lines += ["## Sequence-length scaling (constant tokens per batch)", "",
-                  "| mixer | " + " | ".join(f"step s / MB @ {n}" for n in lengths) + " | time ratio |",
+                  "Each cell: training step seconds / compiled memory MB (the mixer layers' forward + backward "
+                  "alone, seconds).", "",
+                  "| mixer | " + " | ".join(f"@ {n}" for n in lengths) + " | time ratio |",
                   "|---|" + "---|" * (len(lengths) + 1)]
         for kind, rows in result["seqlen"].items():
             if "skipped" in rows:
                 continue
-            cells = [f"{f(rows[n]['step_s'])} / {f((rows[n]['memory_bytes'] or 0) / 2**20, '.0f')}" for n in lengths]
+            cells = [f"{f(rows[n]['step_s'])} / {f((rows[n]['memory_bytes'] or 0) / 2**20, '.0f')}"
+                     + (f" ({f(rows[n]['mixer_s'])})" if "mixer_s" in rows[n] else "") for n in lengths]
             lines.append(f"| {kind} | " + " | ".join(cells) + f" | {f(rows['time_ratio_longest_vs_shortest'], '.2f')} |")
         lines.append("")
     if "decode" in result:
@@ -435,7 +463,12 @@ def to_markdown(result: dict, command: str) -> str:
             lines += [f"PyTorch {t['torch']['torch_version']} ({t['torch']['threads']} threads, {t['torch']['params']} "
                       f"parameters): {t['torch']['step_s'] * 1e3:.0f} ms per step; ours ({t['jax_params']} parameters): "
                       f"{t['jax_step_s'] * 1e3:.0f} ms. PyTorch time / ours = {t['torch_vs_jax_time']:.2f} "
-                      "(above 1: ours is faster).", ""]
+                      "(above 1: ours is faster)."]
+            if "matmul_flops" in t["torch"] and "jax_matmul_flops" in t:
+                lines += ["", f"The two matmul libraries on this machine, same run, fp32 {result['sizes']['matmul']}^2: "
+                          f"PyTorch {t['torch']['matmul_flops'] / 1e9:.0f} GFLOP/s, XLA {t['jax_matmul_flops'] / 1e9:.0f} "
+                          f"GFLOP/s (PyTorch / XLA = {t['torch']['matmul_flops'] / t['jax_matmul_flops']:.2f})."]
+            lines.append("")
     if "moe" in result and "skipped" not in result["moe"]:
         m = result["moe"]
         lines += ["## MoE layer vs dense FFN of equal active parameters (forward + backward)", "",

@@ -57,7 +57,22 @@ def _model(d: int, layers: int, vocab: int, heads: int, d_ff: int):
     return LM()
 
 
-def train_step_seconds(d: int, layers: int, seq: int, batch: int, vocab: int, reps: int, heads: int = 4) -> dict:
+def matmul_flops(n: int, reps: int) -> float:
+    """fp32 FLOP/s of PyTorch's n x n matmul (median of reps after one warm-up)."""
+    import torch
+
+    a = torch.randn(n, n)
+    a @ a
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def train_step_seconds(d: int, layers: int, seq: int, batch: int, vocab: int, reps: int, heads: int = 4,
+                       matmul: int | None = None) -> dict:
     """Median seconds of one eager AdamW training step (after two warm-up steps), or {'skipped': why}."""
     try:
         import torch
@@ -87,5 +102,8 @@ def train_step_seconds(d: int, layers: int, seq: int, batch: int, vocab: int, re
         step()
         times.append(time.perf_counter() - t0)
     seconds = statistics.median(times)
-    return {"step_s": seconds, "tokens_per_s": batch * seq / seconds, "torch_version": torch.__version__,
-            "threads": torch.get_num_threads(), "params": sum(p.numel() for p in model.parameters())}
+    out = {"step_s": seconds, "tokens_per_s": batch * seq / seconds, "torch_version": torch.__version__,
+           "threads": torch.get_num_threads(), "params": sum(p.numel() for p in model.parameters())}
+    if matmul:
+        out["matmul_flops"] = matmul_flops(matmul, reps)
+    return out

@@ -55,3 +55,35 @@ def test_flops_accounting_matches_xla_cost_analysis():
     xla_flops = xla["flops"] if isinstance(xla, dict) else xla[0]["flops"]
     analytic = bench.model_flops_per_token(model, seq) * batch * seq
     assert 0.8 < xla_flops / analytic < 1.25, (xla_flops, analytic)
+
+
+def test_mixer_alone_timing_scales_to_all_layers_and_is_reported():
+    import jax
+
+    from cfm_jax import registry
+    from cfm_jax.config import ModelConfig
+
+    cfg = ModelConfig(d_model=32, n_layers=3, mixer=registry.default_config("mixer", "mamba"))
+    r = bench.mixer_bench(cfg, batch=2, seq=16, reps=1)
+    assert r["mixer_s"] > 0 and r["mixer_flops_per_s"] > 0
+    one_layer = bench.mixer_bench(ModelConfig(d_model=32, n_layers=1, mixer=cfg.mixer), batch=2, seq=16, reps=1)
+    flops = lambda x: x["mixer_flops_per_s"] * x["mixer_s"]  # the work counted: three layers, three times one
+    assert abs(flops(r) / flops(one_layer) - 3) < 1e-9
+    result = {"scale": "smoke", "backend": jax.default_backend(), "device": "cpu", "cpu_count": 2, "machine": "x",
+              "jax_version": jax.__version__, "train": {"mixer=mamba": {
+                  "step_s": 1.0, "tokens_per_s": 10.0, "mfu": 0.1, "compile_s": 1.0, "memory_bytes": 2**20, **r}}}
+    md = bench.to_markdown(result, "cfm-jax bench --suite train --scale smoke")
+    assert "mixer alone (s)" in md and f"{r['mixer_s']:.3g}" in md
+
+
+def test_default_xla_flags_are_added_once_and_a_user_setting_wins(monkeypatch):
+    import cfm_jax
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    cfm_jax._add_default_xla_flags()
+    cfm_jax._add_default_xla_flags()
+    flags = __import__("os").environ["XLA_FLAGS"].split()
+    assert flags == ["--xla_force_host_platform_device_count=8", *cfm_jax.CPU_XLA_FLAGS]
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_copy_insertion_use_region_analysis=false")
+    cfm_jax._add_default_xla_flags()
+    assert __import__("os").environ["XLA_FLAGS"] == "--xla_cpu_copy_insertion_use_region_analysis=false"
