@@ -57,3 +57,27 @@ def test_experiment_smoke_sweep_and_report(tmp_path, name):
     assert all(r["step"] == "20" or r["step"] == "30" for r in rows)
     if experiment.plot_fn is not None:
         assert (tmp_path / "results" / f"{name}_smoke.png").stat().st_size > 0
+
+
+def test_long_context_reading_tests_the_claims_from_the_numbers():
+    """The reading sorts models into learned / partly / at chance per task and gives each published
+    claim a verdict computed from the table (synthetic rows: attention extrapolates badly, the GLA
+    hybrid beats plain GLA, a recurrence beats the hybrid)."""
+    reading = load_experiment("long_context").reading_fn
+
+    def row(cell, *accs, eff=64):
+        r = {"cell": cell, "effective_length": eff, "command": "cfm-jax train model.mixer.window=16"}
+        r.update({f"len{64 * k}/accuracy": a for k, a in zip((1, 2, 4, 8), accs)})
+        return r
+
+    table = [row("attention-passkey", 1.0, 0.9, 0.6, 0.3), row("sliding_window-passkey", 0.5, 0.3, 0.2, 0.15),
+             row("gla-passkey", 0.1, 0.1, 0.1, 0.1, eff=0), row("hybrid_gla-passkey", 0.6, 0.5, 0.4, 0.3),
+             row("rwkv-passkey", 1.0, 1.0, 0.99, 0.9, eff=512)]
+    text = reading(table)
+    assert "passkey 0.10" in text  # chance: one of 10 digits
+    assert "at chance: gla." in text and "learned by attention 1.00 -> 0.30" in text
+    assert "RoPE extrapolation): 1.00 -> 0.30: agrees" in text
+    assert "a window of 16 cannot reach" in text and "0.50 vs 1.00: agrees" in text
+    assert "(hybrid_gla above gla): 0.60 vs 0.10: agrees" in text
+    assert "hybrid over recurrence disagrees" in text  # rwkv 1.00 beats the hybrid's 0.60
+    assert reading.__globals__["chance"]("niah_single", 64) == 1 / 16  # one of the 16 value tokens
