@@ -87,3 +87,17 @@ def test_default_xla_flags_are_added_once_and_a_user_setting_wins(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_copy_insertion_use_region_analysis=false")
     cfm_jax._add_default_xla_flags()
     assert __import__("os").environ["XLA_FLAGS"] == "--xla_cpu_copy_insertion_use_region_analysis=false"
+
+
+def test_installed_package_sets_the_flags_when_imported_from_anywhere(tmp_path):
+    """The console script imports cfm_jax through the install, not the repo directory: its __init__
+    (which adds the flags) must run there too (a namespace-package install would skip it)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", "import cfm_jax.cli, os; print(os.environ['XLA_FLAGS'])"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
+    import cfm_jax
+
+    assert out.split() == list(cfm_jax.CPU_XLA_FLAGS)
