@@ -172,9 +172,27 @@ def suite_torch(s: dict) -> dict:
     cfg = ModelConfig(d_model=s["d"], n_layers=s["layers"])
     ours = train_step_bench(cfg, s["batch"], s["seq"], s["reps"], None)
     xla_matmul = ceilings({**s, "copy_mb": 1})["matmul_float32_flops"]  # side by side with torch's
+    sublayers = sublayer_seconds(cfg, s["batch"], s["seq"], s["reps"])
     ours_params = sum(x.size for x in jax.tree.leaves(nnx.state(LanguageModel(cfg, VOCAB, rngs=nnx.Rngs(0)), nnx.Param)))
     return {"torch": torch_r, "jax_step_s": ours["step_s"], "jax_params": int(ours_params),
-            "torch_vs_jax_time": torch_r["step_s"] / ours["step_s"], "jax_matmul_flops": xla_matmul}
+            "torch_vs_jax_time": torch_r["step_s"] / ours["step_s"], "jax_matmul_flops": xla_matmul,
+            "jax_sublayer_s": sublayers}
+
+
+def sublayer_seconds(cfg: ModelConfig, batch: int, seq: int, reps: int) -> dict:
+    """Forward + backward seconds of one block's mixer and FFN on (batch, seq, d) inputs (the PyTorch
+    twin's `sublayer_seconds`, side by side)."""
+    block = LanguageModel(cfg, VOCAB, rngs=nnx.Rngs(0)).blocks[0]
+    x = jax.random.normal(jax.random.key(2), (batch, seq, cfg.d_model))
+    out = {}
+    for name, module in (("attention", block.mixer), ("ffn", block.ffn)):
+        graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+        def loss(p, x, graphdef=graphdef, rest=rest):
+            return jnp.mean(nnx.merge(graphdef, p, rest)(x)[0] ** 2)
+
+        out[name] = timed(jax.jit(jax.grad(loss, argnums=(0, 1))), params, x, reps=reps)
+    return out
 
 
 def suite_seqlen(s: dict) -> dict:
@@ -468,6 +486,12 @@ def to_markdown(result: dict, command: str) -> str:
                 lines += ["", f"The two matmul libraries on this machine, same run, fp32 {result['sizes']['matmul']}^2: "
                           f"PyTorch {t['torch']['matmul_flops'] / 1e9:.0f} GFLOP/s, XLA {t['jax_matmul_flops'] / 1e9:.0f} "
                           f"GFLOP/s (PyTorch / XLA = {t['torch']['matmul_flops'] / t['jax_matmul_flops']:.2f})."]
+            if "sublayer_s" in t["torch"] and "jax_sublayer_s" in t:
+                lines += ["", "One block's sublayers, forward + backward at the training shape (no norms), same run:", "",
+                          "| sublayer | PyTorch (ms) | ours (ms) | PyTorch / ours |", "|---|---|---|---|"]
+                for name, ours in t["jax_sublayer_s"].items():
+                    theirs = t["torch"]["sublayer_s"][name]
+                    lines.append(f"| {name} | {theirs * 1e3:.1f} | {ours * 1e3:.1f} | {theirs / ours:.2f} |")
             lines.append("")
     if "moe" in result and "skipped" not in result["moe"]:
         m = result["moe"]

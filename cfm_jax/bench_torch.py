@@ -57,18 +57,56 @@ def _model(d: int, layers: int, vocab: int, heads: int, d_ff: int):
     return LM()
 
 
+def _median_seconds(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def sublayer_seconds(d: int, seq: int, batch: int, reps: int, heads: int = 4) -> dict:
+    """Forward + backward seconds of one block's attention and SwiGLU FFN sublayers (without their
+    norms), as in `_model`, on (batch, seq, d) inputs: where a step-time gap to PyTorch comes from."""
+    import torch
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    d_ff, hd = -(-(8 * d // 3) // 8) * 8, d // heads
+    block = _model(d, 1, 16, heads, d_ff).blocks[0]
+    x = torch.randn(batch, seq, d, requires_grad=True)
+    angles = torch.arange(seq, dtype=torch.float32)[:, None] * 10000.0 ** (-torch.arange(0, hd // 2) * 2 / hd)[None]
+    cos, sin = angles.cos(), angles.sin()
+
+    def rope(t):
+        t1, t2 = t.chunk(2, dim=-1)
+        return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], dim=-1)
+
+    def attention(x):
+        q, k, v = block.qkv(x).view(batch, seq, 3, heads, hd).transpose(1, 3).unbind(2)
+        y = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
+        return block.o(y.transpose(1, 2).reshape(batch, seq, d))
+
+    def ffn(x):
+        g, u = block.gate_up(x).chunk(2, dim=-1)
+        return block.down(F.silu(g) * u)
+
+    def fwd_bwd(fn):
+        block.zero_grad(set_to_none=True)
+        x.grad = None
+        (fn(x) ** 2).mean().backward()
+
+    return {name: _median_seconds(lambda fn=fn: fwd_bwd(fn), reps) for name, fn in (("attention", attention), ("ffn", ffn))}
+
+
 def matmul_flops(n: int, reps: int) -> float:
     """fp32 FLOP/s of PyTorch's n x n matmul (median of reps after one warm-up)."""
     import torch
 
     a = torch.randn(n, n)
-    a @ a
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ a
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times)
+    return 2 * n**3 / _median_seconds(lambda: a @ a, reps)
 
 
 def train_step_seconds(d: int, layers: int, seq: int, batch: int, vocab: int, reps: int, heads: int = 4,
@@ -106,4 +144,5 @@ def train_step_seconds(d: int, layers: int, seq: int, batch: int, vocab: int, re
            "threads": torch.get_num_threads(), "params": sum(p.numel() for p in model.parameters())}
     if matmul:
         out["matmul_flops"] = matmul_flops(matmul, reps)
+    out["sublayer_s"] = sublayer_seconds(d, seq, batch, reps, heads)
     return out
