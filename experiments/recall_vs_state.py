@@ -2,12 +2,12 @@
 knob that sets each mixer's state (window, key dim, d_state, heads).
 
 Command:  cfm-jax sweep recall_vs_state --scale cpu && cfm-jax report recall_vs_state --scale cpu
-Runtime:  smoke ~2 min; cpu: 5 families x 3 knob values x 3 seeds x 1000 steps on MQAR at 32 tokens,
+Runtime:  smoke ~2 min; cpu: 6 families x 3 knob values x 3 seeds x 1000 steps on MQAR at 32 tokens,
           3 pairs and a 64-token vocabulary (a shape a d=64 attention model learns on a CPU budget; 4
-          pairs does not, see mqar_capacity), ~35 min on 2 cores with one --shard per core (measured:
-          64 core-minutes of training; Mamba cells take 3-4 min each).
+          pairs does not, see mqar_capacity), ~42 min on 2 cores with one --shard per core (measured:
+          83 core-minutes of training, 19 of them RWKV's; Mamba cells take 3-4 min each).
 Expected: attention's state grows with length and it recalls best; at equal state, input-dependent
-          recurrences (GLA, Mamba) beat linear attention; sliding window is worst at equal state (Based).
+          recurrences (GLA, Mamba, RWKV) beat linear attention; sliding window is worst at equal state (Based).
 """
 
 import re
@@ -20,6 +20,7 @@ KNOBS = {  # family -> (knob override template, values)
     "linear_attention": ("model.mixer.d_key={}", (4, 8, 16)),
     "gla": ("model.mixer.expand_k={}", (0.25, 0.5, 1.0)),
     "mamba": ("model.mixer.d_state={}", (4, 8, 16)),
+    "rwkv": ("model.mixer.n_heads={}", (16, 8, 4)),  # head size d_model / n_heads: state d_model x head size
 }
 SIZES = {"smoke": dict(steps=30, values=1, L=128, kv=8, vocab=512), "cpu": dict(steps=1000, values=3, L=32, kv=3, vocab=64),
          "full": dict(steps=5000, values=3, L=512, kv=32, vocab=8192)}
@@ -99,8 +100,9 @@ def reading(table):
               "The Based paper's claims, each tested at equal state (best accuracy of each family with at most "
               "the smallest state budget at which both have a point):"]
     families = {parse_cell(c)["kind"] for _, _, c in pts}
-    claims = [("gla", "linear_attention"), ("mamba", "linear_attention"), ("attention", "sliding_window"),
-              ("gla", "sliding_window"), ("mamba", "sliding_window")]
+    claims = [("gla", "linear_attention"), ("mamba", "linear_attention"), ("rwkv", "linear_attention"),
+              ("attention", "sliding_window"), ("gla", "sliding_window"), ("mamba", "sliding_window"),
+              ("rwkv", "sliding_window")]
     for better, worse in claims:
         if better in families and worse in families:
             lines.append(f"- {_compare(pts, better, worse, chance)}")
