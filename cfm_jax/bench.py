@@ -110,19 +110,25 @@ def train_step_bench(cfg: ModelConfig, batch: int, seq: int, reps: int, ceiling:
     }
 
 
-def mixer_bench(cfg: ModelConfig, batch: int, seq: int, reps: int) -> dict:
-    """One mixer layer's forward + backward alone at the training shape, scaled to all layers: how
-    much of the step the sequence mixer takes, and the FLOP rate its own work reaches."""
-    ctx = LayerContext(d_model=cfg.d_model, n_layers=cfg.n_layers, layer=0, init_std=0.02)
-    module = registry.build(cfg.mixer, ctx, nnx.Rngs(0))
+def fwd_bwd_seconds(module, x: jax.Array, reps: int, argnums=0) -> float:
+    """Median seconds of the gradient of mean(y^2) for one module (x -> (y, aux)), with respect to its
+    parameters (argnums 0) or parameters and input ((0, 1))."""
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
 
     def loss(p, x):
         y, _ = nnx.merge(graphdef, p, rest)(x)
         return jnp.mean(y.astype(jnp.float32) ** 2)
 
+    return timed(jax.jit(jax.grad(loss, argnums=argnums)), params, x, reps=reps)
+
+
+def mixer_bench(cfg: ModelConfig, batch: int, seq: int, reps: int) -> dict:
+    """One mixer layer's forward + backward (parameter gradients) alone at the training shape, scaled
+    to all layers: how much of the step the sequence mixer takes, and the FLOP rate of its own work."""
+    ctx = LayerContext(d_model=cfg.d_model, n_layers=cfg.n_layers, layer=0, init_std=0.02)
+    module = registry.build(cfg.mixer, ctx, nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(2), (batch, seq, cfg.d_model))
-    seconds = timed(jax.jit(jax.grad(loss)), params, x, reps=reps) * cfg.n_layers
+    seconds = fwd_bwd_seconds(module, x, reps) * cfg.n_layers
     flops = 3 * module.flops_per_token(max(1, seq // 2)) * batch * seq * cfg.n_layers
     return {"mixer_s": seconds, "mixer_flops_per_s": flops / seconds}
 
@@ -184,15 +190,8 @@ def sublayer_seconds(cfg: ModelConfig, batch: int, seq: int, reps: int) -> dict:
     twin's `sublayer_seconds`, side by side)."""
     block = LanguageModel(cfg, VOCAB, rngs=nnx.Rngs(0)).blocks[0]
     x = jax.random.normal(jax.random.key(2), (batch, seq, cfg.d_model))
-    out = {}
-    for name, module in (("attention", block.mixer), ("ffn", block.ffn)):
-        graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-
-        def loss(p, x, graphdef=graphdef, rest=rest):
-            return jnp.mean(nnx.merge(graphdef, p, rest)(x)[0] ** 2)
-
-        out[name] = timed(jax.jit(jax.grad(loss, argnums=(0, 1))), params, x, reps=reps)
-    return out
+    return {name: fwd_bwd_seconds(module, x, reps, argnums=(0, 1)) for name, module in
+            (("attention", block.mixer), ("ffn", block.ffn))}
 
 
 def suite_seqlen(s: dict) -> dict:
