@@ -132,14 +132,8 @@ def train_step_seconds(d: int, layers: int, seq: int, batch: int, vocab: int, re
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    seconds = statistics.median(times)
+    step()  # a second warm-up step is _median_seconds' own
+    seconds = _median_seconds(step, reps)
     out = {"step_s": seconds, "tokens_per_s": batch * seq / seconds, "torch_version": torch.__version__,
            "threads": torch.get_num_threads(), "params": sum(p.numel() for p in model.parameters())}
     if matmul:
