@@ -21,7 +21,7 @@ from flax import nnx
 
 from cfm_jax.errors import UserError
 from cfm_jax.layers.attention import FP32_BYTES
-from cfm_jax.layers.common import linear, make_aux, normal_init, output_init
+from cfm_jax.layers.common import RMSNorm, linear, make_aux, normal_init, output_init
 from cfm_jax.registry import LayerContext, SlotConfig, register
 
 FeatureMap = Literal["elu1", "identity", "taylor"]
@@ -137,7 +137,7 @@ class LinearAttention(nnx.Module):
         self.k_proj = linear(d, self.n_heads * self.d_key, init, rngs)
         self.v_proj = linear(d, self.n_heads * self.head_dim, init, rngs)
         self.o_proj = linear(self.n_heads * self.head_dim, d, output_init(ctx), rngs)
-        self.out_norm = nnx.RMSNorm(self.head_dim, rngs=rngs) if cfg.normalize == "rms" else None
+        self.out_norm = RMSNorm(self.head_dim, rngs=rngs) if cfg.normalize == "rms" else None
 
     def _features(self, x: jax.Array):
         """x: (B, L, d_model) -> phi(q), phi(k): (B, L, H, F) fp32; v: (B, L, H, value_dim) fp32."""

@@ -21,7 +21,7 @@ from flax import nnx
 
 from cfm_jax.errors import UserError
 from cfm_jax.layers.attention import FP32_BYTES, _attend, check_causal_block
-from cfm_jax.layers.common import linear, make_aux, normal_init, output_init, rope
+from cfm_jax.layers.common import RMSNorm, linear, make_aux, normal_init, output_init, rope
 from cfm_jax.registry import LayerContext, SlotConfig, register
 
 
@@ -62,7 +62,7 @@ class MLA(nnx.Module):
         init = normal_init(ctx.init_std)
         self.q_proj = linear(d, h * (hd + r), init, rngs)  # [nope | rope] per head
         self.kv_down = linear(d, c + r, init, rngs)  # [latent | shared rope key]
-        self.kv_norm = nnx.RMSNorm(c, rngs=rngs)
+        self.kv_norm = RMSNorm(c, rngs=rngs)
         self.k_up = nnx.Param(init(rngs.params(), (c, h, hd)))  # W_uk: latent -> per-head key
         self.v_up = nnx.Param(init(rngs.params(), (c, h, hd)))  # W_uv: latent -> per-head value
         self.o_proj = linear(h * hd, d, output_init(ctx), rngs)

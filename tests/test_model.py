@@ -5,9 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from cfm_jax.config import resolve
+from cfm_jax.layers.common import Linear, RMSNorm
 from cfm_jax.layers.model import LanguageModel, collect_aux, param_counts
 
 
@@ -75,3 +77,23 @@ def test_efficiency_accounting_uses_measured_activity():
     d, f = 32, 128  # relu: up (selector, always read) + down (read for active neurons only)
     expected = param_counts(sparse)["params_non_embedding"] - 2 * 2 * d * f + 2 * d * f + 0.5 * d * f
     assert efficiency(sparse, stats)["params_active_per_token"] == expected
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 16), (3, 5, 16), (2, 3, 4, 16), (16,)])
+def test_flattening_linear_and_rmsnorm_match_flax(shape):
+    """The 2-D-view Linear and RMSNorm (a CPU speed fix) compute what nnx.Linear / nnx.RMSNorm do:
+    same parameters, same outputs and input gradients on random inputs of any rank."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    pairs = [(Linear(16, 8, rngs=nnx.Rngs(1)), nnx.Linear(16, 8, rngs=nnx.Rngs(1))),
+             (RMSNorm(16, rngs=nnx.Rngs(1)), nnx.RMSNorm(16, rngs=nnx.Rngs(1)))]
+    for ours, flax_module in pairs:
+        # A non-trivial RMSNorm scale, so its gradient path is exercised too.
+        for m in (ours, flax_module):
+            for path, p in nnx.iter_graph(m):
+                if isinstance(p, nnx.Param):
+                    p[...] = p[...] + 0.1 * jnp.arange(p.size, dtype=p.dtype).reshape(p.shape)
+        assert jax.tree.structure(nnx.state(ours)) == jax.tree.structure(nnx.state(flax_module))
+        np.testing.assert_allclose(ours(x), flax_module(x), rtol=1e-5, atol=1e-6)
+        g_ours = jax.grad(lambda x: jnp.sum(jnp.sin(ours(x))))(x)
+        g_flax = jax.grad(lambda x: jnp.sum(jnp.sin(flax_module(x))))(x)
+        np.testing.assert_allclose(g_ours, g_flax, rtol=1e-5, atol=1e-6)

@@ -6,15 +6,15 @@ import jax
 from flax import nnx
 
 from cfm_jax import registry
-from cfm_jax.layers.common import make_aux
+from cfm_jax.layers.common import RMSNorm, make_aux
 from cfm_jax.registry import LayerContext, SlotConfig
 
 
 class Block(nnx.Module):
     def __init__(self, mixer: SlotConfig, ffn: SlotConfig, ctx: LayerContext, norm_eps: float, *, rngs: nnx.Rngs):
-        self.mixer_norm = nnx.RMSNorm(ctx.d_model, epsilon=norm_eps, rngs=rngs)
+        self.mixer_norm = RMSNorm(ctx.d_model, epsilon=norm_eps, rngs=rngs)
         self.mixer = registry.build(mixer, ctx, rngs)
-        self.ffn_norm = nnx.RMSNorm(ctx.d_model, epsilon=norm_eps, rngs=rngs)
+        self.ffn_norm = RMSNorm(ctx.d_model, epsilon=norm_eps, rngs=rngs)
         self.ffn = registry.build(ffn, ctx, rngs)
 
     def __call__(self, x: jax.Array, neuron_hook=None):

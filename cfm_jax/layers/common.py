@@ -51,6 +51,20 @@ class Linear(nnx.Linear):
         return super().__call__(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)
 
 
+class RMSNorm(nnx.RMSNorm):
+    """nnx.RMSNorm that normalizes a 2-D view of its input: x (..., d) -> (..., d).
+
+    Same parameter (scale) and result as nnx.RMSNorm. Why: on XLA:CPU the backward pass of a
+    (1, seq, d) input fuses the row reduction into a loop that recomputes it per element, 6x slower
+    than at (16, seq / 16, d) or (seq, d) (at seq 16384, d 512: 0.30 s vs 0.05 s); the 2-D view
+    keeps batch-1 long-sequence training as fast as batched training.
+    """
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        flat_mask = None if mask is None else mask.reshape(-1, mask.shape[-1])
+        return super().__call__(x.reshape(-1, x.shape[-1]), flat_mask).reshape(x.shape)
+
+
 def linear(d_in: int, d_out: int, init, rngs: nnx.Rngs) -> nnx.Linear:
     return Linear(d_in, d_out, use_bias=False, kernel_init=init, rngs=rngs)
 

@@ -11,7 +11,7 @@ from flax import nnx
 
 from cfm_jax.config import ModelConfig
 from cfm_jax.layers.block import Block
-from cfm_jax.layers.common import Linear, normal_init
+from cfm_jax.layers.common import Linear, RMSNorm, normal_init
 from cfm_jax.registry import LayerContext
 
 
@@ -24,7 +24,7 @@ class LanguageModel(nnx.Module):
             Block(cfg.layer_mixer(i), cfg.ffn, LayerContext(d, cfg.n_layers, i, cfg.init_std), cfg.norm_eps, rngs=rngs)
             for i in range(cfg.n_layers)
         )
-        self.final_norm = nnx.RMSNorm(d, epsilon=cfg.norm_eps, rngs=rngs)
+        self.final_norm = RMSNorm(d, epsilon=cfg.norm_eps, rngs=rngs)
         self.head = None if cfg.tie_embeddings else Linear(
             d, vocab_size, use_bias=False, kernel_init=normal_init(cfg.init_std), rngs=rngs
         )
