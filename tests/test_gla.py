@@ -50,12 +50,14 @@ def outputs_and_grads(kernel, args):
     return o, S, grads
 
 
-@pytest.mark.parametrize("scan", ["matmul", "sequential"])
+@pytest.mark.parametrize("scan,per_step", [("matmul", 1), ("matmul", 3), ("matmul", None), ("sequential", None)])
 @pytest.mark.parametrize("G", [K, 1], ids=["per_dim", "per_head"])
-def test_chunked_matches_reference(G, scan):
+def test_chunked_matches_reference(G, scan, per_step):
+    """per_step: chunks side by side per scan step (3 does not divide the 4 chunks: a padded group)."""
     args = kernel_inputs(G)
     o_ref, S_ref, g_ref = outputs_and_grads(gla_reference, args)
-    o, S, g = outputs_and_grads(lambda *a: gla_chunked(*a, chunk=CHUNK, sub_chunk=SUB, scan=scan), args)
+    o, S, g = outputs_and_grads(
+        lambda *a: gla_chunked(*a, chunk=CHUNK, sub_chunk=SUB, scan=scan, chunks_per_step=per_step), args)
     assert rel_rmse(o, o_ref) < FLA_RTOL and rel_rmse(S, S_ref) < FLA_RTOL
     for name, a, b in zip("q k v log_decay s0".split(), g, g_ref):
         assert bool(jnp.all(jnp.isfinite(a))), name
