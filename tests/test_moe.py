@@ -281,3 +281,27 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, override, fragment):
 def test_validate_raises_user_error():
     with pytest.raises(UserError, match="group_size"):
         MoEConfig(group_size=-1).validate(16)
+
+
+def test_blocked_ffn_matches_gathered_weights_reference():
+    """The per-expert loop kernel (hand-written backward) equals gathering each block's expert
+    weights: outputs and gradients wrt blocks and weights, with an expert owning no block and
+    trailing blocks owned by none (those come out zero, and get zero gradient)."""
+    n_blocks, b, d, f = 7, 4, 6, 5
+    first, count = jnp.array([0, 2, 2, 5]), jnp.array([2, 0, 3, 1])  # expert 1 empty; block 6 unowned
+    block_expert = jnp.array([0, 0, 2, 2, 2, 3, 3])
+    ks = jax.random.split(jax.random.key(3), 5)
+    xb = jax.random.normal(ks[0], (n_blocks, b, d))
+    w = D.Experts(*(jax.random.normal(key, shape) for key, shape in zip(ks[1:4], [(4, d, f), (4, d, f), (4, f, d)])))
+    owned = (jnp.arange(n_blocks) < 6)[:, None, None]
+    probe = jax.random.normal(ks[4], (n_blocks, b, d))
+
+    def loss(fn):
+        return jax.jit(jax.value_and_grad(lambda xb, w: jnp.sum(jnp.sin(fn(xb, w)) * probe), argnums=(0, 1)))
+
+    (l_fast, g_fast) = loss(lambda xb, w: D.blocked_ffn(xb, first, count, w))(xb, w)
+    (l_ref, g_ref) = loss(lambda xb, w: D.blocked_ffn_reference(xb, block_expert, w) * owned)(xb, w)
+    np.testing.assert_allclose(D.blocked_ffn(xb, first, count, w)[6], 0.0)
+    np.testing.assert_allclose(l_fast, l_ref, rtol=1e-5)
+    for a, b_ in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5)
