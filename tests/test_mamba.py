@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from baselines.mamba import Mamba, MambaConfig, selective_scan_chunked, selective_scan_reference
+from baselines.mamba import Mamba, MambaConfig, chunk_length, selective_scan_chunked, selective_scan_reference
 from baselines.scan_utils import HORIZON_MAX, retained_fraction
 from cfm_jax.errors import UserError
 from cfm_jax.registry import LayerContext
@@ -19,10 +19,15 @@ BATCH, L, E, N = 2, 63, 6, 4  # L is not a multiple of the chunk
 CHUNK = 16
 
 
-@pytest.mark.parametrize("scan", ["sequential", "associative", "auto"])
-def test_chunked_matches_reference(scan):
+@pytest.mark.parametrize("scan,max_elements", [("sequential", None), ("associative", None), ("auto", None),
+                                                ("sequential", 2 * 5 * E * N)])
+def test_chunked_matches_reference(scan, max_elements, monkeypatch):
     """Nonzero initial state; strong decay in the first channels (dt A down to -21.5 per token, so
-    exp(dt A) ~ 5e-10) and slow decay in the last (dt A up to -1.4e-4)."""
+    exp(dt A) ~ 5e-10) and slow decay in the last (dt A up to -1.4e-4). max_elements: a per-chunk
+    budget that shortens the chunks to 5 tokens (not dividing L)."""
+    if max_elements:
+        monkeypatch.setattr("baselines.mamba.MAX_CHUNK_ELEMENTS", max_elements)
+        assert chunk_length(CHUNK, BATCH, E * N) == 5
     ks = jax.random.split(jax.random.key(0), 8)
     u = jax.random.normal(ks[0], (BATCH, L, E))
     dt = jax.nn.softplus(jax.random.normal(ks[1], (BATCH, L, E)) + jnp.array([3.0, 3.0, -2, -2, -5, -5]))
