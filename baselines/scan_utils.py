@@ -10,12 +10,13 @@ Gated linear attention, per head, with a state S (K x V) and a log-decay la_t <=
 `gla_reference` is the plain scan over time (`gla_step` is also the decoding step);
 `gla_chunked` is the training form: an outer lax.scan over chunks of T tokens carrying S (several
 chunks side by side per step when the batch is small: their state-independent work batched, the state
-threaded through them by a cheap inner scan), and inside a chunk the intra-chunk scores split into sub-chunks of c tokens (fla's secondary chunking): pairwise
-decays in the diagonal c x c blocks, rescaled q and k (to the query's sub-chunk start) in the blocks
-below. Every decay exponent it forms is the sum of the log-decays over one segment, computed by
-cumulative sums that start at a (sub-)chunk boundary or by a masked segment sum, never as b_t - b_s
-of two long cumulative sums and never as exp(-b_s): each exponent is <= 0 (nothing overflows however
-strong the decay) and keeps the relative precision of its own size.
+threaded through them by a cheap inner scan), and inside a chunk the intra-chunk scores split into
+sub-chunks of c tokens (fla's secondary chunking): pairwise decays in the diagonal c x c blocks,
+rescaled q and k (to the query's sub-chunk start) in the blocks below. Every decay exponent it forms
+is the sum of the log-decays over one segment, computed by cumulative sums that start at a
+(sub-)chunk boundary or by a masked segment sum, never as b_t - b_s of two long cumulative sums and
+never as exp(-b_s): each exponent is <= 0 (nothing overflows however strong the decay) and keeps the
+relative precision of its own size.
 """
 
 from __future__ import annotations
