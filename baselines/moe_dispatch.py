@@ -148,15 +148,19 @@ def blocked_ffn(xb: jax.Array, first: jax.Array, count: jax.Array, w: Experts) -
     return _blocked_ffn_fwd(xb, first, count, w)[0]
 
 
+def _expert_weights(w: Experts, e: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Expert e's (W_gate | W_up): (d, 2f), one matmul per block for both, and W_down: (f, d)."""
+    return jnp.concatenate([w.gate[e], w.up[e]], axis=1), w.down[e]
+
+
 def _blocked_ffn_fwd(xb, first, count, w):
     n_blocks, b, _ = xb.shape
-    dtype = jnp.result_type(xb, w.gate)
-    zeros_h = jnp.zeros((n_blocks, b, w.gate.shape[2]), dtype)
-
     f = w.gate.shape[2]
+    dtype = jnp.result_type(xb, w.gate)
+    zeros_h = jnp.zeros((n_blocks, b, f), dtype)
 
     def expert(e, carry):
-        w_in, wd = jnp.concatenate([w.gate[e], w.up[e]], axis=1), w.down[e]  # one (d, 2f) matmul per block
+        w_in, wd = _expert_weights(w, e)
 
         def block(i, carry):
             y, g, u = carry
@@ -179,7 +183,7 @@ def _blocked_ffn_bwd(residuals, dy):
 
     def expert(e, carry):
         dxb, dw = carry
-        w_in, wd = jnp.concatenate([w.gate[e], w.up[e]], axis=1), w.down[e]
+        w_in, wd = _expert_weights(w, e)
 
         def block(i, carry):
             dxb, dw_in, dwd = carry

@@ -28,10 +28,10 @@ call = nnx.jit(lambda module, x: module(x))
 route = jax.jit(R.route, static_argnames=("score", "mode", "k", "top_p", "renormalize"))
 
 
-def random_problem(mode: str, k: int, seed: int = 0):
+def random_problem(mode: str, k: int, seed: int = 0, n: int = N, logit_bias=0.0):
     keys = jax.random.split(jax.random.key(seed), 5)
-    x = jax.random.normal(keys[0], (N, D_MODEL))
-    logits = 2.0 * jax.random.normal(keys[1], (N, E))
+    x = jax.random.normal(keys[0], (n, D_MODEL))
+    logits = 2.0 * jax.random.normal(keys[1], (n, E)) + logit_bias
     shapes = [(E, D_MODEL, F), (E, D_MODEL, F), (E, F, D_MODEL)]
     w = D.Experts(*(0.3 * jax.random.normal(kk, s) for kk, s in zip(keys[2:], shapes)))
     r = route(logits, None, score="softmax", mode=mode, k=k, top_p=0.6, renormalize=True)
@@ -312,12 +312,7 @@ def test_dropless_skewed_routing_matches_loop_reference(n_tokens):
     """Skewed routing (most tokens on experts 0 and 1, as from a collapsed or fresh router): long
     block runs for two experts, short ones for the rest. Outputs and gradients equal the per-expert
     loop."""
-    keys = jax.random.split(jax.random.key(5), 5)
-    x = jax.random.normal(keys[0], (n_tokens, D_MODEL))
-    logits = jax.random.normal(keys[1], (n_tokens, E)) + jnp.array([3.0, 2.5, 0.0, 0.0])
-    shapes = [(E, D_MODEL, F), (E, D_MODEL, F), (E, F, D_MODEL)]
-    w = D.Experts(*(0.3 * jax.random.normal(kk, s) for kk, s in zip(keys[2:], shapes)))
-    r = route(logits, None, score="softmax", mode="topk", k=2, top_p=0.6, renormalize=True)
+    x, r, w = random_problem("topk", 2, seed=5, n=n_tokens, logit_bias=jnp.array([6.0, 5.0, 0.0, 0.0]))
     counts = jnp.bincount(r.experts.reshape(-1), length=E)
     assert int(counts[:2].min()) > 2 * int(counts[2:].max()), "the case should be skewed"
     run = lambda x, wt, w: D.dropless_dispatch(x, r.experts, wt, r.valid, w)
