@@ -12,6 +12,8 @@ from __future__ import annotations
 import statistics
 import time
 
+import numpy as np
+
 
 def _model(d: int, layers: int, vocab: int, heads: int, d_ff: int):
     import torch
@@ -107,6 +109,24 @@ def matmul_flops(n: int, reps: int) -> float:
 
     a = torch.randn(n, n)
     return 2 * n**3 / _median_seconds(lambda: a @ a, reps)
+
+
+def gather_ffn_seconds(up, down, x, active, threshold: float, reps: int) -> dict | None:
+    """PyTorch's batch-1 ReLU FFN, dense and with only the `active` neurons' rows gathered (the active
+    set handed over for free), in seconds; None without torch. up: (d, f), down: (f, d), x: (d,)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    up_rows = torch.from_numpy(np.ascontiguousarray(np.asarray(up).T))
+    up, down, x = (torch.from_numpy(np.array(a)) for a in (up, down, x))
+    idx = torch.from_numpy(np.asarray(active, np.int64))
+    with torch.no_grad():
+        dense = _median_seconds(lambda: torch.relu(x @ up) @ down, reps)
+        gather = _median_seconds(
+            lambda: torch.nn.functional.threshold(up_rows.index_select(0, idx) @ x, threshold, 0.0)
+            @ down.index_select(0, idx), reps)
+    return {"dense_s": dense, "gather_s": gather}
 
 
 def train_step_seconds(d: int, layers: int, seq: int, batch: int, vocab: int, reps: int, heads: int = 4,

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from cfm_jax import bench
 from cfm_jax.cli import main
 
@@ -15,9 +19,23 @@ def test_bench_smoke_suites_write_md_and_json(tmp_path, capsys):
     assert result["ceilings"]["matmul_float32_flops"] > 1e8
     assert set(result["sparse_decode"]) == {"0.5", "0.25", "0.1", "0.05"}
     for r in result["sparse_decode"].values():
-        assert r["theoretical_speedup"] > 1 and r["speedup"] > 0
+        assert r["theoretical_speedup"] > 1 and r["speedup"] > 0 and r["perfect_predictor_speedup"] > 0
+        assert 0 < r["active"] <= r["budget"]
     md = (tmp_path / "bench_smoke.md").read_text()
     assert "cfm-jax bench --suite ceilings,sparse_decode,moe --scale smoke" in md and "| 0.25 |" in md
+
+
+def test_active_rows_ffn_equals_the_dense_fatrelu_ffn():
+    d, f, t = 16, 64, 0.3
+    k = jax.random.split(jax.random.key(0), 3)
+    up, down, x = jax.random.normal(k[0], (d, f)), jax.random.normal(k[1], (f, d)), jax.random.normal(k[2], (d,))
+    pre = x @ up
+    active = jnp.asarray(np.flatnonzero(np.asarray(pre) > t))
+    assert 0 < len(active) < f
+    dense = jnp.where(pre > t, pre, 0.0) @ down
+    np.testing.assert_allclose(bench.active_rows_ffn(x, up.T, down, active, t), dense, rtol=1e-5, atol=1e-5)
+    # leaving out one active neuron changes the output: the check can fail
+    assert not np.allclose(bench.active_rows_ffn(x, up.T, down, active[1:], t), dense, rtol=1e-5, atol=1e-5)
 
 
 def test_update_keeps_other_suites_and_says_when_each_was_measured(tmp_path, capsys):
