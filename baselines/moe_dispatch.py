@@ -61,9 +61,9 @@ def _rank_in_segment(segment: jax.Array, n_segments: int) -> jax.Array:
 
 
 def _gather_rows(x: jax.Array, src: jax.Array) -> jax.Array:
-    """x: (N, d); src: (M,) in [0, N], N meaning an empty (zero) row -> (M, d)."""
-    x_ext = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])
-    return x_ext[src]
+    """x: (N, d); src: (M,) in [0, N], N meaning an empty (zero) row -> (M, d). An out-of-range fill
+    rather than a zero row appended to x: no copy of x (4 % of the MoE layer's fwd+bwd at 4K tokens)."""
+    return jnp.take(x, src, axis=0, mode="fill", fill_value=0)
 
 
 def _combine(yb: jax.Array, dest: jax.Array, weights: jax.Array) -> jax.Array:
