@@ -19,22 +19,24 @@ BATCH, L, E, N = 2, 63, 6, 4  # L is not a multiple of the chunk
 CHUNK = 16
 
 
-@pytest.mark.parametrize("scan,max_elements", [("sequential", None), ("associative", None), ("auto", None),
-                                                ("sequential", 2 * 5 * E * N)])
-def test_chunked_matches_reference(scan, max_elements, monkeypatch):
+@pytest.mark.parametrize("scan,max_elements,batch", [("sequential", None, BATCH), ("associative", None, BATCH),
+                                                      ("auto", None, BATCH), ("sequential", 2 * 5 * E * N, BATCH),
+                                                      ("sequential", None, 1)])
+def test_chunked_matches_reference(scan, max_elements, batch, monkeypatch):
     """Nonzero initial state; strong decay in the first channels (dt A down to -21.5 per token, so
     exp(dt A) ~ 5e-10) and slow decay in the last (dt A up to -1.4e-4). max_elements: a per-chunk
-    budget that shortens the chunks to 5 tokens (not dividing L)."""
+    budget that shortens the chunks to 5 tokens (not dividing L). Batch 1 takes the sequential
+    kernel's squeezed-batch reductions."""
     if max_elements:
         monkeypatch.setattr("baselines.mamba.MAX_CHUNK_ELEMENTS", max_elements)
-        assert chunk_length(CHUNK, BATCH, E * N) == 5
+        assert chunk_length(CHUNK, batch, E * N) == 5
     ks = jax.random.split(jax.random.key(0), 8)
-    u = jax.random.normal(ks[0], (BATCH, L, E))
-    dt = jax.nn.softplus(jax.random.normal(ks[1], (BATCH, L, E)) + jnp.array([3.0, 3.0, -2, -2, -5, -5]))
+    u = jax.random.normal(ks[0], (batch, L, E))
+    dt = jax.nn.softplus(jax.random.normal(ks[1], (batch, L, E)) + jnp.array([3.0, 3.0, -2, -2, -5, -5]))
     A = -jnp.exp(jax.random.normal(ks[2], (E, N)))
-    Bm, Cm = (jax.random.normal(key, (BATCH, L, N)) for key in ks[3:5])
-    h0 = jax.random.normal(ks[5], (BATCH, E, N))
-    wy, wh = jax.random.normal(ks[6], (BATCH, L, E)), jax.random.normal(ks[7], (BATCH, E, N))
+    Bm, Cm = (jax.random.normal(key, (batch, L, N)) for key in ks[3:5])
+    h0 = jax.random.normal(ks[5], (batch, E, N))
+    wy, wh = jax.random.normal(ks[6], (batch, L, E)), jax.random.normal(ks[7], (batch, E, N))
 
     def run(kernel):
         def loss(*a):
