@@ -203,7 +203,7 @@ def pick_scan(scan: str) -> str:
     return scan
 
 
-# Per-chunk (b, T, E, N) tensors are kept to at most this many elements (4 MB in fp32): the chunk
+# Per-chunk state tensors (T x b x E x N) are kept to at most this many elements (4 MB in fp32): the chunk
 # length shrinks to fit the batch. Measured on XLA:CPU (layer fwd+bwd, d_model 512, E 1024, N 16,
 # sequential kernel): 8 x 512 tokens 0.72 s at 8 tokens per chunk (4: 0.87-0.90 s, 16: 0.79-0.88 s);
 # 16 x 1K 2.9-3.0 s at 4 (2: 3.3 s, 8: 3.2-3.5 s); 1 x 16K 2.8-3.0 s at 64 (32: 2.9 s, 128: 3.1 s).

@@ -289,7 +289,8 @@ def suite_sparse_decode(s: dict) -> dict:
     return results
 
 
-def active_rows_ffn(x: jax.Array, up_rows: jax.Array, down: jax.Array, active: jax.Array, threshold: float) -> jax.Array:
+def active_rows_ffn(x: jax.Array, up_rows: jax.Array, down: jax.Array, active: jax.Array,
+                    threshold: float) -> jax.Array:
     """A FATReLU FFN computed from the given neurons only. x: (d,), up_rows: (f, d) (W_up transposed),
     down: (f, d), active: (K,) neuron indices -> (d,). Equals the dense FFN when `active` holds every
     neuron whose pre-activation exceeds the threshold."""

@@ -121,12 +121,18 @@ def gather_ffn_seconds(up, down, x, active, threshold: float, reps: int) -> dict
     up_rows = torch.from_numpy(np.ascontiguousarray(np.asarray(up).T))
     up, down, x = (torch.from_numpy(np.array(a)) for a in (up, down, x))
     idx = torch.from_numpy(np.asarray(active, np.int64))
+    fat_relu = torch.nn.functional.threshold  # v if v > threshold else 0.0
+
+    def gather():
+        return fat_relu(up_rows.index_select(0, idx) @ x, threshold, 0.0) @ down.index_select(0, idx)
+
     with torch.no_grad():
+        expected = fat_relu(x @ up, threshold, 0.0) @ down
+        if not torch.allclose(gather(), expected, rtol=1e-4, atol=1e-5):
+            raise RuntimeError("PyTorch gather FFN differs from its dense FATReLU FFN: the timing would mislead")
         dense = _median_seconds(lambda: torch.relu(x @ up) @ down, reps)
-        gather = _median_seconds(
-            lambda: torch.nn.functional.threshold(up_rows.index_select(0, idx) @ x, threshold, 0.0)
-            @ down.index_select(0, idx), reps)
-    return {"dense_s": dense, "gather_s": gather}
+        gather_s = _median_seconds(gather, reps)
+    return {"dense_s": dense, "gather_s": gather_s}
 
 
 def train_step_seconds(d: int, layers: int, seq: int, batch: int, vocab: int, reps: int, heads: int = 4,

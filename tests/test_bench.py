@@ -8,6 +8,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cfm_jax import bench
 from cfm_jax.cli import main
@@ -36,6 +37,18 @@ def test_active_rows_ffn_equals_the_dense_fatrelu_ffn():
     np.testing.assert_allclose(bench.active_rows_ffn(x, up.T, down, active, t), dense, rtol=1e-5, atol=1e-5)
     # leaving out one active neuron changes the output: the check can fail
     assert not np.allclose(bench.active_rows_ffn(x, up.T, down, active[1:], t), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_gather_ffn_checks_its_output_before_timing():
+    pytest.importorskip("torch")
+    from cfm_jax.bench_torch import gather_ffn_seconds
+
+    rng = np.random.default_rng(0)
+    up, down, x = (rng.normal(size=s).astype(np.float32) for s in ((16, 64), (64, 16), (16,)))
+    active = np.flatnonzero(x @ up > 0.3)
+    assert set(gather_ffn_seconds(up, down, x, active, 0.3, reps=2)) == {"dense_s", "gather_s"}
+    with pytest.raises(RuntimeError, match="differs"):  # one active neuron left out
+        gather_ffn_seconds(up, down, x, active[1:], 0.3, reps=2)
 
 
 def test_update_keeps_other_suites_and_says_when_each_was_measured(tmp_path, capsys):
