@@ -184,7 +184,7 @@ def suite_torch(s: dict) -> dict:
     ours_params = sum(x.size for x in jax.tree.leaves(nnx.state(LanguageModel(cfg, VOCAB, rngs=nnx.Rngs(0)), nnx.Param)))
     return {"torch": torch_r, "jax_step_s": ours["step_s"], "jax_params": int(ours_params),
             "torch_vs_jax_time": torch_r["step_s"] / ours["step_s"], "jax_matmul_flops": xla_matmul,
-            "jax_sublayer_s": sublayers}
+            "jax_sublayer_s": sublayers, "model_flops_per_step": ours["model_flops_per_step"]}
 
 
 def sublayer_seconds(cfg: ModelConfig, batch: int, seq: int, reps: int) -> dict:
@@ -528,6 +528,14 @@ def to_markdown(result: dict, command: str) -> str:
                 lines += ["", f"The two matmul libraries on this machine, same run, fp32 {result['sizes']['matmul']}^2: "
                           f"PyTorch {t['torch']['matmul_flops'] / 1e9:.0f} GFLOP/s, XLA {t['jax_matmul_flops'] / 1e9:.0f} "
                           f"GFLOP/s (PyTorch / XLA = {t['torch']['matmul_flops'] / t['jax_matmul_flops']:.2f})."]
+                if t.get("model_flops_per_step"):
+                    theirs = t["model_flops_per_step"] / t["torch"]["step_s"] / t["torch"]["matmul_flops"]
+                    ours = t["model_flops_per_step"] / t["jax_step_s"] / t["jax_matmul_flops"]
+                    need = t["model_flops_per_step"] / t["torch"]["step_s"] / t["jax_matmul_flops"]
+                    than = "higher" if need > theirs else "no higher"
+                    lines += ["", f"Each step's model FLOPs against its own library's matmul ceiling: PyTorch "
+                              f"{theirs:.0%}, ours {ours:.0%}. Matching PyTorch's step time would take ours to {need:.0%} "
+                              f"of XLA's ceiling, a {than} utilization than PyTorch reaches of its own."]
             if "sublayer_s" in t["torch"] and "jax_sublayer_s" in t:
                 lines += ["", "One block's sublayers, forward + backward at the training shape (no norms), same run:", "",
                           "| sublayer | PyTorch (ms) | ours (ms) | PyTorch / ours |", "|---|---|---|---|"]
