@@ -282,6 +282,12 @@ class Mamba(nnx.Module):
         taps = (xp[:, j : j + L].reshape(b * L, E) * w[j] for j in range(K))
         return jax.nn.silu(sum(taps) + self.conv_b[...])
 
+    def _conv_and_gate(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x: (b, L, d_model) -> (conv output xc, gate z), both (b * L, E) token rows."""
+        b, L, d = x.shape
+        xi, z = jnp.split(self.in_proj(x.reshape(b * L, d)), 2, axis=-1)
+        return self._conv(xi.reshape(b, L, -1)), z
+
     def __call__(self, x: jax.Array):
         """x: (batch, seq, d_model) -> (y: (batch, seq, d_model), aux with the memory horizon).
 
@@ -289,8 +295,7 @@ class Mamba(nnx.Module):
         XLA:CPU's gradient reductions over a (1, seq, .) array were ~3x slower than over (seq, .) (the
         layer's non-scan work at 1 x 16K: 2.5 s vs 0.9 s at 16 x 1K)."""
         b, L, d = x.shape
-        xi, z = jnp.split(self.in_proj(x.reshape(b * L, d)), 2, axis=-1)  # (b * L, E) each
-        xc = self._conv(xi.reshape(b, L, -1))
+        xc, z = self._conv_and_gate(x)
         dt, B, C = self._ssm_inputs(xc)
         u, dt_seq, B, C = (a.reshape(b, L, -1) for a in (xc, dt, B, C))
         y, _ = selective_scan_chunked(u, dt_seq, self.A(), B, C, chunk=self.cfg.chunk_size, scan=self.cfg.scan)
@@ -336,7 +341,7 @@ class Mamba(nnx.Module):
         if x is None:
             dt = jax.nn.softplus(self.dt_proj.bias[...])
         else:
-            dt = jnp.mean(self._ssm_inputs(self._conv(jnp.split(self.in_proj(x), 2, axis=-1)[0]))[0], axis=0)
+            dt = jnp.mean(self._ssm_inputs(self._conv_and_gate(x)[0])[0], axis=0)
         return (dt[:, None] * self.A()).reshape(-1)
 
     def memory_horizon(self, threshold: float = 0.01, x: jax.Array | None = None) -> float:
