@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cfm_jax import registry
+from cfm_jax import bench_matmuls, registry
 from cfm_jax.config import ModelConfig, TrainConfig
 from cfm_jax.errors import UserError
 from cfm_jax.layers.model import LanguageModel, forward_flops_per_token
@@ -91,19 +91,23 @@ def model_flops_per_token(model: LanguageModel, seq: int) -> float:
     return forward_flops_per_token(model, max(1, seq // 2))
 
 
-def train_step_bench(cfg: ModelConfig, batch: int, seq: int, reps: int, ceiling: float | None) -> dict:
+def _train_step(cfg: ModelConfig, batch: int, seq: int):
+    """(model, jitted train step, its arguments) for a fresh model on random tokens."""
     model = LanguageModel(cfg, VOCAB, rngs=nnx.Rngs(0))
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx, _ = make_optimizer(TrainConfig(steps=1000, warmup_steps=0))
-    opt_state = tx.init(params)
-    step = make_train_step(graphdef, tx)
     tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, VOCAB)
     data = {"inputs": tokens[:, :-1], "labels": tokens[:, 1:]}
+    return model, make_train_step(graphdef, tx), (params, rest, tx.init(params), data, 0)
+
+
+def train_step_bench(cfg: ModelConfig, batch: int, seq: int, reps: int, ceiling: float | None) -> dict:
+    model, step, args = _train_step(cfg, batch, seq)
     t0 = time.perf_counter()
-    compiled = step.lower(params, rest, opt_state, data, 0).compile()
+    compiled = step.lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    seconds = timed(lambda: compiled(params, rest, opt_state, data, 0), reps=reps)
+    seconds = timed(lambda: compiled(*args), reps=reps)
     flops = 3 * model_flops_per_token(model, seq) * batch * seq
     return {
         "step_s": seconds, "tokens_per_s": batch * seq / seconds, "compile_s": compile_s,
@@ -171,20 +175,46 @@ def suite_compile(s: dict) -> dict:
 
 
 def suite_torch(s: dict) -> dict:
-    """The dense transformer's training step here vs a plain PyTorch eager twin, side by side."""
-    from cfm_jax.bench_torch import train_step_seconds
+    """The dense transformer's training step here vs a plain PyTorch eager twin, side by side: paired
+    rounds (PyTorch's step, then ours) in one process, so the machine's drift hits both alike; then
+    where the time goes (matmul libraries, our step's matmuls alone, one block's sublayers)."""
+    from cfm_jax import bench_torch
 
-    torch_r = train_step_seconds(s["d"], s["layers"], s["seq"], s["batch"], VOCAB, s["reps"], matmul=s["matmul"])
-    if "skipped" in torch_r:
-        return torch_r
+    twin = bench_torch.eager_train_step(s["d"], s["layers"], s["seq"], s["batch"], VOCAB)
+    if twin is None:
+        return {"skipped": "torch is not installed (pip install torch)"}
+    torch_step, info = twin
     cfg = ModelConfig(d_model=s["d"], n_layers=s["layers"])
-    ours = train_step_bench(cfg, s["batch"], s["seq"], s["reps"], None)
-    xla_matmul = ceilings({**s, "copy_mb": 1})["matmul_float32_flops"]  # side by side with torch's
-    sublayers = sublayer_seconds(cfg, s["batch"], s["seq"], s["reps"])
-    ours_params = sum(x.size for x in jax.tree.leaves(nnx.state(LanguageModel(cfg, VOCAB, rngs=nnx.Rngs(0)), nnx.Param)))
-    return {"torch": torch_r, "jax_step_s": ours["step_s"], "jax_params": int(ours_params),
-            "torch_vs_jax_time": torch_r["step_s"] / ours["step_s"], "jax_matmul_flops": xla_matmul,
-            "jax_sublayer_s": sublayers, "model_flops_per_step": ours["model_flops_per_step"]}
+    model, step, args = _train_step(cfg, s["batch"], s["seq"])
+    compiled = step.lower(*args).compile()
+    ours = lambda: jax.block_until_ready(compiled(*args))  # noqa: E731
+    ours()
+    rounds = []
+    for _ in range(max(5, s["reps"])):
+        rounds.append([_wall(torch_step), _wall(ours)])
+    ratios = [t / j for t, j in rounds]
+    matmuls = bench_matmuls.step_matmuls(step, *args)
+    return {
+        "torch": {**info, "step_s": statistics.median(t for t, _ in rounds),
+                  "matmul_flops": bench_torch.matmul_flops(s["matmul"], s["reps"]),
+                  "sublayer_s": bench_torch.sublayer_seconds(s["d"], s["seq"], s["batch"], s["reps"])},
+        "jax_step_s": statistics.median(j for _, j in rounds), "rounds": rounds,
+        "torch_vs_jax_time": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)],
+        "jax_params": int(sum(x.size for x in jax.tree.leaves(args[0]))),
+        "jax_matmul_flops": ceilings({**s, "copy_mb": 1})["matmul_float32_flops"],  # side by side with torch's
+        "jax_sublayer_s": sublayer_seconds(cfg, s["batch"], s["seq"], s["reps"]),
+        "model_flops_per_step": 3 * model_flops_per_token(model, s["seq"]) * s["batch"] * s["seq"],
+        "step_matmuls": {"count": sum(matmuls.values()), "shapes": len(matmuls),
+                         "flops": sum(n * bench_matmuls.flops(m) for m, n in matmuls.items()),
+                         "xla_s": bench_matmuls.xla_seconds(matmuls, timed, s["reps"]),
+                         "torch_s": bench_torch.einsum_seconds(matmuls, s["reps"])},
+    }
+
+
+def _wall(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def sublayer_seconds(cfg: ModelConfig, batch: int, seq: int, reps: int) -> dict:
@@ -520,10 +550,14 @@ def to_markdown(result: dict, command: str) -> str:
         if "skipped" in t:
             lines += [f"Skipped: {t['skipped']}.", ""]
         else:
+            rounds = f" (medians of {len(t['rounds'])} paired rounds in one process: PyTorch's step, then ours)" \
+                if "rounds" in t else ""
+            spread = (f", range over the rounds {t['ratio_range'][0]:.2f}-{t['ratio_range'][1]:.2f}"
+                      if "ratio_range" in t else "")
             lines += [f"PyTorch {t['torch']['torch_version']} ({t['torch']['threads']} threads, {t['torch']['params']} "
                       f"parameters): {t['torch']['step_s'] * 1e3:.0f} ms per step; ours ({t['jax_params']} parameters): "
-                      f"{t['jax_step_s'] * 1e3:.0f} ms. PyTorch time / ours = {t['torch_vs_jax_time']:.2f} "
-                      "(above 1: ours is faster)."]
+                      f"{t['jax_step_s'] * 1e3:.0f} ms{rounds}. PyTorch time / ours = {t['torch_vs_jax_time']:.2f}"
+                      f"{spread} (above 1: ours is faster)."]
             if "matmul_flops" in t["torch"] and "jax_matmul_flops" in t:
                 lines += ["", f"The two matmul libraries on this machine, same run, fp32 {result['sizes']['matmul']}^2: "
                           f"PyTorch {t['torch']['matmul_flops'] / 1e9:.0f} GFLOP/s, XLA {t['jax_matmul_flops'] / 1e9:.0f} "
@@ -536,6 +570,16 @@ def to_markdown(result: dict, command: str) -> str:
                     lines += ["", f"Each step's model FLOPs against its own library's matmul ceiling: PyTorch "
                               f"{theirs:.0%}, ours {ours:.0%}. Matching PyTorch's step time would take ours to {need:.0%} "
                               f"of XLA's ceiling, a {than} utilization than PyTorch reaches of its own."]
+            if "step_matmuls" in t:
+                m = t["step_matmuls"]
+                rest = t["jax_step_s"] - m["xla_s"]
+                lines += ["", f"Our step's matmuls alone: the step runs {m['count']} matmuls of {m['shapes']} shapes "
+                          f"({m['flops'] / 1e9:.3g} GFLOP, listed from its jaxpr); each run alone and summed: XLA "
+                          f"{m['xla_s'] * 1e3:.0f} ms, PyTorch (torch.einsum, the same matmuls) {m['torch_s'] * 1e3:.0f} ms. "
+                          f"The rest of our step (step time - its matmuls alone) is {rest * 1e3:.0f} ms. With PyTorch's "
+                          f"matmul times and that rest, ours would take about {(m['torch_s'] + rest) * 1e3:.0f} ms "
+                          f"(PyTorch time / that = {t['torch']['step_s'] / (m['torch_s'] + rest):.2f}; an estimate: "
+                          "matmuls alone need not take the same time inside a step)."]
             if "sublayer_s" in t["torch"] and "jax_sublayer_s" in t:
                 lines += ["", "One block's sublayers, forward + backward at the training shape (no norms), same run:", "",
                           "| sublayer | PyTorch (ms) | ours (ms) | PyTorch / ours |", "|---|---|---|---|"]

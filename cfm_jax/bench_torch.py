@@ -135,14 +135,14 @@ def gather_ffn_seconds(up, down, x, active, threshold: float, reps: int) -> dict
     return {"dense_s": dense, "gather_s": gather_s}
 
 
-def train_step_seconds(d: int, layers: int, seq: int, batch: int, vocab: int, reps: int, heads: int = 4,
-                       matmul: int | None = None) -> dict:
-    """Median seconds of one eager AdamW training step (after two warm-up steps), or {'skipped': why}."""
+def eager_train_step(d: int, layers: int, seq: int, batch: int, vocab: int, heads: int = 4):
+    """(step, info): one eager AdamW training step of the twin as a no-argument callable (already run
+    twice, so warm), and {torch_version, threads, params}; None without torch."""
     try:
         import torch
         from torch.nn import functional as F
     except ImportError:
-        return {"skipped": "torch is not installed (pip install torch)"}
+        return None
     torch.manual_seed(0)
     d_ff = -(-(8 * d // 3) // 8) * 8
     model = _model(d, layers, vocab, heads, d_ff)
@@ -158,11 +158,22 @@ def train_step_seconds(d: int, layers: int, seq: int, batch: int, vocab: int, re
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
-    step()  # a second warm-up step is _median_seconds' own
-    seconds = _median_seconds(step, reps)
-    out = {"step_s": seconds, "tokens_per_s": batch * seq / seconds, "torch_version": torch.__version__,
-           "threads": torch.get_num_threads(), "params": sum(p.numel() for p in model.parameters())}
-    if matmul:
-        out["matmul_flops"] = matmul_flops(matmul, reps)
-    out["sublayer_s"] = sublayer_seconds(d, seq, batch, reps, heads)
-    return out
+    step()
+    step()
+    return step, {"torch_version": torch.__version__, "threads": torch.get_num_threads(),
+                  "params": sum(p.numel() for p in model.parameters())}
+
+
+def einsum_seconds(matmuls: dict, reps: int) -> float:
+    """Seconds of a list of matmuls {(lhs shape, rhs shape, dtype, dot_general dims): count} (see
+    `cfm_jax.bench_matmuls`), each run alone through torch.einsum (median of reps) times its count."""
+    import torch
+
+    from cfm_jax.bench_matmuls import einsum_spec
+
+    total = 0.0
+    for m, count in sorted(matmuls.items()):
+        lhs, rhs = torch.randn(m[0], dtype=getattr(torch, m[2])), torch.randn(m[1], dtype=getattr(torch, m[2]))
+        spec = einsum_spec(m)
+        total += count * _median_seconds(lambda: torch.einsum(spec, lhs, rhs), reps)
+    return total

@@ -132,3 +132,14 @@ def test_installed_package_sets_the_flags_when_imported_from_anywhere(tmp_path):
     import cfm_jax
 
     assert out.split() == list(cfm_jax.CPU_XLA_FLAGS)
+
+
+def test_torch_suite_pairs_rounds_and_splits_out_the_matmuls(tmp_path, capsys):
+    pytest.importorskip("torch")
+    assert main(["bench", "--suite", "torch", "--scale", "smoke", "--out", str(tmp_path)]) == 0
+    t = json.loads((tmp_path / "bench_smoke.json").read_text())["torch"]
+    ratios = [a / b for a, b in t["rounds"]]
+    assert len(ratios) >= 5 and min(ratios) <= t["torch_vs_jax_time"] <= max(ratios)
+    assert t["step_matmuls"]["count"] > 6 * 2 and t["step_matmuls"]["xla_s"] > 0 and t["step_matmuls"]["torch_s"] > 0
+    md = (tmp_path / "bench_smoke.md").read_text()
+    assert "paired rounds" in md and "Our step's matmuls alone" in md
