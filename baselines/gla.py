@@ -39,8 +39,8 @@ class GLAConfig(SlotConfig):
     gate_low_rank: int = 16  # rank of the per_dim gate projection
     gate_logit_normalizer: float = 16.0  # log alpha = logsigmoid(.) / this: keeps decays near 1 at init
     norm_eps: float = 1e-5  # epsilon of the per-head output RMSNorm
-    chunk_size: int = 64  # tokens per chunk of the training form (any length works; tail is padded)
-    sub_chunk: int = 16  # tokens per intra-chunk block (per_dim gate); must divide chunk_size
+    chunk_size: int = 32  # tokens per chunk of the training form (any length works; tail is padded)
+    sub_chunk: int = 8  # tokens per intra-chunk block (per_dim gate); must divide chunk_size
     scan: str = "auto"  # within a chunk: "matmul", "sequential", or "auto" (sequential for small head states)
 
     def key_dim(self, d_model: int) -> int:

@@ -88,7 +88,8 @@ class MLA(nnx.Module):
         v = jnp.einsum("blc,chd->blhd", latent, self.v_up[...])
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], q_rope.shape)], axis=-1)
-        # The fused kernel wants v as wide as q/k: zero-pad v's rope_dim columns, then drop them.
+        # XLA's fused attention (`_attend`'s short-sequence fallback) wants v as wide as q/k: zero-pad
+        # v's rope_dim columns, then drop them.
         v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, self.cfg.rope_dim)))
         y = _attend(q, k, v, self.cfg.query_chunk, scale=self._scale(), causal_block=self.cfg.causal_block)[..., : self.head_dim]
         return self.o_proj(y.reshape(b, s, self.n_heads * self.head_dim)), make_aux()

@@ -45,8 +45,8 @@ class RWKVConfig(SlotConfig):
     mix_low_rank: int = 32  # rank of the data-dependent token-shift LoRA (TIME_MIX_EXTRA_DIM)
     decay_low_rank: int = 64  # rank of the data-dependent decay LoRA (TIME_DECAY_EXTRA_DIM)
     norm_eps: float = 64e-5  # GroupNorm epsilon (RWKV-6: 1e-5 * head_size_divisor^2)
-    chunk_size: int = 64  # tokens per chunk of the training form (any length works; tail is padded)
-    sub_chunk: int = 16  # tokens per intra-chunk block; must divide chunk_size
+    chunk_size: int = 32  # tokens per chunk of the training form (any length works; tail is padded)
+    sub_chunk: int = 8  # tokens per intra-chunk block; must divide chunk_size
     scan: str = "auto"  # within a chunk: "matmul", "sequential", or "auto" (sequential for small head states)
 
     def validate(self, d_model: int) -> None:

@@ -189,9 +189,7 @@ def suite_torch(s: dict) -> dict:
     compiled = step.lower(*args).compile()
     ours = lambda: jax.block_until_ready(compiled(*args))  # noqa: E731
     ours()
-    rounds = []
-    for _ in range(max(5, s["reps"])):
-        rounds.append([_wall(torch_step), _wall(ours)])
+    rounds = paired_rounds(torch_step, ours, max(6, s["reps"] + s["reps"] % 2))
     ratios = [t / j for t, j in rounds]
     matmuls = bench_matmuls.step_matmuls(step, *args)
     return {
@@ -211,10 +209,19 @@ def suite_torch(s: dict) -> dict:
     }
 
 
-def _wall(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def paired_rounds(a, b, n: int) -> list[list[float]]:
+    """n rounds of [seconds of a(), seconds of b()], run back to back; who goes first alternates, so
+    neither always runs right after the other (thread pools still spinning, warm caches)."""
+    rounds = []
+    for i in range(n):
+        first, second = (a, b) if i % 2 == 0 else (b, a)
+        times = []
+        for fn in (first, second):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        rounds.append(times if i % 2 == 0 else times[::-1])
+    return rounds
 
 
 def sublayer_seconds(cfg: ModelConfig, batch: int, seq: int, reps: int) -> dict:
@@ -550,8 +557,8 @@ def to_markdown(result: dict, command: str) -> str:
         if "skipped" in t:
             lines += [f"Skipped: {t['skipped']}.", ""]
         else:
-            rounds = f" (medians of {len(t['rounds'])} paired rounds in one process: PyTorch's step, then ours)" \
-                if "rounds" in t else ""
+            rounds = f" (medians of {len(t['rounds'])} paired rounds in one process, PyTorch's step and ours, " \
+                "taking turns to go first)" if "rounds" in t else ""
             spread = (f", range over the rounds {t['ratio_range'][0]:.2f}-{t['ratio_range'][1]:.2f}"
                       if "ratio_range" in t else "")
             lines += [f"PyTorch {t['torch']['torch_version']} ({t['torch']['threads']} threads, {t['torch']['params']} "
@@ -575,11 +582,15 @@ def to_markdown(result: dict, command: str) -> str:
                 rest = t["jax_step_s"] - m["xla_s"]
                 lines += ["", f"Our step's matmuls alone: the step runs {m['count']} matmuls of {m['shapes']} shapes "
                           f"({m['flops'] / 1e9:.3g} GFLOP, listed from its jaxpr); each run alone and summed: XLA "
-                          f"{m['xla_s'] * 1e3:.0f} ms, PyTorch (torch.einsum, the same matmuls) {m['torch_s'] * 1e3:.0f} ms. "
-                          f"The rest of our step (step time - its matmuls alone) is {rest * 1e3:.0f} ms. With PyTorch's "
-                          f"matmul times and that rest, ours would take about {(m['torch_s'] + rest) * 1e3:.0f} ms "
-                          f"(PyTorch time / that = {t['torch']['step_s'] / (m['torch_s'] + rest):.2f}; an estimate: "
-                          "matmuls alone need not take the same time inside a step)."]
+                          f"{m['xla_s'] * 1e3:.0f} ms, PyTorch (torch.einsum, the same matmuls) {m['torch_s'] * 1e3:.0f} ms."]
+                if rest > 0:
+                    lines[-1] += (f" The rest of our step (step time - its matmuls alone) is {rest * 1e3:.0f} ms. With "
+                                  f"PyTorch's matmul times and that rest, ours would take about "
+                                  f"{(m['torch_s'] + rest) * 1e3:.0f} ms (PyTorch time / that = "
+                                  f"{t['torch']['step_s'] / (m['torch_s'] + rest):.2f}; an estimate: matmuls alone "
+                                  "need not take the same time inside a step).")
+                else:  # tiny models: each matmul's dispatch outweighs its work
+                    lines[-1] += " They take longer alone than the whole step, so no split is drawn from them."
             if "sublayer_s" in t["torch"] and "jax_sublayer_s" in t:
                 lines += ["", "One block's sublayers, forward + backward at the training shape (no norms), same run:", "",
                           "| sublayer | PyTorch (ms) | ours (ms) | PyTorch / ours |", "|---|---|---|---|"]

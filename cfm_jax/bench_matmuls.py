@@ -20,11 +20,15 @@ Matmul = tuple[tuple[int, ...], tuple[int, ...], str, tuple]
 
 def step_matmuls(fn, *args) -> Counter:
     """Every `dot_general` that fn(*args) runs, with how many times: {Matmul: count}. Sub-jaxprs
-    (jit, custom_vjp, checkpoint, cond branches) are walked; a scan's body counts `length` times."""
+    (jit, custom_vjp, checkpoint) are walked; a scan's body counts `length` times. A while loop (trip
+    count unknown) or a cond (one branch runs) raises NotImplementedError rather than miscount. The key
+    keeps the lhs dtype only: mixed-precision dots are re-run in that dtype."""
     found: Counter = Counter()
 
     def walk(jaxpr, times: int) -> None:
         for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("while", "cond"):
+                raise NotImplementedError(f"step_matmuls cannot count matmuls under a {eqn.primitive.name}")
             if eqn.primitive.name == "dot_general":
                 lhs, rhs = (v.aval for v in eqn.invars)
                 dims = tuple(tuple(tuple(int(i) for i in axes) for axes in pair) for pair in eqn.params["dimension_numbers"])
@@ -67,8 +71,9 @@ def einsum_spec(m: Matmul) -> str:
 
 
 def xla_seconds(matmuls: Counter, timed, reps: int) -> float:
-    """Seconds of all the matmuls, each jitted and timed alone (median of reps) times its count.
-    `timed` is bench.timed (passed in to keep this module free of the bench's imports)."""
+    """Seconds of all the matmuls, each jitted and timed alone (median of reps, dispatch included)
+    times its count. `timed` is bench.timed (passed in to keep this module free of the bench's
+    imports)."""
     total = 0.0
     for i, (m, count) in enumerate(sorted(matmuls.items())):
         lhs_shape, rhs_shape, dtype, dims = m

@@ -17,6 +17,7 @@ DIMS = [  # (lhs shape, rhs shape, dot_general dimension numbers)
     ((3, 6, 4), (3, 5, 4), (((2,), (2,)), ((0,), (0,)))),
     ((2, 7, 3, 4), (2, 3, 4, 5), (((3,), (2,)), ((0, 2), (0, 1)))),
     ((2, 3, 4, 5), (3, 4, 6), (((1, 2), (0, 1)), ((), ()))),
+    ((4, 6, 3, 2), (3, 5, 2, 4), (((3,), (2,)), ((2, 0), (0, 3)))),  # batch axes out of order
 ]
 
 
@@ -46,9 +47,39 @@ def test_step_matmuls_finds_every_matmul_and_counts_scan_iterations():
 
     assert sum(bench_matmuls.step_matmuls(scanned, jnp.ones((4, 4))).values()) == 7
 
+    def nested(w):  # a scan inside a scan, under remat: 3 * 7 matmuls
+        inner = jax.checkpoint(lambda h: scanned_from(h, w))
+        return jax.lax.scan(lambda h, _: (inner(h), None), jnp.ones((2, 4)), None, length=3)[0]
+
+    def scanned_from(h, w):
+        return jax.lax.scan(lambda h, _: (jnp.tanh(h @ w), None), h, None, length=7)[0]
+
+    assert sum(bench_matmuls.step_matmuls(nested, jnp.ones((4, 4))).values()) == 21
+
+
+@pytest.mark.parametrize("loop", ["while", "cond"])
+def test_step_matmuls_refuses_loops_it_cannot_count(loop):
+    w = jnp.ones((4, 4))
+    if loop == "while":
+        fn = lambda h: jax.lax.while_loop(lambda c: c[1] < c[0].sum(), lambda c: (c[0] @ w, c[1] + 1), (h, 0))[0]  # noqa: E731
+    else:
+        fn = lambda h: jax.lax.cond(h.sum() > 0, lambda h: h @ w, lambda h: h, h)  # noqa: E731
+    with pytest.raises(NotImplementedError, match=loop):
+        bench_matmuls.step_matmuls(fn, jnp.ones((2, 4)))
+
 
 def test_xla_and_torch_timings_cover_every_matmul():
-    found = bench_matmuls.step_matmuls(lambda a, b: (a @ b) @ b.T, jnp.ones((8, 4)), jnp.ones((4, 4)))
+    found = bench_matmuls.step_matmuls(lambda a, b, c: a @ b @ c @ b, jnp.ones((8, 4)), jnp.ones((4, 6)), jnp.ones((6, 4)))
+    assert len(found) == 2 and sum(found.values()) == 3
+    timed_shapes = []
+
+    def fake_timed(fn, lhs, rhs, reps):  # one second per call: the total is the weighted count
+        timed_shapes.append((lhs.shape, rhs.shape))
+        assert fn(lhs, rhs).shape[0] == lhs.shape[0]
+        return 1.0
+
+    assert bench_matmuls.xla_seconds(found, fake_timed, reps=2) == 3.0
+    assert sorted(timed_shapes) == sorted((m[0], m[1]) for m in found)
     assert bench_matmuls.xla_seconds(found, bench.timed, reps=2) > 0
     pytest.importorskip("torch")
     from cfm_jax.bench_torch import einsum_seconds

@@ -72,10 +72,10 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, query_chunk: int = 0, scale: float | None = None,
             causal_block: int = 0) -> jax.Array:
-    """Fast path (XLA's fused attention; handles grouped heads natively). Shapes as the reference.
-    Sequences longer than query_chunk (> 0) go through `chunked_attention` (bounded memory), others
-    longer than causal_block (> 0) through `block_causal_attention` (less work). scale: None =
-    1/sqrt(head_dim)."""
+    """Fast path. Shapes as the reference. Sequences longer than query_chunk (> 0) go through
+    `chunked_attention` (bounded memory), others longer than causal_block (> 0) through
+    `block_causal_attention` (less work), the rest through XLA's fused attention (one masked square;
+    it needs v as wide as q and k). scale: None = 1/sqrt(head_dim)."""
     s = q.shape[1]
     if 0 < query_chunk < s:
         return chunked_attention(q, k, v, query_chunk, scale)
@@ -94,7 +94,8 @@ def _heads_major(q: jax.Array, k: jax.Array, v: jax.Array):
     kv = k.shape[2]
     q = q.reshape(b, s, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(b * kv, h // kv, s, d)
     k = k.transpose(0, 2, 1, 3).reshape(b * kv, s, d)
-    return q, k, v.transpose(0, 2, 1, 3).reshape(b * kv, s, v.shape[3])
+    v = v.transpose(0, 2, 1, 3).reshape(b * kv, s, v.shape[3])
+    return q, k, v
 
 
 def _batch_major(out: jax.Array, batch: int) -> jax.Array:
@@ -106,8 +107,9 @@ def _batch_major(out: jax.Array, batch: int) -> jax.Array:
 def _attend_rows(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
     """Softmax attention of query rows q (n, rows, d) over k (n, keys, d), v (n, keys, dv) where mask
     (rows, keys) is True -> (n, rows, dv)."""
-    scores = jnp.einsum("nqd,nkd->nqk", q, k) * scale
-    return jnp.einsum("nqk,nkd->nqd", jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1), v)
+    scores = jnp.einsum("nqd,nkd->nqk", q, k, preferred_element_type=jnp.float32) * scale  # fp32 logits, as
+    probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)  # XLA's fused attention for bf16
+    return jnp.einsum("nqk,nkd->nqd", probs.astype(v.dtype), v)
 
 
 def block_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int, scale: float | None = None) -> jax.Array:
