@@ -91,6 +91,11 @@ def model_flops_per_token(model: LanguageModel, seq: int) -> float:
     return forward_flops_per_token(model, max(1, seq // 2))
 
 
+def train_step_flops(model: LanguageModel, batch: int, seq: int) -> float:
+    """Model FLOPs of one training step on (batch, seq) tokens: 3x the forward."""
+    return 3 * model_flops_per_token(model, seq) * batch * seq
+
+
 def _train_step(cfg: ModelConfig, batch: int, seq: int):
     """(model, jitted train step, its arguments) for a fresh model on random tokens."""
     model = LanguageModel(cfg, VOCAB, rngs=nnx.Rngs(0))
@@ -108,7 +113,7 @@ def train_step_bench(cfg: ModelConfig, batch: int, seq: int, reps: int, ceiling:
     compiled = step.lower(*args).compile()
     compile_s = time.perf_counter() - t0
     seconds = timed(lambda: compiled(*args), reps=reps)
-    flops = 3 * model_flops_per_token(model, seq) * batch * seq
+    flops = train_step_flops(model, batch, seq)
     return {
         "step_s": seconds, "tokens_per_s": batch * seq / seconds, "compile_s": compile_s,
         "model_flops_per_step": flops, "mfu": flops / seconds / ceiling if ceiling else None,
@@ -201,7 +206,7 @@ def suite_torch(s: dict) -> dict:
         "jax_params": int(sum(x.size for x in jax.tree.leaves(args[0]))),
         "jax_matmul_flops": ceilings({**s, "copy_mb": 1})["matmul_float32_flops"],  # side by side with torch's
         "jax_sublayer_s": sublayer_seconds(cfg, s["batch"], s["seq"], s["reps"]),
-        "model_flops_per_step": 3 * model_flops_per_token(model, s["seq"]) * s["batch"] * s["seq"],
+        "model_flops_per_step": train_step_flops(model, s["batch"], s["seq"]),
         "step_matmuls": {"count": sum(matmuls.values()), "shapes": len(matmuls),
                          "flops": sum(n * bench_matmuls.flops(m) for m, n in matmuls.items()),
                          "xla_s": bench_matmuls.xla_seconds(matmuls, timed, s["reps"]),
