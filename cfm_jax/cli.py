@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from cfm_jax.errors import TrainingDiverged, UserError
+from cfm_jax.host_memory import keep_freed_memory
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
@@ -136,6 +137,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    keep_freed_memory()  # before jax allocates: XLA:CPU's per-step buffers are then reused, not refaulted
     try:
         return _run(args)
     except UserError as e:

@@ -17,6 +17,7 @@ from cfm_jax import workdir as wd
 from cfm_jax.config import Config
 from cfm_jax.errors import TrainingDiverged, UserError
 from cfm_jax.harness.experiments import Experiment
+from cfm_jax.host_memory import keep_freed_memory
 
 
 def cell_workdir(runs_dir: Path, experiment: str, scale: str, cell: str) -> Path:
@@ -68,7 +69,9 @@ def sweep(experiment: Experiment, scale: str, runs_dir: Path, progress: bool = T
                 failed.append(cell)
         return failed
     # Separate processes (spawned: JAX does not survive fork), one cell each at a time.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # Each reuses freed host memory as the CLI's own process does (cfm_jax.host_memory).
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=keep_freed_memory) as pool:
         futures = {cell: pool.submit(run_cell, configs[cell], workdir, experiment.analyses, False) for cell, workdir in todo}
         for cell, future in futures.items():
             error = future.result()
