@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cfm_jax.errors import UserError
+from cfm_jax.kernels.cblas import matmul
 from cfm_jax.layers.common import linear, make_aux, normal_init, output_init, rope
 from cfm_jax.registry import LayerContext, SlotConfig, register
 
@@ -107,9 +108,9 @@ def _batch_major(out: jax.Array, batch: int) -> jax.Array:
 def _attend_rows(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
     """Softmax attention of query rows q (n, rows, d) over k (n, keys, d), v (n, keys, dv) where mask
     (rows, keys) is True -> (n, rows, dv)."""
-    scores = jnp.einsum("nqd,nkd->nqk", q, k, preferred_element_type=jnp.float32) * scale  # fp32 logits, as
+    scores = matmul(q, k, transpose_b=True, preferred_element_type=jnp.float32) * scale  # fp32 logits, as
     probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)  # XLA's fused attention for bf16
-    return jnp.einsum("nqk,nkd->nqd", probs.astype(v.dtype), v)
+    return matmul(probs.astype(v.dtype), v)
 
 
 def block_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int, scale: float | None = None) -> jax.Array:
@@ -175,7 +176,7 @@ class Attention(nnx.Module):
         # One matmul against the three kernels side by side (faster than three on a CPU); same result.
         w = jnp.concatenate([self.q_proj.kernel[...], self.k_proj.kernel[...], self.v_proj.kernel[...]], axis=1)
         nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        q, k, v = jnp.split(x.reshape(b * s, d) @ w, [nq, nq + nk], axis=1)
+        q, k, v = jnp.split(matmul(x.reshape(b * s, d), w), [nq, nq + nk], axis=1)
         q = q.reshape(b, s, self.n_heads, self.head_dim)
         k, v = (t.reshape(b, s, self.n_kv, self.head_dim) for t in (k, v))
         theta = self.cfg.rope_theta

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cfm_jax.kernels.cblas import matmul
+
 # Modules whose training-time behaviour differs from evaluation (e.g. updating a router bias) keep a
 # `self.deterministic = True` attribute: the trainer calls `model.train()` (sets it False) and
 # evaluation `model.eval()`, the NNX convention used by Dropout.
@@ -40,15 +42,20 @@ def output_init(ctx) -> nnx.Initializer:
 class Linear(nnx.Linear):
     """nnx.Linear that multiplies a 2-D view of its input: x (..., d_in) -> (..., d_out).
 
-    Same parameters (kernel, optional bias) and result as nnx.Linear. Why: on XLA:CPU the weight
-    gradient of a (batch, seq, d) input contracts two axes, which compiles to transposes plus a slow
-    dot; flattening to (batch * seq, d) first made a transformer training step ~1.4x faster here
-    (experiments/results/bench.md).
+    Same parameters (kernel, optional bias) and result as nnx.Linear (its `dot_general`, `precision`
+    and `preferred_element_type` options are not used). Why: on XLA:CPU the weight gradient of a
+    (batch, seq, d) input contracts two axes, which compiles to transposes plus a slow dot; flattening
+    to (batch * seq, d) first made a transformer training step ~1.4x faster here, and the 2-D product
+    can run in MKL (`cfm_jax.kernels.cblas.matmul`; experiments/results/bench.md).
     """
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        lead = x.shape[:-1]
-        return super().__call__(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)
+        bias = self.bias[...] if self.bias is not None else None
+        x, kernel, bias = self.promote_dtype((x, self.kernel[...], bias), dtype=self.dtype)
+        y = matmul(x.reshape(-1, x.shape[-1]), kernel)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], -1)
 
 
 class RMSNorm(nnx.RMSNorm):

@@ -1,0 +1,178 @@
+"""2-D float32 matmuls through MKL's sgemm, called from inside XLA (an FFI custom call), on CPU.
+
+Why: on the 2-core CPUs this project runs on, XLA:CPU's own GEMM reaches 240-300 GFLOP/s at the
+training step's shapes (4096 x 512 x 2736 and the like) where MKL, PyTorch's GEMM, reaches 350-360
+(`experiments/results/bench.md`). The model's projections call `matmul`, which runs MKL's sgemm in
+the compiled step, and its reference, plain `a @ b` in XLA, everywhere else.
+
+Which one runs is chosen when a function is traced, by CFM_JAX_MATMUL:
+  auto (default)  MKL where it can run: CPU backend, one device, float32, and the MKL runtime
+                  (`pip install mkl`, in the dev and bench extras) plus a C++ compiler to build the
+                  ~40-line handler once (cached under ~/.cache/cfm_jax); XLA otherwise.
+  xla             always XLA.
+  mkl             MKL, or a one-line error saying why it cannot run.
+The handler is built and registered on first use; `backend()` says what `auto` resolved to and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cfm_jax.errors import UserError
+
+ENV = "CFM_JAX_MATMUL"
+MODES = ("auto", "xla", "mkl")
+TARGET = "cfm_cblas_gemm"
+SOURCE = Path(__file__).with_name("cblas_gemm.cc")
+
+
+@contextlib.contextmanager
+def forced(value: str):
+    """Within the block, functions traced use this mode (auto, xla or mkl) whatever the environment."""
+    old = os.environ.get(ENV)
+    os.environ[ENV] = value
+    try:
+        mode()  # validates
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV)
+        else:
+            os.environ[ENV] = old
+
+
+def mode() -> str:
+    value = os.environ.get(ENV, "auto")
+    if value not in MODES:
+        raise UserError(f"{ENV}={value!r} is not a matmul backend; allowed: {', '.join(MODES)}")
+    return value
+
+
+def _mkl_runtime() -> str | None:
+    """Path of MKL's single dynamic library as the `mkl` wheel installs it (<prefix>/lib)."""
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        found = sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*")))
+        if found:
+            return found[0]
+    return None
+
+
+def _build() -> Path:
+    """The compiled handler library, built once per source and jax version into the user cache."""
+    key = hashlib.sha256(SOURCE.read_bytes() + jax.__version__.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cfm_jax"
+    lib = cache / f"cblas_gemm-{key}.so"
+    if lib.exists():
+        return lib
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (c++ or g++, or set CXX) to build the MKL matmul handler")
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built aside, then moved: concurrent builds are safe
+        out = Path(tmp) / lib.name
+        cmd = [compiler, "-O2", "-shared", "-fPIC", "-std=c++17", "-w", f"-I{jax.ffi.include_dir()}",
+               str(SOURCE), "-o", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"building the MKL matmul handler failed: {done.stderr.strip()[-300:]}")
+        os.replace(out, lib)
+    return lib
+
+
+@functools.cache
+def _load() -> str | None:
+    """Build and register the handler; None if it worked, else the reason it cannot run."""
+    if sys.platform != "linux":
+        return f"MKL handler is built for Linux only (this is {sys.platform})"
+    runtime = _mkl_runtime()
+    if runtime is None:
+        return "the MKL runtime is not installed (pip install mkl)"
+    # MKL's OpenMP threads sleep at once after a call instead of spinning for 200 ms: spinning, they
+    # would take the cores from XLA's own threads running the elementwise work between matmuls.
+    os.environ.setdefault("KMP_BLOCKTIME", "0")
+    try:
+        mkl = ctypes.CDLL(runtime)
+        handler = ctypes.CDLL(str(_build()))
+    except (OSError, RuntimeError) as e:
+        return str(e).splitlines()[0]
+    handler.cfm_set_sgemm(*(ctypes.cast(fn, ctypes.c_void_p) for fn in (mkl.cblas_sgemm, mkl.cblas_sgemm_batch_strided)))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler.CfmGemm), platform="cpu")
+    return None
+
+
+def backend(*arrays: jax.Array) -> tuple[str, str]:
+    """("mkl" or "xla", why) for matmuls of these operands traced now."""
+    wanted = mode()
+    if wanted == "xla":
+        return "xla", f"{ENV}=xla"
+    reasons = []
+    if jax.default_backend() != "cpu":
+        reasons.append(f"backend is {jax.default_backend()}, not cpu")
+    if jax.device_count() != 1:  # XLA cannot partition a custom call; sharded steps keep its dot
+        reasons.append(f"{jax.device_count()} devices (MKL path is single-device)")
+    if any(a.dtype != jnp.float32 for a in arrays):
+        reasons.append(f"dtype {', '.join(sorted({str(a.dtype) for a in arrays}))} (MKL path is float32)")
+    if not reasons and (why := _load()):
+        reasons.append(why)
+    if not reasons:
+        return "mkl", "MKL sgemm through an XLA FFI call"
+    if wanted == "mkl":
+        raise UserError(f"{ENV}=mkl cannot run: {'; '.join(reasons)} (use auto or xla)")
+    return "xla", "; ".join(reasons)
+
+
+def _gemm(a: jax.Array, b: jax.Array, trans_a: bool, trans_b: bool) -> jax.Array:
+    """op(a) @ op(b) in MKL, per leading batch index if 3-D: a (.., m, k) or (.., k, m) if trans_a,
+    b (.., k, n) or (.., n, k) if trans_b -> (.., m, n)."""
+    m = a.shape[-1] if trans_a else a.shape[-2]
+    n = b.shape[-2] if trans_b else b.shape[-1]
+    out = jax.ShapeDtypeStruct((*a.shape[:-2], m, n), jnp.float32)
+    call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
+    return call(a, b, trans_a=np.bool_(trans_a), trans_b=np.bool_(trans_b))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _mkl_matmul(a: jax.Array, b: jax.Array, transpose_b: bool) -> jax.Array:
+    return _gemm(a, b, False, transpose_b)
+
+
+def _fwd(a, b, transpose_b):
+    return _gemm(a, b, False, transpose_b), (a, b)
+
+
+def _bwd(transpose_b, res, g):
+    a, b = res  # transposes are BLAS flags, never copies
+    if transpose_b:  # c = a b^T: da = g b, db = g^T a
+        return _gemm(g, b, False, False), _gemm(g, a, True, False)
+    return _gemm(g, b, False, True), _gemm(a, g, True, False)  # c = a b: da = g b^T, db = a^T g
+
+
+_mkl_matmul.defvjp(_fwd, _bwd)
+
+
+def matmul(a: jax.Array, b: jax.Array, transpose_b: bool = False, preferred_element_type=None) -> jax.Array:
+    """a (m, k) @ b (k, n) -> (m, n), or batched: a (batch, m, k) @ b (batch, k, n) -> (batch, m, n);
+    with transpose_b, b is (.., n, k) and a @ b^T is taken. In MKL or XLA as `backend` decides (same
+    result up to rounding); `preferred_element_type` is XLA's (MKL computes float32 in float32)."""
+    contract = b.shape[-1] if transpose_b else b.shape[-2]
+    if a.ndim not in (2, 3) or b.ndim != a.ndim or a.shape[-1] != contract or a.shape[:-2] != b.shape[:-2]:
+        raise ValueError(f"matmul takes (.., m, k) @ (.., k, n) with one optional batch axis, got "
+                         f"{a.shape} @ {b.shape} (transpose_b={transpose_b})")
+    if preferred_element_type in (None, jnp.float32) and backend(a, b)[0] == "mkl":
+        return _mkl_matmul(a, b, transpose_b)
+    return jnp.einsum("...mk,...nk->...mn" if transpose_b else "...mk,...kn->...mn", a, b,
+                      preferred_element_type=preferred_element_type)

@@ -1,0 +1,59 @@
+// XLA FFI handler: C[i] = op(A[i]) @ op(B[i]) for row-major float32 matrices, 2-D or batched 3-D,
+// through MKL's CBLAS sgemm / sgemm_batch_strided, whose addresses the Python side hands over
+// (cfm_jax/kernels/cblas.py loads them from MKL's runtime library).
+#include <climits>
+#include <cstdint>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+using Sgemm = void (*)(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
+                       const float* a, int lda, const float* b, int ldb, float beta, float* c, int ldc);
+using SgemmBatchStrided = void (*)(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
+                                   const float* a, int lda, int stride_a, const float* b, int ldb,
+                                   int stride_b, float beta, float* c, int ldc, int stride_c, int batch);
+static Sgemm sgemm = nullptr;
+static SgemmBatchStrided sgemm_batch = nullptr;
+
+extern "C" void cfm_set_sgemm(void* gemm, void* batch) {
+  sgemm = reinterpret_cast<Sgemm>(gemm);
+  sgemm_batch = reinterpret_cast<SgemmBatchStrided>(batch);
+}
+
+static ffi::Error Gemm(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> c, bool trans_a,
+                       bool trans_b) {
+  if (sgemm == nullptr || sgemm_batch == nullptr) return ffi::Error::Internal("cfm_gemm: no sgemm set");
+  if (a.element_type() != ffi::F32 || b.element_type() != ffi::F32)
+    return ffi::Error::InvalidArgument("cfm_gemm: float32 operands only");
+  auto ad = a.dimensions(), bd = b.dimensions();
+  const size_t rank = ad.size();
+  if ((rank != 2 && rank != 3) || bd.size() != rank)
+    return ffi::Error::InvalidArgument("cfm_gemm: operands must both be 2-D or both 3-D");
+  const int64_t batch = rank == 3 ? ad[0] : 1;
+  if (rank == 3 && bd[0] != batch) return ffi::Error::InvalidArgument("cfm_gemm: batch sizes differ");
+  const int64_t a0 = ad[rank - 2], a1 = ad[rank - 1], b0 = bd[rank - 2], b1 = bd[rank - 1];
+  const int64_t m = trans_a ? a1 : a0, k = trans_a ? a0 : a1, n = trans_b ? b0 : b1;
+  if ((trans_b ? b1 : b0) != k) return ffi::Error::InvalidArgument("cfm_gemm: contracting sizes differ");
+  if (a0 * a1 > INT_MAX || b0 * b1 > INT_MAX || m * n > INT_MAX || batch > INT_MAX)
+    return ffi::Error::InvalidArgument("cfm_gemm: a matrix exceeds the 32-bit BLAS interface");
+  constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+  const int ta = trans_a ? kTrans : kNoTrans, tb = trans_b ? kTrans : kNoTrans;
+  const float* ap = static_cast<const float*>(a.untyped_data());
+  const float* bp = static_cast<const float*>(b.untyped_data());
+  float* cp = static_cast<float*>(c->untyped_data());
+  if (rank == 2) {
+    sgemm(kRowMajor, ta, tb, m, n, k, 1.0f, ap, a1, bp, b1, 0.0f, cp, n);
+  } else {
+    sgemm_batch(kRowMajor, ta, tb, m, n, k, 1.0f, ap, a1, a0 * a1, bp, b1, b0 * b1, 0.0f, cp, n, m * n, batch);
+  }
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CfmGemm, Gemm,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<bool>("trans_a")
+                                  .Attr<bool>("trans_b"));

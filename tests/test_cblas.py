@@ -1,0 +1,107 @@
+"""MKL matmuls inside XLA (cfm_jax.kernels.cblas) against XLA's own dot: outputs and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cfm_jax.config import ModelConfig
+from cfm_jax.errors import UserError
+from cfm_jax.kernels import cblas
+
+needs_mkl = pytest.mark.skipif(cblas._mkl_runtime() is None, reason="MKL runtime not installed (pip install mkl)")
+
+CASES = [  # (a shape, b shape, transpose_b): the projections' 2-D products and attention's batched ones
+    ((96, 80), (80, 72), False),
+    ((96, 80), (72, 80), True),
+    ((6, 40, 32), (6, 32, 48), False),
+    ((6, 40, 32), (6, 48, 32), True),
+]
+
+
+def _reference(a, b, transpose_b):
+    return jnp.einsum("...mk,...nk->...mn" if transpose_b else "...mk,...kn->...mn", a, b,
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+@needs_mkl
+@pytest.mark.parametrize("shape_a, shape_b, transpose_b", CASES)
+def test_matches_xla_dot_outputs_and_gradients(shape_a, shape_b, transpose_b):
+    ka, kb, kg = jax.random.split(jax.random.key(0), 3)
+    a, b = jax.random.normal(ka, shape_a), jax.random.normal(kb, shape_b)
+    fast = jax.jit(lambda a, b: cblas.matmul(a, b, transpose_b=transpose_b))
+    assert "ffi_call" in str(jax.make_jaxpr(fast)(a, b)), "the MKL path did not run"
+    out = fast(a, b)
+    np.testing.assert_allclose(out, _reference(a, b, transpose_b), rtol=1e-5, atol=1e-5)
+    g = jax.random.normal(kg, out.shape)  # a random cotangent: every gradient entry is exercised
+    _, vjp_fast = jax.vjp(lambda a, b: cblas.matmul(a, b, transpose_b=transpose_b), a, b)
+    _, vjp_ref = jax.vjp(lambda a, b: _reference(a, b, transpose_b), a, b)
+    for got, want in zip(jax.jit(vjp_fast)(g), vjp_ref(g)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_mkl
+@pytest.mark.parametrize("shape_a, shape_b, transpose_b", CASES)
+def test_within_float32_rounding_bound(shape_a, shape_b, transpose_b):
+    """Against a float64 product of the same float32 inputs, every entry is within the textbook bound
+    for a float32 inner product of length K, gamma_K * (|a| |b|) with gamma_K = K u / (1 - K u), u =
+    2^-24: MKL rounds differently from XLA, but never outside float32 accuracy (a bf16 or TF32 shortcut
+    rounds its inputs ~100x coarser than this bound allows)."""
+    ka, kb = jax.random.split(jax.random.key(1))
+    a, b = 4 * jax.random.normal(ka, shape_a), 4 * jax.random.normal(kb, shape_b)
+    spec = "...mk,...nk->...mn" if transpose_b else "...mk,...kn->...mn"
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    got = np.asarray(jax.jit(lambda a, b: cblas.matmul(a, b, transpose_b))(a, b), np.float64)
+    k, u = shape_a[-1], 2.0**-24
+    bound = k * u / (1 - k * u) * np.einsum(spec, np.abs(a64), np.abs(b64))
+    assert np.all(np.abs(got - np.einsum(spec, a64, b64)) <= bound)
+
+
+@needs_mkl
+def test_model_loss_and_gradients_match_xla(monkeypatch):
+    from cfm_jax.layers.model import LanguageModel
+
+    model = LanguageModel(ModelConfig(d_model=64, n_layers=2), 256, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tokens = jax.random.randint(jax.random.key(1), (2, 33), 0, 256)
+
+    def loss(p):
+        logits, aux = nnx.merge(graphdef, p, rest)(tokens[:, :-1])
+        return -jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + aux["loss"]
+
+    results = {}
+    for mode in ("xla", "mkl"):
+        monkeypatch.setenv(cblas.ENV, mode)  # read when traced: each mode gets its own trace
+        step = jax.jit(jax.value_and_grad(loss))
+        assert ("ffi_call" in str(jax.make_jaxpr(step)(params))) == (mode == "mkl")
+        results[mode] = step(params)
+    (lx, gx), (lm, gm) = results["xla"], results["mkl"]
+    np.testing.assert_allclose(lm, lx, rtol=1e-5)
+    for x, m in zip(jax.tree.leaves(gx), jax.tree.leaves(gm)):
+        np.testing.assert_allclose(m, x, rtol=1e-4, atol=1e-6)
+
+
+def test_falls_back_to_xla_where_mkl_cannot_run(monkeypatch):
+    a = jnp.ones((8, 4), jnp.bfloat16)
+    assert cblas.backend(a, a)[0] == "xla" and "bfloat16" in cblas.backend(a, a)[1]
+    np.testing.assert_array_equal(cblas.matmul(a, a.T), a @ a.T)
+    monkeypatch.setattr(jax, "device_count", lambda: 8)  # a sharded step: XLA cannot partition the call
+    f = jnp.ones((8, 4))
+    assert cblas.backend(f, f) == ("xla", "8 devices (MKL path is single-device)")
+    monkeypatch.setenv(cblas.ENV, "xla")
+    assert cblas.backend(f, f)[0] == "xla"
+
+
+def test_bad_mode_and_impossible_mkl_are_one_line_errors(monkeypatch):
+    monkeypatch.setenv(cblas.ENV, "blas")
+    with pytest.raises(UserError, match="CFM_JAX_MATMUL='blas'.*allowed: auto, xla, mkl"):
+        cblas.matmul(jnp.ones((2, 2)), jnp.ones((2, 2)))
+    monkeypatch.setenv(cblas.ENV, "mkl")
+    with pytest.raises(UserError, match="cannot run: dtype bfloat16"):
+        cblas.matmul(jnp.ones((2, 2), jnp.bfloat16), jnp.ones((2, 2), jnp.bfloat16))
+
+
+def test_shape_mismatch_is_refused():
+    with pytest.raises(ValueError, match=r"\(3, 4\) @ \(5, 2\)"):
+        cblas.matmul(jnp.ones((3, 4)), jnp.ones((5, 2)))
