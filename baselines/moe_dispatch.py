@@ -23,6 +23,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from cfm_jax.kernels.cblas import product
+
 
 class Experts(NamedTuple):
     gate: jax.Array  # (E, d, f)
@@ -164,9 +166,9 @@ def _blocked_ffn_fwd(xb, first, count, w):
 
         def block(i, carry):
             y, g, u = carry
-            gu = xb[i] @ w_in
+            gu = product(xb[i], w_in)
             gi, ui = gu[:, :f], gu[:, f:]
-            return y.at[i].set((jax.nn.silu(gi) * ui) @ wd), g.at[i].set(gi), u.at[i].set(ui)
+            return y.at[i].set(product(jax.nn.silu(gi) * ui, wd)), g.at[i].set(gi), u.at[i].set(ui)
 
         return _blocks_of(first, count, e, block, carry)
 
@@ -190,9 +192,10 @@ def _blocked_ffn_bwd(residuals, dy):
             x, gi, ui, dyi = xb[i], g[i], u[i], dy[i]
             sig = jax.nn.sigmoid(gi)
             s = gi * sig
-            dh = dyi @ wd.T
+            dh = product(dyi, wd, trans_b=True)
             dgu = jnp.concatenate([dh * ui * sig * (1 + gi * (1 - sig)), dh * s], axis=1)  # (b, 2f)
-            return dxb.at[i].set((dgu @ w_in.T).astype(dxb.dtype)), dw_in + x.T @ dgu, dwd + (s * ui).T @ dyi
+            return (dxb.at[i].set(product(dgu, w_in, trans_b=True).astype(dxb.dtype)),
+                    dw_in + product(x, dgu, trans_a=True), dwd + product(s * ui, dyi, trans_a=True))
 
         acc = (jnp.zeros(w_in.shape, jnp.float32), jnp.zeros(wd.shape, jnp.float32))
         dxb, dw_in, dwd = _blocks_of(first, count, e, block, (dxb, *acc))

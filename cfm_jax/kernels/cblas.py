@@ -35,6 +35,9 @@ import numpy as np
 from cfm_jax.errors import UserError
 
 ENV = "CFM_JAX_MATMUL"
+# Products of fewer rows (batch-1 decode) stay in XLA under auto: there MKL's call and thread wake-up
+# cost more than the work (decode latency +10-20 % at 1 row, bench.md's decode suite).
+MIN_ROWS = 8
 MODES = ("auto", "xla", "mkl")
 TARGET = "cfm_cblas_gemm"
 SOURCE = Path(__file__).with_name("cblas_gemm.cc")
@@ -114,11 +117,14 @@ def _load() -> str | None:
     return None
 
 
-def backend(*arrays: jax.Array) -> tuple[str, str]:
-    """("mkl" or "xla", why) for matmuls of these operands traced now."""
+def backend(*arrays: jax.Array, rows: int | None = None) -> tuple[str, str]:
+    """("mkl" or "xla", why) for a matmul of these operands, with `rows` output rows per matrix,
+    traced now."""
     wanted = mode()
     if wanted == "xla":
         return "xla", f"{ENV}=xla"
+    if wanted == "auto" and rows is not None and rows < MIN_ROWS:
+        return "xla", f"{rows} rows (< {MIN_ROWS}: faster in XLA)"
     reasons = []
     if jax.default_backend() != "cpu":
         reasons.append(f"backend is {jax.default_backend()}, not cpu")
@@ -172,7 +178,18 @@ def matmul(a: jax.Array, b: jax.Array, transpose_b: bool = False, preferred_elem
     if a.ndim not in (2, 3) or b.ndim != a.ndim or a.shape[-1] != contract or a.shape[:-2] != b.shape[:-2]:
         raise ValueError(f"matmul takes (.., m, k) @ (.., k, n) with one optional batch axis, got "
                          f"{a.shape} @ {b.shape} (transpose_b={transpose_b})")
-    if preferred_element_type in (None, jnp.float32) and backend(a, b)[0] == "mkl":
+    if preferred_element_type in (None, jnp.float32) and backend(a, b, rows=a.shape[-2])[0] == "mkl":
         return _mkl_matmul(a, b, transpose_b)
     return jnp.einsum("...mk,...nk->...mn" if transpose_b else "...mk,...kn->...mn", a, b,
                       preferred_element_type=preferred_element_type)
+
+
+def product(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+    """op(a) @ op(b) for hand-written backward passes (no gradient of its own: differentiate `matmul`
+    instead): a (.., m, k), or (.., k, m) with trans_a; b (.., k, n), or (.., n, k) with trans_b;
+    2-D or one batch axis. MKL or XLA as `backend` decides."""
+    if a.ndim not in (2, 3) or b.ndim != a.ndim:
+        raise ValueError(f"product takes 2-D or 3-D operands of equal rank, got {a.shape} and {b.shape}")
+    if backend(a, b, rows=a.shape[-1] if trans_a else a.shape[-2])[0] == "mkl":
+        return _gemm(a, b, trans_a, trans_b)
+    return (jnp.swapaxes(a, -1, -2) if trans_a else a) @ (jnp.swapaxes(b, -1, -2) if trans_b else b)
