@@ -609,7 +609,7 @@ def to_markdown(result: dict, command: str) -> str:
                 if t.get("jax_matmul_backend", ["xla"])[0] != "xla":
                     lines[-1] += (" Our step runs its projections and attention products in "
                                   f"{t['jax_matmul_backend'][0]} ({t['jax_matmul_backend'][1]}), PyTorch's own GEMM "
-                                  "library, rather than XLA's dot: the gap between those two sums is what that saves.")
+                                  "library, rather than XLA's dot: the gap between those two sums (each matmul timed alone) estimates what that saves.")
                 elif rest > 0:
                     lines[-1] += (f" The rest of our step (step time - its matmuls alone) is {rest * 1e3:.0f} ms. With "
                                   f"PyTorch's matmul times and that rest, ours would take about "

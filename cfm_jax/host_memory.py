@@ -7,7 +7,8 @@ faults and 0.8 s of kernel time per cpu-scale step (measured with getrusage; `be
 step-time effect). Turning mmap off and trimming off makes glibc keep freed memory in its heap and
 hand it back out on the next step, as a caching allocator would.
 
-The cost: the process keeps its peak memory until it exits (the usual trade of caching allocators).
+The costs: the process keeps its peak memory until it exits (the usual trade of caching allocators;
+a sweep worker keeps the largest peak of the cells it ran), and its threads share one malloc lock.
 Set CFM_JAX_KEEP_FREED_MEMORY=0 to leave the allocator as it is.
 """
 
@@ -25,7 +26,7 @@ ENV = "CFM_JAX_KEEP_FREED_MEMORY"
 def keep_freed_memory() -> bool:
     """Set glibc's allocator to reuse freed memory instead of returning it to the OS. Returns whether
     it was applied: False where CFM_JAX_KEEP_FREED_MEMORY=0 or the C library is not glibc (macOS,
-    musl), where nothing is changed. Affects allocations made after the call, so call it early."""
+    musl), where nothing is changed, or where glibc refused a setting (the others stay applied). Affects allocations made after the call, so call it early."""
     if os.environ.get(ENV, "1") == "0":
         return False
     try:
@@ -36,5 +37,5 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # One arena: XLA's worker threads would otherwise allocate from per-thread arenas, which cannot
     # hold a request this large and fall back to mmap even with mmap turned off. Trim -1: never.
-    return all(mallopt(param, value) == 1 for param, value in
-               ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)))
+    done = [mallopt(param, value) == 1 for param, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))]
+    return all(done)

@@ -10,7 +10,14 @@ from cfm_jax.config import ModelConfig
 from cfm_jax.errors import UserError
 from cfm_jax.kernels import cblas
 
-needs_mkl = pytest.mark.skipif(cblas._mkl_runtime() is None, reason="MKL runtime not installed (pip install mkl)")
+needs_mkl = pytest.mark.skipif(cblas._mkl_runtime() is None or jax.default_backend() != "cpu",
+                               reason="MKL runtime not installed (pip install mkl), or not a CPU backend")
+
+
+@pytest.fixture(autouse=True)
+def _default_mode(monkeypatch):
+    """Each test starts from CFM_JAX_MATMUL=auto, whatever the shell set."""
+    monkeypatch.delenv(cblas.ENV, raising=False)
 
 CASES = [  # (a shape, b shape, transpose_b): the projections' 2-D products and attention's batched ones
     ((96, 80), (80, 72), False),
@@ -125,3 +132,13 @@ def test_bad_mode_and_impossible_mkl_are_one_line_errors(monkeypatch):
 def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match=r"\(3, 4\) @ \(5, 2\)"):
         cblas.matmul(jnp.ones((3, 4)), jnp.ones((5, 2)))
+    with pytest.raises(ValueError, match=r"got \(3, 4\) and \(5, 2\)"):
+        cblas.product(jnp.ones((3, 4)), jnp.ones((5, 2)))
+
+
+@needs_mkl
+def test_empty_contraction_gives_zeros():
+    """k = 0 (an empty sum) comes out as zeros, as in XLA, not as untouched memory."""
+    with cblas.forced("mkl"):
+        out = jax.jit(lambda a, b: cblas.product(a, b))(jnp.ones((16, 0)), jnp.ones((0, 5)))
+    np.testing.assert_array_equal(out, np.zeros((16, 5)))

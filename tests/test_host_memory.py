@@ -21,7 +21,7 @@ import jax, jax.numpy as jnp
 f = jax.jit(lambda x: x * 2.0)
 x = jnp.ones((64 * 2**20,), jnp.float32)
 faults = []
-for _ in range(12):
+for _ in range(24):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(x).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -41,7 +41,8 @@ def test_freed_buffers_are_reused_not_refaulted():
     assert kept["applied"] and not plain["applied"]
     # 256 MB is 65536 small pages (128 huge ones where transparent huge pages are always on): the
     # plain allocator maps it anew each call, the kept one hands back the same memory.
-    # The last 4 of 12 calls (the kept heap grows over the first few, then stops growing).
+    # The last 4 of 24 calls: the kept heap grows over the first few (a buffer can be freed after the
+    # next is allocated, so it grows to hold two or three), then stops growing.
     kept_faults, plain_faults = max(kept["faults"][-4:]), min(plain["faults"][-4:])
     assert plain_faults >= 100, plain
     assert kept_faults < min(20, plain_faults / 4), (kept, plain)

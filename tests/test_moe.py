@@ -14,6 +14,7 @@ from baselines import moe_dispatch as D
 from baselines import moe_routing as R
 from baselines.moe import MoE, MoEConfig
 from cfm_jax.cli import main
+from cfm_jax.kernels import cblas
 from cfm_jax.config import ModelConfig, TrainConfig
 from cfm_jax.errors import UserError
 from cfm_jax.layers.model import LanguageModel
@@ -283,10 +284,19 @@ def test_validate_raises_user_error():
         MoEConfig(group_size=-1).validate(16)
 
 
-def test_blocked_ffn_matches_gathered_weights_reference():
+@pytest.mark.parametrize("matmul", ["xla", "mkl"])
+def test_blocked_ffn_matches_gathered_weights_reference(matmul):
     """The per-expert loop kernel (hand-written backward) equals gathering each block's expert
     weights: outputs and gradients wrt blocks and weights, with an expert owning no block and
-    trailing blocks owned by none (those come out zero, and get zero gradient)."""
+    trailing blocks owned by none (those come out zero, and get zero gradient). Its block products
+    in XLA and in MKL (cfm_jax.kernels.cblas.product; forced: blocks this small stay in XLA under auto)."""
+    if matmul == "mkl" and cblas.backend(jnp.ones((8, 8)))[0] != "mkl":
+        pytest.skip("MKL matmuls cannot run here: " + cblas.backend(jnp.ones((8, 8)))[1])
+    with cblas.forced(matmul):
+        _check_blocked_ffn()
+
+
+def _check_blocked_ffn():
     n_blocks, b, d, f = 7, 4, 6, 5
     first, count = jnp.array([0, 2, 2, 5]), jnp.array([2, 0, 3, 1])  # expert 1 empty; block 6 unowned
     block_expert = jnp.array([0, 0, 2, 2, 2, 3, 3])

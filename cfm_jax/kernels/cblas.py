@@ -1,4 +1,5 @@
-"""2-D float32 matmuls through MKL's sgemm, called from inside XLA (an FFI custom call), on CPU.
+"""float32 matmuls (2-D, or with one batch axis) through MKL's sgemm, called from inside XLA (an FFI
+custom call), on CPU.
 
 Why: on the 2-core CPUs this project runs on, XLA:CPU's own GEMM reaches 240-300 GFLOP/s at the
 training step's shapes (4096 x 512 x 2736 and the like) where MKL, PyTorch's GEMM, reaches 350-360
@@ -8,10 +9,16 @@ the compiled step, and its reference, plain `a @ b` in XLA, everywhere else.
 Which one runs is chosen when a function is traced, by CFM_JAX_MATMUL:
   auto (default)  MKL where it can run: CPU backend, one device, float32, and the MKL runtime
                   (`pip install mkl`, in the dev and bench extras) plus a C++ compiler to build the
-                  ~40-line handler once (cached under ~/.cache/cfm_jax); XLA otherwise.
+                  ~60-line handler once (cached under ~/.cache/cfm_jax); XLA otherwise.
   xla             always XLA.
   mkl             MKL, or a one-line error saying why it cannot run.
 The handler is built and registered on first use; `backend()` says what `auto` resolved to and why.
+A function jitted once keeps the backend it was traced with (jax's cache does not see the variable):
+set it before the first call, or use `forced` around a fresh trace.
+
+MKL runs in its conditional-numerical-reproducibility mode (MKL_CBWR=AUTO,STRICT unless set), so a
+product is bitwise the same from run to run, as resumed runs need. `matmul` has a custom VJP and
+`product` none: forward-mode autodiff (jax.jvp, jacfwd) through them needs CFM_JAX_MATMUL=xla.
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ def forced(value: str):
         yield
     finally:
         if old is None:
-            os.environ.pop(ENV)
+            os.environ.pop(ENV, None)
         else:
             os.environ[ENV] = old
 
@@ -76,7 +83,8 @@ def _mkl_runtime() -> str | None:
 
 def _build() -> Path:
     """The compiled handler library, built once per source and jax version into the user cache."""
-    key = hashlib.sha256(SOURCE.read_bytes() + jax.__version__.encode()).hexdigest()[:16]
+    host = f"{jax.__version__} {sys.platform} {os.uname().machine} {os.uname().release}".encode()
+    key = hashlib.sha256(SOURCE.read_bytes() + host).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cfm_jax"
     lib = cache / f"cblas_gemm-{key}.so"
     if lib.exists():
@@ -107,11 +115,13 @@ def _load() -> str | None:
     # MKL's OpenMP threads sleep at once after a call instead of spinning for 200 ms: spinning, they
     # would take the cores from XLA's own threads running the elementwise work between matmuls.
     os.environ.setdefault("KMP_BLOCKTIME", "0")
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # bitwise reproducible (see the module docstring)
     try:
         mkl = ctypes.CDLL(runtime)
         handler = ctypes.CDLL(str(_build()))
     except (OSError, RuntimeError) as e:
         return str(e).splitlines()[0]
+    mkl.MKL_Set_Interface_Layer(0)  # LP64: the handler passes 32-bit ints, whatever MKL_INTERFACE_LAYER says
     handler.cfm_set_sgemm(*(ctypes.cast(fn, ctypes.c_void_p) for fn in (mkl.cblas_sgemm, mkl.cblas_sgemm_batch_strided)))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler.CfmGemm), platform="cpu")
     return None
@@ -178,7 +188,8 @@ def matmul(a: jax.Array, b: jax.Array, transpose_b: bool = False, preferred_elem
     if a.ndim not in (2, 3) or b.ndim != a.ndim or a.shape[-1] != contract or a.shape[:-2] != b.shape[:-2]:
         raise ValueError(f"matmul takes (.., m, k) @ (.., k, n) with one optional batch axis, got "
                          f"{a.shape} @ {b.shape} (transpose_b={transpose_b})")
-    if preferred_element_type in (None, jnp.float32) and backend(a, b, rows=a.shape[-2])[0] == "mkl":
+    float32_out = preferred_element_type is None or np.dtype(preferred_element_type) == np.float32
+    if float32_out and backend(a, b, rows=a.shape[-2])[0] == "mkl":
         return _mkl_matmul(a, b, transpose_b)
     return jnp.einsum("...mk,...nk->...mn" if transpose_b else "...mk,...kn->...mn", a, b,
                       preferred_element_type=preferred_element_type)
@@ -188,8 +199,11 @@ def product(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = F
     """op(a) @ op(b) for hand-written backward passes (no gradient of its own: differentiate `matmul`
     instead): a (.., m, k), or (.., k, m) with trans_a; b (.., k, n), or (.., n, k) with trans_b;
     2-D or one batch axis. MKL or XLA as `backend` decides."""
-    if a.ndim not in (2, 3) or b.ndim != a.ndim:
-        raise ValueError(f"product takes 2-D or 3-D operands of equal rank, got {a.shape} and {b.shape}")
+    k_a = a.shape[-2] if trans_a else a.shape[-1]
+    k_b = b.shape[-1] if trans_b else b.shape[-2]
+    if a.ndim not in (2, 3) or b.ndim != a.ndim or k_a != k_b or a.shape[:-2] != b.shape[:-2]:
+        raise ValueError(f"product takes op(a) (.., m, k) and op(b) (.., k, n) with one optional batch axis, "
+                         f"got {a.shape} and {b.shape} (trans_a={trans_a}, trans_b={trans_b})")
     if backend(a, b, rows=a.shape[-1] if trans_a else a.shape[-2])[0] == "mkl":
         return _gemm(a, b, trans_a, trans_b)
     return (jnp.swapaxes(a, -1, -2) if trans_a else a) @ (jnp.swapaxes(b, -1, -2) if trans_b else b)

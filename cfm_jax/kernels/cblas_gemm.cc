@@ -37,11 +37,16 @@ static ffi::Error Gemm(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyB
   if ((trans_b ? b1 : b0) != k) return ffi::Error::InvalidArgument("cfm_gemm: contracting sizes differ");
   if (a0 * a1 > INT_MAX || b0 * b1 > INT_MAX || m * n > INT_MAX || batch > INT_MAX)
     return ffi::Error::InvalidArgument("cfm_gemm: a matrix exceeds the 32-bit BLAS interface");
+  float* cp = static_cast<float*>(c->untyped_data());
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  if (k == 0) {  // an empty sum: zeros (BLAS would reject the zero leading dimensions)
+    for (int64_t i = 0; i < batch * m * n; ++i) cp[i] = 0.0f;
+    return ffi::Error::Success();
+  }
   constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
   const int ta = trans_a ? kTrans : kNoTrans, tb = trans_b ? kTrans : kNoTrans;
   const float* ap = static_cast<const float*>(a.untyped_data());
   const float* bp = static_cast<const float*>(b.untyped_data());
-  float* cp = static_cast<float*>(c->untyped_data());
   if (rank == 2) {
     sgemm(kRowMajor, ta, tb, m, n, k, 1.0f, ap, a1, bp, b1, 0.0f, cp, n);
   } else {

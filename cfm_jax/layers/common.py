@@ -42,7 +42,8 @@ def output_init(ctx) -> nnx.Initializer:
 class Linear(nnx.Linear):
     """nnx.Linear that multiplies a 2-D view of its input: x (..., d_in) -> (..., d_out).
 
-    Same parameters (kernel, optional bias) and result as nnx.Linear (its `dot_general`, `precision`
+    Same parameters (kernel, optional bias) and result as nnx.Linear, up to float rounding where the
+    product runs in MKL (its `dot_general`, `precision`
     and `preferred_element_type` options are not used). Why: on XLA:CPU the weight gradient of a
     (batch, seq, d) input contracts two axes, which compiles to transposes plus a slow dot; flattening
     to (batch * seq, d) first made a transformer training step ~1.4x faster here, and the 2-D product
