@@ -38,13 +38,16 @@ def test_matches_xla_dot_outputs_and_gradients(shape_a, shape_b, transpose_b):
     ka, kb, kg = jax.random.split(jax.random.key(0), 3)
     a, b = jax.random.normal(ka, shape_a), jax.random.normal(kb, shape_b)
     fast = jax.jit(lambda a, b: cblas.matmul(a, b, transpose_b=transpose_b))
-    assert "ffi_call" in str(jax.make_jaxpr(fast)(a, b)), "the MKL path did not run"
-    out = fast(a, b)
+    with cblas.forced("mkl"):  # small test shapes: auto would keep them in XLA
+        assert "ffi_call" in str(jax.make_jaxpr(fast)(a, b)), "the MKL path did not run"
+        out = fast(a, b)
     np.testing.assert_allclose(out, _reference(a, b, transpose_b), rtol=1e-5, atol=1e-5)
     g = jax.random.normal(kg, out.shape)  # a random cotangent: every gradient entry is exercised
-    _, vjp_fast = jax.vjp(lambda a, b: cblas.matmul(a, b, transpose_b=transpose_b), a, b)
+    with cblas.forced("mkl"):
+        _, vjp_fast = jax.vjp(lambda a, b: cblas.matmul(a, b, transpose_b=transpose_b), a, b)
+        grads = jax.jit(vjp_fast)(g)
     _, vjp_ref = jax.vjp(lambda a, b: _reference(a, b, transpose_b), a, b)
-    for got, want in zip(jax.jit(vjp_fast)(g), vjp_ref(g)):
+    for got, want in zip(grads, vjp_ref(g)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -59,7 +62,8 @@ def test_within_float32_rounding_bound(shape_a, shape_b, transpose_b):
     a, b = 4 * jax.random.normal(ka, shape_a), 4 * jax.random.normal(kb, shape_b)
     spec = "...mk,...nk->...mn" if transpose_b else "...mk,...kn->...mn"
     a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    got = np.asarray(jax.jit(lambda a, b: cblas.matmul(a, b, transpose_b))(a, b), np.float64)
+    with cblas.forced("mkl"):
+        got = np.asarray(jax.jit(lambda a, b: cblas.matmul(a, b, transpose_b))(a, b), np.float64)
     k, u = shape_a[-1], 2.0**-24
     bound = k * u / (1 - k * u) * np.einsum(spec, np.abs(a64), np.abs(b64))
     assert np.all(np.abs(got - np.einsum(spec, a64, b64)) <= bound)
@@ -100,18 +104,23 @@ def test_product_matches_xla_for_every_transpose(trans_a, trans_b, batch):
     a = jax.random.normal(ka, (*batch, *((k, m) if trans_a else (m, k))))
     b = jax.random.normal(kb, (*batch, *((n, k) if trans_b else (k, n))))
     fast = jax.jit(lambda a, b: cblas.product(a, b, trans_a, trans_b))
-    assert "ffi_call" in str(jax.make_jaxpr(fast)(a, b))
+    with cblas.forced("mkl"):
+        assert "ffi_call" in str(jax.make_jaxpr(fast)(a, b))
+        out = fast(a, b)
     with cblas.forced("xla"):
         ref = cblas.product(a, b, trans_a, trans_b)
     assert ref.shape == (*batch, m, n)
-    np.testing.assert_allclose(fast(a, b), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_falls_back_to_xla_where_mkl_cannot_run(monkeypatch):
     a = jnp.ones((8, 4), jnp.bfloat16)
     assert cblas.backend(a, a)[0] == "xla" and "bfloat16" in cblas.backend(a, a)[1]
-    row = jnp.ones((1, 4))  # batch-1 decode: faster in XLA
-    assert "ffi_call" not in str(jax.make_jaxpr(cblas.matmul)(row, jnp.ones((4, 8))))
+    row = jnp.ones((1, 512))  # batch-1 decode: faster in XLA under auto ...
+    assert "ffi_call" not in str(jax.make_jaxpr(cblas.matmul)(row, jnp.ones((512, 1536))))
+    if cblas.backend(jnp.ones((8, 8)))[0] == "mkl":  # ... while a training-size product runs in MKL
+        rows = jnp.ones((4096, 512))
+        assert "ffi_call" in str(jax.make_jaxpr(cblas.matmul)(rows, jnp.ones((512, 512))))
     np.testing.assert_array_equal(cblas.matmul(a, a.T), a @ a.T)
     monkeypatch.setattr(jax, "device_count", lambda: 8)  # a sharded step: XLA cannot partition the call
     f = jnp.ones((8, 4))

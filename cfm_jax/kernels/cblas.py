@@ -42,9 +42,10 @@ import numpy as np
 from cfm_jax.errors import UserError
 
 ENV = "CFM_JAX_MATMUL"
-# Products of fewer rows (batch-1 decode) stay in XLA under auto: there MKL's call and thread wake-up
-# cost more than the work (decode latency +10-20 % at 1 row, bench.md's decode suite).
-MIN_ROWS = 8
+# Smaller products (batch-1 decode, smoke-scale models) stay in XLA under auto: there MKL's call and
+# thread wake-up cost more than the work (decode latency +10-20 % at one row; a smoke-scale training
+# run +10 %). Every product of the cpu-scale benchmark models is far above it (>= 134 MFLOP).
+MIN_FLOPS = 2**25
 MODES = ("auto", "xla", "mkl")
 TARGET = "cfm_cblas_gemm"
 SOURCE = Path(__file__).with_name("cblas_gemm.cc")
@@ -127,14 +128,13 @@ def _load() -> str | None:
     return None
 
 
-def backend(*arrays: jax.Array, rows: int | None = None) -> tuple[str, str]:
-    """("mkl" or "xla", why) for a matmul of these operands, with `rows` output rows per matrix,
-    traced now."""
+def backend(*arrays: jax.Array, flops: int | None = None) -> tuple[str, str]:
+    """("mkl" or "xla", why) for a matmul of these operands, of `flops` FLOPs, traced now."""
     wanted = mode()
     if wanted == "xla":
         return "xla", f"{ENV}=xla"
-    if wanted == "auto" and rows is not None and rows < MIN_ROWS:
-        return "xla", f"{rows} rows (< {MIN_ROWS}: faster in XLA)"
+    if wanted == "auto" and flops is not None and flops < MIN_FLOPS:
+        return "xla", f"{flops} FLOPs (< {MIN_FLOPS}: faster in XLA)"
     reasons = []
     if jax.default_backend() != "cpu":
         reasons.append(f"backend is {jax.default_backend()}, not cpu")
@@ -149,6 +149,11 @@ def backend(*arrays: jax.Array, rows: int | None = None) -> tuple[str, str]:
     if wanted == "mkl":
         raise UserError(f"{ENV}=mkl cannot run: {'; '.join(reasons)} (use auto or xla)")
     return "xla", "; ".join(reasons)
+
+
+def _flops(a: jax.Array, n: int) -> int:
+    """2 * (every element of a, i.e. batch * m * k) * n: the product's multiply-adds, twice."""
+    return 2 * a.size * n
 
 
 def _gemm(a: jax.Array, b: jax.Array, trans_a: bool, trans_b: bool) -> jax.Array:
@@ -189,7 +194,7 @@ def matmul(a: jax.Array, b: jax.Array, transpose_b: bool = False, preferred_elem
         raise ValueError(f"matmul takes (.., m, k) @ (.., k, n) with one optional batch axis, got "
                          f"{a.shape} @ {b.shape} (transpose_b={transpose_b})")
     float32_out = preferred_element_type is None or np.dtype(preferred_element_type) == np.float32
-    if float32_out and backend(a, b, rows=a.shape[-2])[0] == "mkl":
+    if float32_out and backend(a, b, flops=_flops(a, b.shape[-2] if transpose_b else b.shape[-1]))[0] == "mkl":
         return _mkl_matmul(a, b, transpose_b)
     return jnp.einsum("...mk,...nk->...mn" if transpose_b else "...mk,...kn->...mn", a, b,
                       preferred_element_type=preferred_element_type)
@@ -204,6 +209,6 @@ def product(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = F
     if a.ndim not in (2, 3) or b.ndim != a.ndim or k_a != k_b or a.shape[:-2] != b.shape[:-2]:
         raise ValueError(f"product takes op(a) (.., m, k) and op(b) (.., k, n) with one optional batch axis, "
                          f"got {a.shape} and {b.shape} (trans_a={trans_a}, trans_b={trans_b})")
-    if backend(a, b, rows=a.shape[-1] if trans_a else a.shape[-2])[0] == "mkl":
+    if backend(a, b, flops=_flops(a, b.shape[-2] if trans_b else b.shape[-1]))[0] == "mkl":
         return _gemm(a, b, trans_a, trans_b)
     return (jnp.swapaxes(a, -1, -2) if trans_a else a) @ (jnp.swapaxes(b, -1, -2) if trans_b else b)
