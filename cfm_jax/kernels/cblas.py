@@ -151,9 +151,15 @@ def backend(*arrays: jax.Array, flops: int | None = None) -> tuple[str, str]:
     return "xla", "; ".join(reasons)
 
 
-def _flops(a: jax.Array, n: int) -> int:
-    """2 * (every element of a, i.e. batch * m * k) * n: the product's multiply-adds, twice."""
-    return 2 * a.size * n
+def _columns(a: jax.Array, b: jax.Array, trans_a: bool, trans_b: bool, message: str) -> int:
+    """n, the columns of op(a) @ op(b), after checking the operands fit (2-D or one shared batch axis,
+    equal contracted sizes); ValueError with `message` otherwise. The product's FLOPs are then
+    2 * a.size * n (batch * m * k multiply-adds per output column)."""
+    k_a = a.shape[-2] if trans_a else a.shape[-1]
+    k_b = b.shape[-1] if trans_b else b.shape[-2]
+    if a.ndim not in (2, 3) or b.ndim != a.ndim or k_a != k_b or a.shape[:-2] != b.shape[:-2]:
+        raise ValueError(f"{message} (one optional batch axis; trans_a={trans_a}, trans_b={trans_b})")
+    return b.shape[-2] if trans_b else b.shape[-1]
 
 
 def _gemm(a: jax.Array, b: jax.Array, trans_a: bool, trans_b: bool) -> jax.Array:
@@ -189,12 +195,9 @@ def matmul(a: jax.Array, b: jax.Array, transpose_b: bool = False, preferred_elem
     """a (m, k) @ b (k, n) -> (m, n), or batched: a (batch, m, k) @ b (batch, k, n) -> (batch, m, n);
     with transpose_b, b is (.., n, k) and a @ b^T is taken. In MKL or XLA as `backend` decides (same
     result up to rounding); `preferred_element_type` is XLA's (MKL computes float32 in float32)."""
-    contract = b.shape[-1] if transpose_b else b.shape[-2]
-    if a.ndim not in (2, 3) or b.ndim != a.ndim or a.shape[-1] != contract or a.shape[:-2] != b.shape[:-2]:
-        raise ValueError(f"matmul takes (.., m, k) @ (.., k, n) with one optional batch axis, got "
-                         f"{a.shape} @ {b.shape} (transpose_b={transpose_b})")
+    n = _columns(a, b, False, transpose_b, f"matmul takes (.., m, k) @ (.., k, n), got {a.shape} @ {b.shape}")
     float32_out = preferred_element_type is None or np.dtype(preferred_element_type) == np.float32
-    if float32_out and backend(a, b, flops=_flops(a, b.shape[-2] if transpose_b else b.shape[-1]))[0] == "mkl":
+    if float32_out and backend(a, b, flops=2 * a.size * n)[0] == "mkl":
         return _mkl_matmul(a, b, transpose_b)
     return jnp.einsum("...mk,...nk->...mn" if transpose_b else "...mk,...kn->...mn", a, b,
                       preferred_element_type=preferred_element_type)
@@ -204,11 +207,8 @@ def product(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = F
     """op(a) @ op(b) for hand-written backward passes (no gradient of its own: differentiate `matmul`
     instead): a (.., m, k), or (.., k, m) with trans_a; b (.., k, n), or (.., n, k) with trans_b;
     2-D or one batch axis. MKL or XLA as `backend` decides."""
-    k_a = a.shape[-2] if trans_a else a.shape[-1]
-    k_b = b.shape[-1] if trans_b else b.shape[-2]
-    if a.ndim not in (2, 3) or b.ndim != a.ndim or k_a != k_b or a.shape[:-2] != b.shape[:-2]:
-        raise ValueError(f"product takes op(a) (.., m, k) and op(b) (.., k, n) with one optional batch axis, "
-                         f"got {a.shape} and {b.shape} (trans_a={trans_a}, trans_b={trans_b})")
-    if backend(a, b, flops=_flops(a, b.shape[-2] if trans_b else b.shape[-1]))[0] == "mkl":
+    n = _columns(a, b, trans_a, trans_b,
+                 f"product takes op(a) (.., m, k) and op(b) (.., k, n), got {a.shape} and {b.shape}")
+    if backend(a, b, flops=2 * a.size * n)[0] == "mkl":
         return _gemm(a, b, trans_a, trans_b)
     return (jnp.swapaxes(a, -1, -2) if trans_a else a) @ (jnp.swapaxes(b, -1, -2) if trans_b else b)
