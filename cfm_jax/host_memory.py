@@ -26,7 +26,8 @@ ENV = "CFM_JAX_KEEP_FREED_MEMORY"
 def keep_freed_memory() -> bool:
     """Set glibc's allocator to reuse freed memory instead of returning it to the OS. Returns whether
     it was applied: False where CFM_JAX_KEEP_FREED_MEMORY=0 or the C library is not glibc (macOS,
-    musl), where nothing is changed, or where glibc refused a setting (the others stay applied). Affects allocations made after the call, so call it early."""
+    musl), where nothing is changed, or where glibc refused a setting (the others stay applied).
+    Affects allocations made after the call, so call it early."""
     if os.environ.get(ENV, "1") == "0":
         return False
     try:
@@ -37,5 +38,6 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # One arena: XLA's worker threads would otherwise allocate from per-thread arenas, which cannot
     # hold a request this large and fall back to mmap even with mmap turned off. Trim -1: never.
-    done = [mallopt(param, value) == 1 for param, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))]
+    settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
+    done = [mallopt(param, value) == 1 for param, value in settings]
     return all(done)

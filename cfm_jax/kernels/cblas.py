@@ -123,7 +123,8 @@ def _load() -> str | None:
     except (OSError, RuntimeError) as e:
         return str(e).splitlines()[0]
     mkl.MKL_Set_Interface_Layer(0)  # LP64: the handler passes 32-bit ints, whatever MKL_INTERFACE_LAYER says
-    handler.cfm_set_sgemm(*(ctypes.cast(fn, ctypes.c_void_p) for fn in (mkl.cblas_sgemm, mkl.cblas_sgemm_batch_strided)))
+    gemms = (mkl.cblas_sgemm, mkl.cblas_sgemm_batch_strided)
+    handler.cfm_set_sgemm(*(ctypes.cast(fn, ctypes.c_void_p) for fn in gemms))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler.CfmGemm), platform="cpu")
     return None
 
