@@ -1,7 +1,7 @@
 """MoE dispatch: send each token to its chosen experts, run the stacked SwiGLU experts, combine.
 
-Two fast paths, both index gathers into per-expert row buffers followed by batched matmuls (on
-XLA:CPU this beat one-hot einsum dispatch 4-8x and `ragged_dot` 10x+, REFERENCE.md section 2):
+Fast paths, all index gathers into per-expert row buffers followed by matmuls (on XLA:CPU this
+beat one-hot einsum dispatch 4-8x and `ragged_dot` 10x+, REFERENCE.md section 2):
 
 - `capacity_dispatch`: buffers (E, G*C, d), C = capacity per expert per token group; assignments
   past C are dropped, top-1 choices of a group before top-2 ones, then by position.
@@ -9,6 +9,11 @@ XLA:CPU this beat one-hot einsum dispatch 4-8x and `ragged_dot` 10x+, REFERENCE.
   to a multiple of b; `blocked_ffn` loops over each expert's blocks with that expert's weights
   (`blocked_ffn_reference`, which gathers the weights per block, is its obviously-right twin). Nothing
   is dropped and the padding is at most E*(b-1) rows (b is chosen so that is <= 1/4 of the real rows).
+- `grouped_dispatch`: what `dropless_dispatch` runs where the model's matmuls run in MKL
+  (cfm_jax.kernels.cblas): assignments sorted by expert with no padding, each expert's rows one
+  MKL sgemm (`grouped_matmul`, row counts read at run time), and the row gathers' gradients
+  gathers too (`take_rows`) rather than scatter-adds. At 4K tokens, d 512, 8 experts, top-2 the
+  layer's forward + backward went from 1.8-2.0x a dense FFN of equal active parameters to 1.1-1.35x.
 
 `moe_reference` is the plain per-expert loop (every expert on every token, masked) they are tested
 against, outputs and gradients. Shapes: N tokens, d model width, E experts, f expert width,
@@ -17,13 +22,14 @@ K selection slots per token, G token groups of T tokens.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from cfm_jax.kernels.cblas import product
+from cfm_jax.kernels.cblas import backend, grouped_matmul, product
 
 
 class Experts(NamedTuple):
@@ -212,11 +218,55 @@ def _blocked_ffn_bwd(residuals, dy):
 blocked_ffn.defvjp(_blocked_ffn_fwd, _blocked_ffn_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def take_rows(x: jax.Array, rows: jax.Array, back: jax.Array, fold: int) -> jax.Array:
+    """x[rows] for an index that reaches every row of x exactly `fold` times: x (N, d); rows (N*fold,);
+    back (N*fold,) such that rows[back[j*fold + s]] = j for s < fold -> (N*fold, d). Its gradient is a
+    gather too (each row of x sums its fold copies), not the scatter-add XLA would make of it."""
+    return jnp.take(x, rows, axis=0)
+
+
+def _take_rows_fwd(x, rows, back, fold):
+    return jnp.take(x, rows, axis=0), back
+
+
+def _take_rows_bwd(fold, back, g):
+    dx = jnp.take(g, back, axis=0)
+    return dx.reshape(-1, fold, g.shape[1]).sum(axis=1), None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def grouped_dispatch(
+    x: jax.Array, experts: jax.Array, weights: jax.Array, valid: jax.Array, w: Experts
+) -> tuple[jax.Array, jax.Array]:
+    """`dropless_dispatch` without padding: assignments sorted by expert, each expert's run of rows
+    through `grouped_matmul` (one MKL sgemm per expert, its row count read at run time).
+    x: (N, d); experts, weights, valid: (N, K) -> (y: (N, d), kept = valid)."""
+    n, d = x.shape
+    k = experts.shape[1]
+    n_experts, f = w.gate.shape[0], w.gate.shape[2]
+    e = jnp.where(valid, experts, n_experts).reshape(-1)  # (A,); unused slots sort last, past every group
+    order = jnp.argsort(e, stable=True).astype(jnp.int32)  # assignment held by each sorted row
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))
+    sizes = jnp.bincount(e, length=n_experts + 1)[:n_experts].astype(jnp.int32)
+    xs = take_rows(x, order // k, inverse, k)  # (A, d), assignment a = token * K + slot
+    gu = grouped_matmul(xs, jnp.concatenate([w.gate, w.up], axis=2), sizes)  # (A, 2f)
+    ys = grouped_matmul(jax.nn.silu(gu[:, :f]) * gu[:, f:], w.down, sizes)  # (A, d), unused rows 0
+    y = take_rows(ys, inverse, order, 1) * weights.reshape(-1, 1).astype(ys.dtype)
+    return y.reshape(n, k, d).sum(axis=1), valid
+
+
 def dropless_dispatch(
     x: jax.Array, experts: jax.Array, weights: jax.Array, valid: jax.Array, w: Experts
 ) -> tuple[jax.Array, jax.Array]:
-    """x: (N, d); experts, weights, valid: (N, K) -> (y: (N, d), kept = valid)."""
+    """x: (N, d); experts, weights, valid: (N, K) -> (y: (N, d), kept = valid). With MKL products
+    (cfm_jax.kernels.cblas) `grouped_dispatch`; otherwise fixed-size blocks (below), as XLA's
+    `ragged_dot` runs as masked dense on CPU."""
     n, d = x.shape
+    if backend(x, w.gate, flops=2 * x.size * w.gate.shape[2] * experts.shape[1])[0] == "mkl":
+        return grouped_dispatch(x, experts, weights, valid, w)
     k = experts.shape[1]
     n_experts = w.gate.shape[0]
     a = n * k

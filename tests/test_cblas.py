@@ -151,3 +151,49 @@ def test_empty_contraction_gives_zeros():
     with cblas.forced("mkl"):
         out = jax.jit(lambda a, b: cblas.product(a, b))(jnp.ones((16, 0)), jnp.ones((0, 5)))
     np.testing.assert_array_equal(out, np.zeros((16, 5)))
+
+
+GROUP_SIZES = [  # (group sizes for 30 rows): empty groups, rows past the last group, all in one, none
+    [7, 0, 12, 5],
+    [30, 0, 0, 0],
+    [0, 0, 0, 0],
+    [0, 9, 0, 21],
+]
+
+
+@pytest.mark.parametrize("sizes", GROUP_SIZES)
+@pytest.mark.parametrize("transpose_b", [False, True])
+@pytest.mark.parametrize("matmul", ["mkl", "xla"])
+def test_grouped_matmul_matches_reference_outputs_and_gradients(matmul, transpose_b, sizes):
+    """`grouped_matmul` (MKL: one sgemm per group; XLA: ragged_dot) against gathering each row's
+    group matrix: outputs and gradients wrt both operands; rows past the last group are zero."""
+    if matmul == "mkl" and cblas.backend(jnp.ones((8, 8)))[0] != "mkl":
+        pytest.skip("MKL matmuls cannot run here: " + cblas.backend(jnp.ones((8, 8)))[1])
+    ka, kb, kp = jax.random.split(jax.random.key(4), 3)
+    a = jax.random.normal(ka, (30, 16))
+    b = jax.random.normal(kb, (4, 24, 16) if transpose_b else (4, 16, 24))
+    s = jnp.array(sizes, jnp.int32)
+    probe = jax.random.normal(kp, (30, 24))
+
+    def loss(fn):
+        return jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(jnp.sin(fn(a, b, s, transpose_b)) * probe), argnums=(0, 1)))
+
+    with cblas.forced(matmul):
+        fast = jax.jit(lambda a, b: cblas.grouped_matmul(a, b, s, transpose_b))
+        assert ("ffi_call" in str(jax.make_jaxpr(fast)(a, b))) == (matmul == "mkl")
+        out = fast(a, b)
+        l_fast, g_fast = loss(cblas.grouped_matmul)(a, b)
+    ref = cblas.grouped_matmul_reference(a, b, s, transpose_b)
+    l_ref, g_ref = loss(cblas.grouped_matmul_reference)(a, b)
+    np.testing.assert_array_equal(out[sum(sizes):], 0.0)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(l_fast, l_ref, rtol=1e-5, atol=1e-5)
+    for x, y in zip(g_fast, g_ref):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_matmul_shape_mismatch_is_refused():
+    with pytest.raises(ValueError, match=r"got \(30, 16\), \(4, 8, 24\) and \(4,\)"):
+        cblas.grouped_matmul(jnp.ones((30, 16)), jnp.ones((4, 8, 24)), jnp.zeros(4, jnp.int32))
+    with pytest.raises(ValueError, match=r"group_sizes \(G,\)"):
+        cblas.grouped_matmul(jnp.ones((30, 16)), jnp.ones((4, 16, 24)), jnp.zeros(3, jnp.int32))

@@ -59,8 +59,24 @@ def with_grads(f):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
 
+def matmul_mode(matmul):
+    """cblas.forced(matmul), or a skip where MKL cannot run. Dropless dispatch is `grouped_dispatch`
+    under mkl and fixed-size blocks under xla (forced: problems this small stay in XLA under auto)."""
+    if matmul == "mkl" and cblas.backend(jnp.ones((8, 8)))[0] != "mkl":
+        pytest.skip("MKL matmuls cannot run here: " + cblas.backend(jnp.ones((8, 8)))[1])
+    return cblas.forced(matmul)
+
+
+@pytest.mark.parametrize("matmul", ["xla", "mkl"])
 @pytest.mark.parametrize("mode,k,path,groups,cap", CASES)
-def test_dispatch_matches_loop_reference(mode, k, path, groups, cap):
+def test_dispatch_matches_loop_reference(mode, k, path, groups, cap, matmul):
+    if path == "capacity" and matmul == "mkl":
+        pytest.skip("capacity dispatch has no MKL-specific path")
+    with matmul_mode(matmul):
+        _check_dispatch(mode, k, path, groups, cap)
+
+
+def _check_dispatch(mode, k, path, groups, cap):
     x, r, w = random_problem(mode, k)
     keep = jax.jit(D.reference_keep, static_argnums=(2, 3, 4))(r.experts, r.valid, E, groups, cap) if cap else r.valid
     if path == "dropless":
@@ -317,11 +333,17 @@ def _check_blocked_ffn():
         np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("matmul", ["xla", "mkl"])
 @pytest.mark.parametrize("n_tokens", [26, 600])
-def test_dropless_skewed_routing_matches_loop_reference(n_tokens):
+def test_dropless_skewed_routing_matches_loop_reference(n_tokens, matmul):
     """Skewed routing (most tokens on experts 0 and 1, as from a collapsed or fresh router): long
-    block runs for two experts, short ones for the rest. Outputs and gradients equal the per-expert
-    loop."""
+    block (or group) runs for two experts, short ones for the rest. Outputs and gradients equal the
+    per-expert loop."""
+    with matmul_mode(matmul):
+        _check_skewed(n_tokens)
+
+
+def _check_skewed(n_tokens):
     x, r, w = random_problem("topk", 2, seed=5, n=n_tokens, logit_bias=jnp.array([6.0, 5.0, 0.0, 0.0]))
     counts = jnp.bincount(r.experts.reshape(-1), length=E)
     assert int(counts[:2].min()) > 2 * int(counts[2:].max()), "the case should be skewed"

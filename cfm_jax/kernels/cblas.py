@@ -19,6 +19,10 @@ set it before the first call, or use `forced` around a fresh trace.
 MKL runs in its conditional-numerical-reproducibility mode (MKL_CBWR=AUTO,STRICT unless set), so a
 product is bitwise the same from run to run, as resumed runs need. `matmul` has a custom VJP and
 `product` none: forward-mode autodiff (jax.jvp, jacfwd) through them needs CFM_JAX_MATMUL=xla.
+
+`grouped_matmul` (the MoE's experts) multiplies consecutive groups of rows by their own matrices,
+one sgemm per group with the group sizes read at run time: what `jax.lax.ragged_dot` computes, which
+XLA:CPU runs as masked dense (every row times every group's matrix).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ ENV = "CFM_JAX_MATMUL"
 MIN_FLOPS = 2**25
 MODES = ("auto", "xla", "mkl")
 TARGET = "cfm_cblas_gemm"
+GROUPED_TARGET = "cfm_cblas_grouped_gemm"
 SOURCE = Path(__file__).with_name("cblas_gemm.cc")
 
 
@@ -126,6 +131,7 @@ def _load() -> str | None:
     gemms = (mkl.cblas_sgemm, mkl.cblas_sgemm_batch_strided)
     handler.cfm_set_sgemm(*(ctypes.cast(fn, ctypes.c_void_p) for fn in gemms))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler.CfmGemm), platform="cpu")
+    jax.ffi.register_ffi_target(GROUPED_TARGET, jax.ffi.pycapsule(handler.CfmGroupedGemm), platform="cpu")
     return None
 
 
@@ -213,3 +219,60 @@ def product(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = F
     if backend(a, b, flops=2 * a.size * n)[0] == "mkl":
         return _gemm(a, b, trans_a, trans_b)
     return (jnp.swapaxes(a, -1, -2) if trans_a else a) @ (jnp.swapaxes(b, -1, -2) if trans_b else b)
+
+
+def grouped_matmul_reference(a: jax.Array, b: jax.Array, group_sizes: jax.Array, transpose_b: bool = False) -> jax.Array:
+    """Obviously right `grouped_matmul`: every row times its group's gathered matrix (copies one
+    (k, n) matrix per row). a (M, k), b (G, k, n) or (G, n, k), group_sizes (G,) -> (M, n)."""
+    group = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(a.shape[0]), side="right")  # (M,)
+    mats = b[jnp.minimum(group, b.shape[0] - 1)]
+    out = jnp.einsum("mk,mnk->mn" if transpose_b else "mk,mkn->mn", a, mats)
+    return jnp.where((group < b.shape[0])[:, None], out, 0.0)
+
+
+def _grouped(a, b, sizes, trans_b: bool, contract: bool) -> jax.Array:
+    """The grouped handler: contract=False -> (M, n) rows times their group's op(b[g]); contract=True
+    -> (G, k, n), group g's rows of a^T @ b (see cblas_gemm.cc)."""
+    if contract:
+        shape = (sizes.shape[0], a.shape[1], b.shape[1])
+    else:
+        shape = (a.shape[0], b.shape[1] if trans_b else b.shape[2])
+    call = jax.ffi.ffi_call(GROUPED_TARGET, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")
+    return call(a, b, sizes.astype(jnp.int32), trans_b=np.bool_(trans_b), contract=np.bool_(contract))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _mkl_grouped(a: jax.Array, b: jax.Array, sizes: jax.Array, transpose_b: bool) -> jax.Array:
+    return _grouped(a, b, sizes, transpose_b, False)
+
+
+def _grouped_fwd(a, b, sizes, transpose_b):
+    return _grouped(a, b, sizes, transpose_b, False), (a, b, sizes)
+
+
+def _grouped_bwd(transpose_b, res, g):
+    a, b, sizes = res
+    if transpose_b:  # c_g = a_g b_g^T: da_g = g_g b_g, db_g = g_g^T a_g
+        return _grouped(g, b, sizes, False, False), _grouped(g, a, sizes, False, True), None
+    return _grouped(g, b, sizes, True, False), _grouped(a, g, sizes, False, True), None  # db_g = a_g^T g_g
+
+
+_mkl_grouped.defvjp(_grouped_fwd, _grouped_bwd)
+
+
+def grouped_matmul(a: jax.Array, b: jax.Array, group_sizes: jax.Array, transpose_b: bool = False) -> jax.Array:
+    """Rows of a in consecutive groups, each times its own matrix (`jax.lax.ragged_dot`): a (M, k),
+    b (G, k, n), or (G, n, k) with transpose_b, group_sizes (G,) int, summing to at most M ->
+    (M, n), rows past the last group zero. Differentiable in a and b.
+
+    In MKL one sgemm per group, the sizes read at run time, so no group is padded; under XLA,
+    `ragged_dot`, which XLA:CPU runs as masked dense (G times the work): callers that can block
+    their rows instead should check `backend` first (the MoE's dropless dispatch does)."""
+    m, k = a.shape
+    if b.ndim != 3 or b.shape[2 if transpose_b else 1] != k or group_sizes.shape != (b.shape[0],):
+        raise ValueError(f"grouped_matmul takes a (M, k), b (G, {'n, k' if transpose_b else 'k, n'}) and "
+                         f"group_sizes (G,), got {a.shape}, {b.shape} and {group_sizes.shape}")
+    n = b.shape[1] if transpose_b else b.shape[2]
+    if backend(a, b, flops=2 * a.size * n)[0] == "mkl":
+        return _mkl_grouped(a, b, group_sizes, transpose_b)
+    return jax.lax.ragged_dot(a, jnp.swapaxes(b, 1, 2) if transpose_b else b, group_sizes.astype(jnp.int32))
