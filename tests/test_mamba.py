@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from baselines.mamba import Mamba, MambaConfig, chunk_length, selective_scan_chunked, selective_scan_reference
+from baselines.mamba import (Mamba, MambaConfig, chunk_length, pick_scan, selective_scan, selective_scan_chunked,
+                             selective_scan_reference)
 from baselines.scan_utils import HORIZON_MAX, retained_fraction
 from cfm_jax.errors import UserError
+from cfm_jax.kernels import selective_scan as scan_kernel
 from cfm_jax.registry import LayerContext
 
 RTOL, ATOL = 6e-4, 2e-3  # mamba_ssm's fp32 selective-scan test: outputs, final state and gradients
@@ -21,12 +23,16 @@ CHUNK = 16
 
 @pytest.mark.parametrize("scan,max_elements,batch", [("sequential", None, BATCH), ("associative", None, BATCH),
                                                       ("auto", None, BATCH), ("sequential", 2 * 5 * E * N, BATCH),
-                                                      ("sequential", None, 1)])
+                                                      ("sequential", None, 1), ("kernel", None, BATCH),
+                                                      ("kernel", None, 1)])
 def test_chunked_matches_reference(scan, max_elements, batch, monkeypatch):
     """Nonzero initial state; strong decay in the first channels (dt A down to -21.5 per token, so
     exp(dt A) ~ 5e-10) and slow decay in the last (dt A up to -1.4e-4). max_elements: a per-chunk
     budget that shortens the chunks to 5 tokens (not dividing L). Batch 1 takes the sequential
-    kernel's squeezed-batch reductions."""
+    kernel's squeezed-batch reductions. `kernel`: the C++ scan (cfm_jax/kernels/selective_scan.py),
+    E = 6 channels in one partly filled block of 16 lanes."""
+    if scan == "kernel" and (why := scan_kernel.available()):
+        pytest.skip(why)
     if max_elements:
         monkeypatch.setattr("baselines.mamba.MAX_CHUNK_ELEMENTS", max_elements)
         assert chunk_length(CHUNK, batch, E * N) == 5
@@ -46,11 +52,52 @@ def test_chunked_matches_reference(scan, max_elements, batch, monkeypatch):
         return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))(u, dt, A, Bm, Cm, h0)
 
     (_, (y_ref, h_ref)), g_ref = run(selective_scan_reference)
-    (_, (y, h)), g = run(lambda *a: selective_scan_chunked(*a, chunk=CHUNK, scan=scan))
+    (_, (y, h)), g = run(lambda *a: selective_scan(*a, chunk=CHUNK, scan=scan))
     np.testing.assert_allclose(y, y_ref, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(h, h_ref, rtol=RTOL, atol=ATOL)
     for name, a, b in zip("u dt A B C h0".split(), g, g_ref):
         np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+@pytest.mark.parametrize("batch,length,channels", [(2, 150, 20), (1, 64, 16), (3, 129, 33)])
+def test_kernel_matches_reference_over_many_chunks(batch, length, channels):
+    """The C++ scan's backward pass keeps a state every 64 tokens: lengths over, at and past that
+    stride, channel counts filling one, two or three blocks of 16 lanes, the last partly."""
+    if why := scan_kernel.available():
+        pytest.skip(why)
+    ks = jax.random.split(jax.random.key(7), 8)
+    u = jax.random.normal(ks[0], (batch, length, channels))
+    dt = jax.nn.softplus(jax.random.normal(ks[1], (batch, length, channels)) + jnp.linspace(3, -5, channels))
+    A = -jnp.exp(jax.random.normal(ks[2], (channels, N)))
+    Bm, Cm = (jax.random.normal(key, (batch, length, N)) for key in ks[3:5])
+    h0 = jax.random.normal(ks[5], (batch, channels, N))
+    wy, wh = jax.random.normal(ks[6], (batch, length, channels)), jax.random.normal(ks[7], (batch, channels, N))
+
+    def run(kernel):
+        def loss(*a):
+            y, h = kernel(*a)
+            return jnp.sum(y * wy) + jnp.sum(h * wh), (y, h)
+
+        return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))(u, dt, A, Bm, Cm, h0)
+
+    (_, (y_ref, h_ref)), g_ref = run(selective_scan_reference)
+    (_, (y, h)), g = run(lambda *a: selective_scan(*a, scan="kernel"))
+    np.testing.assert_allclose(y, y_ref, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(h, h_ref, rtol=RTOL, atol=ATOL)
+    for name, a, b in zip("u dt A B C h0".split(), g, g_ref):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+def test_pick_scan(monkeypatch):
+    """auto: the C++ kernel on one CPU device where it builds; the sequential chunks on several
+    devices (XLA cannot partition the custom call); `kernel` where it cannot build is a one-line error."""
+    if scan_kernel.available() is None:
+        assert pick_scan("auto") == "kernel"
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    assert pick_scan("auto") == "sequential" and pick_scan("associative") == "associative"
+    monkeypatch.setattr(scan_kernel, "available", lambda: "no C++ compiler")
+    with pytest.raises(UserError, match="scan=kernel cannot run: no C.. compiler"):
+        pick_scan("kernel")
 
 
 def build(d_model: int = 32, **overrides) -> Mamba:

@@ -31,12 +31,8 @@ import contextlib
 import ctypes
 import functools
 import glob
-import hashlib
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
@@ -44,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cfm_jax.errors import UserError
+from cfm_jax.kernels.build import build
 
 ENV = "CFM_JAX_MATMUL"
 # Smaller products (batch-1 decode, smoke-scale models) stay in XLA under auto: there MKL's call and
@@ -87,29 +84,6 @@ def _mkl_runtime() -> str | None:
     return None
 
 
-def _build() -> Path:
-    """The compiled handler library, built once per source and jax version into the user cache."""
-    host = f"{jax.__version__} {sys.platform} {os.uname().machine} {os.uname().release}".encode()
-    key = hashlib.sha256(SOURCE.read_bytes() + host).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cfm_jax"
-    lib = cache / f"cblas_gemm-{key}.so"
-    if lib.exists():
-        return lib
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler (c++ or g++, or set CXX) to build the MKL matmul handler")
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built aside, then moved: concurrent builds are safe
-        out = Path(tmp) / lib.name
-        cmd = [compiler, "-O2", "-shared", "-fPIC", "-std=c++17", "-w", f"-I{jax.ffi.include_dir()}",
-               str(SOURCE), "-o", str(out)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"building the MKL matmul handler failed: {done.stderr.strip()[-300:]}")
-        os.replace(out, lib)
-    return lib
-
-
 @functools.cache
 def _load() -> str | None:
     """Build and register the handler; None if it worked, else the reason it cannot run."""
@@ -124,7 +98,7 @@ def _load() -> str | None:
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # bitwise reproducible (see the module docstring)
     try:
         mkl = ctypes.CDLL(runtime)
-        handler = ctypes.CDLL(str(_build()))
+        handler = ctypes.CDLL(str(build(SOURCE, ("-O2",))))
     except (OSError, RuntimeError) as e:
         return str(e).splitlines()[0]
     mkl.MKL_Set_Interface_Layer(0)  # LP64: the handler passes 32-bit ints, whatever MKL_INTERFACE_LAYER says

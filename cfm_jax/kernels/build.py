@@ -1,0 +1,56 @@
+"""Build a C++ XLA FFI handler library from a source file next to this module, once per source,
+compiler flags, jax version and host, into the user cache (~/.cache/cfm_jax, or $XDG_CACHE_HOME).
+
+Built with the system C++ compiler ($CXX, c++ or g++) on first use, a second or two; the cached
+library is reused after that. Flags may tune for this CPU (-march=native): the host in the cache key
+includes the CPU model and its feature flags, so a home directory shared with another machine gets
+its own build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+
+
+def _cpu() -> str:
+    """CPU model and feature flags (Linux), or '' where /proc/cpuinfo is unreadable."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(dict.fromkeys(x for x in lines if x.startswith(("model name", "flags"))))
+
+
+def compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def build(source: Path, flags: tuple[str, ...]) -> Path:
+    """The compiled shared library of `source`; RuntimeError (one line) without a compiler or when
+    compiling fails."""
+    host = f"{jax.__version__} {sys.platform} {os.uname().machine} {os.uname().release} {_cpu()} {flags}"
+    key = hashlib.sha256(source.read_bytes() + host.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cfm_jax"
+    lib = cache / f"{source.stem}-{key}.so"
+    if lib.exists():
+        return lib
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError(f"no C++ compiler (c++ or g++, or set CXX) to build {source.name}")
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built aside, then moved: concurrent builds are safe
+        out = Path(tmp) / lib.name
+        cmd = [cxx, *flags, "-shared", "-fPIC", "-std=c++17", "-w", f"-I{jax.ffi.include_dir()}", str(source), "-o", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"building {source.name} failed: {done.stderr.strip()[-300:]}")
+        os.replace(out, lib)
+    return lib

@@ -1,0 +1,255 @@
+// XLA FFI handlers for Mamba's selective scan on CPU (cfm_jax/kernels/selective_scan.py):
+//   h_t = exp(dt_t A) * h_{t-1} + dt_t u_t B_t,   y_t = C_t . h_t        (per channel e, state n)
+// u, dt: (b, L, E); A: (E, N); B, C: (b, L, N); h: (b, E, N); all float32, row-major.
+//
+// Work is split into (sequence, block of W channels) items over a few threads. Inside an item the
+// W channels are the vector lanes, the N states a loop, time the outer loop: the state (N x W) and
+// its decays stay in L1 and nothing of size (L, E, N) is ever written to memory. The backward pass
+// runs the forward again, keeping the state every kChunk tokens, then walks each chunk backwards
+// from its recomputed states.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+constexpr int64_t W = 16;       // channels per item: the vector lanes (lane_sum assumes 16)
+constexpr int64_t kChunk = 64;  // tokens between the states the backward pass keeps
+
+// W floats as one value (GCC/Clang vector extension): AVX-512 registers where the CPU has them,
+// split into narrower ones where not.
+typedef float vf __attribute__((vector_size(W * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
+
+// exp(x) for x <= 0 (dt > 0, A < 0), lane-wise: Cephes' expf (range reduction by ln 2 in two parts,
+// degree-6 polynomial), within 2 ulp of expf; 0 below -87.3, where expf turns denormal.
+static inline vf exp_nonpositive(vf x) {
+  const vf lo = vf{} - 87.33654f;
+  const vf xc = x < lo ? lo : x;
+  const vf shift = vf{} + 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const vf n = (xc * 1.44269504088896341f + shift) - shift;
+  vf r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  vf p = vf{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;  // 2^n, n in [-126, 0]
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < lo ? vf{} : p * scale;
+}
+
+typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
+
+static inline float lane_sum(vf v) {  // halves added in a fixed order: the same result every run
+  vf8 lo8, hi8;
+  std::memcpy(&lo8, &v, sizeof lo8);
+  std::memcpy(&hi8, reinterpret_cast<const char*>(&v) + sizeof lo8, sizeof hi8);
+  const vf8 s8 = lo8 + hi8;
+  vf4 lo4, hi4;
+  std::memcpy(&lo4, &s8, sizeof lo4);
+  std::memcpy(&hi4, reinterpret_cast<const char*>(&s8) + sizeof lo4, sizeof hi4);
+  const vf4 s4 = lo4 + hi4;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+struct Scan {
+  int64_t b, L, E, N;
+  const float *u, *dt, *A, *B, *C, *h0;
+};
+
+// One item's decay rates and state, lanes past E zero (their dt is zero too: decay 1, no input).
+struct Item {
+  int64_t bi, e0, lanes;
+  std::vector<vf> At, h;  // (N,) of W lanes
+
+  Item(const Scan& s, int64_t index) : bi(index / ((s.E + W - 1) / W)), e0(index % ((s.E + W - 1) / W) * W) {
+    lanes = std::min(W, s.E - e0);
+    At.assign(s.N, vf{});
+    h.assign(s.N, vf{});
+    for (int64_t n = 0; n < s.N; ++n)
+      for (int64_t w = 0; w < lanes; ++w) {
+        At[n][w] = s.A[(e0 + w) * s.N + n];
+        h[n][w] = s.h0[(bi * s.E + e0 + w) * s.N + n];
+      }
+  }
+
+  vf load(const float* x, const Scan& s, int64_t t) const {  // x (b, L, E) at token t, this item's lanes
+    const float* p = x + (bi * s.L + t) * s.E + e0;
+    vf v = {};
+    if (lanes == W) {
+      std::memcpy(&v, p, sizeof v);
+    } else {
+      for (int64_t w = 0; w < lanes; ++w) v[w] = p[w];
+    }
+    return v;
+  }
+
+  void store(vf v, const Scan& s, int64_t t, float* x) const {
+    float* p = x + (bi * s.L + t) * s.E + e0;
+    if (lanes == W) {
+      std::memcpy(p, &v, sizeof v);
+    } else {
+      for (int64_t w = 0; w < lanes; ++w) p[w] = v[w];
+    }
+  }
+
+  // One token forward: state <- exp(dt A) state + dt u B; returns C . state.
+  vf step(const Scan& s, int64_t t, vf* state) const {
+    const vf dtv = load(s.dt, s, t), duv = dtv * load(s.u, s, t);
+    const float* Bt = s.B + (bi * s.L + t) * s.N;
+    const float* Ct = s.C + (bi * s.L + t) * s.N;
+    vf y = {};
+    for (int64_t n = 0; n < s.N; ++n) {
+      state[n] = exp_nonpositive(dtv * At[n]) * state[n] + duv * Bt[n];
+      y += state[n] * Ct[n];
+    }
+    return y;
+  }
+};
+
+// Runs fn(item index, thread index) over all items on up to hardware_concurrency threads.
+template <typename Fn>
+static int64_t parallel_items(int64_t items, Fn fn) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(std::thread::hardware_concurrency(), items));
+  auto worker = [&](int64_t j) {
+    for (int64_t i = j; i < items; i += threads) fn(i, j);
+  };
+  std::vector<std::thread> pool;
+  for (int64_t j = 1; j < threads; ++j) pool.emplace_back(worker, j);
+  worker(0);
+  for (auto& th : pool) th.join();
+  return threads;
+}
+
+static Scan scan_of(ffi::Buffer<ffi::F32>& u, ffi::Buffer<ffi::F32>& dt, ffi::Buffer<ffi::F32>& A,
+                    ffi::Buffer<ffi::F32>& B, ffi::Buffer<ffi::F32>& C, ffi::Buffer<ffi::F32>& h0) {
+  auto d = u.dimensions();
+  return Scan{d[0], d[1], d[2], A.dimensions()[1], u.typed_data(), dt.typed_data(), A.typed_data(),
+              B.typed_data(), C.typed_data(), h0.typed_data()};
+}
+
+static ffi::Error Forward(ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> dt, ffi::Buffer<ffi::F32> A,
+                          ffi::Buffer<ffi::F32> B, ffi::Buffer<ffi::F32> C, ffi::Buffer<ffi::F32> h0,
+                          ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> h_last) {
+  const Scan s = scan_of(u, dt, A, B, C, h0);
+  const int64_t items = s.b * ((s.E + W - 1) / W);
+  parallel_items(items, [&](int64_t index, int64_t) {
+    Item it(s, index);
+    for (int64_t t = 0; t < s.L; ++t) it.store(it.step(s, t, it.h.data()), s, t, y->typed_data());
+    for (int64_t n = 0; n < s.N; ++n)
+      for (int64_t w = 0; w < it.lanes; ++w) h_last->typed_data()[(it.bi * s.E + it.e0 + w) * s.N + n] = it.h[n][w];
+  });
+  return ffi::Error::Success();
+}
+
+static ffi::Error Backward(ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> dt, ffi::Buffer<ffi::F32> A,
+                           ffi::Buffer<ffi::F32> B, ffi::Buffer<ffi::F32> C, ffi::Buffer<ffi::F32> h0,
+                           ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> dh_last, ffi::ResultBuffer<ffi::F32> du,
+                           ffi::ResultBuffer<ffi::F32> ddt, ffi::ResultBuffer<ffi::F32> dA,
+                           ffi::ResultBuffer<ffi::F32> dB, ffi::ResultBuffer<ffi::F32> dC,
+                           ffi::ResultBuffer<ffi::F32> dh0) {
+  const Scan s = scan_of(u, dt, A, B, C, h0);
+  const int64_t items = s.b * ((s.E + W - 1) / W), N = s.N;
+  const int64_t chunks = (s.L + kChunk - 1) / kChunk;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(std::thread::hardware_concurrency(), items));
+  // dA sums over sequences, dB and dC over channels: per-thread partial sums, added up at the end.
+  std::vector<std::vector<float>> pA(threads, std::vector<float>(s.E * N, 0.0f));
+  std::vector<std::vector<float>> pB(threads, std::vector<float>(s.b * s.L * N, 0.0f));
+  std::vector<std::vector<float>> pC(threads, std::vector<float>(s.b * s.L * N, 0.0f));
+  parallel_items(items, [&](int64_t index, int64_t j) {
+    Item it(s, index);
+    std::vector<vf> starts(chunks * N), states(kChunk * N), g(N, vf{}), dAi(N, vf{});
+    for (int64_t t = 0; t < s.L; ++t) {  // forward again, keeping the state before each chunk
+      if (t % kChunk == 0) std::copy(it.h.begin(), it.h.end(), starts.begin() + t / kChunk * N);
+      it.step(s, t, it.h.data());
+    }
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t w = 0; w < it.lanes; ++w) g[n][w] = dh_last.typed_data()[(it.bi * s.E + it.e0 + w) * N + n];
+    for (int64_t c = chunks - 1; c >= 0; --c) {
+      const int64_t t0 = c * kChunk, t1 = std::min(s.L, t0 + kChunk);
+      for (int64_t t = t0; t < t1; ++t) {  // states[(t - t0) N ..] = h_t
+        const vf* prev = t > t0 ? &states[(t - t0 - 1) * N] : &starts[c * N];
+        std::copy(prev, prev + N, states.begin() + (t - t0) * N);
+        it.step(s, t, &states[(t - t0) * N]);
+      }
+      for (int64_t t = t1 - 1; t >= t0; --t) {
+        const vf dtv = it.load(s.dt, s, t), uv = it.load(s.u, s, t), dyv = it.load(dy.typed_data(), s, t);
+        const vf duv = dtv * uv;
+        const float* Bt = s.B + (it.bi * s.L + t) * N;
+        const float* Ct = s.C + (it.bi * s.L + t) * N;
+        float* dBt = pB[j].data() + (it.bi * s.L + t) * N;
+        float* dCt = pC[j].data() + (it.bi * s.L + t) * N;
+        const vf* h_t = &states[(t - t0) * N];
+        const vf* h_prev = t > t0 ? h_t - N : &starts[c * N];
+        vf d_dtu = {}, d_decay = {};
+        for (int64_t n = 0; n < N; ++n) {
+          const vf gt = g[n] + dyv * Ct[n];  // dL/dh_t: through y_t and from later tokens
+          dCt[n] += lane_sum(h_t[n] * dyv);
+          dBt[n] += lane_sum(gt * duv);
+          d_dtu += gt * Bt[n];
+          const vf a = exp_nonpositive(dtv * it.At[n]);
+          const vf gd = gt * h_prev[n] * a;  // dL/d(dt A)
+          d_decay += gd * it.At[n];
+          dAi[n] += gd * dtv;
+          g[n] = a * gt;  // what flows into h_{t-1}
+        }
+        it.store(d_dtu * dtv, s, t, du->typed_data());
+        it.store(d_dtu * uv + d_decay, s, t, ddt->typed_data());
+      }
+    }
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t w = 0; w < it.lanes; ++w) {
+        dh0->typed_data()[(it.bi * s.E + it.e0 + w) * N + n] = g[n][w];
+        pA[j][(it.e0 + w) * N + n] += dAi[n][w];
+      }
+  });
+  const std::vector<std::pair<std::vector<std::vector<float>>*, float*>> sums = {
+      {&pA, dA->typed_data()}, {&pB, dB->typed_data()}, {&pC, dC->typed_data()}};
+  for (auto [parts, out] : sums) {
+    const int64_t size = (*parts)[0].size();
+    for (int64_t i = 0; i < size; ++i) {
+      float total = 0.0f;
+      for (const auto& part : *parts) total += part[i];
+      out[i] = total;
+    }
+  }
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CfmSelectiveScanForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CfmSelectiveScanBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
