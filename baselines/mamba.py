@@ -46,7 +46,7 @@ class MambaConfig(SlotConfig):
     dt_max: float = 0.1  # upper end of that range
     dt_init_floor: float = 1e-4  # lower clamp of the initial dt
     chunk_size: int = 128  # tokens per chunk of the training scan, at most (see chunk_length; tail is padded)
-    scan: str = "auto"  # inside a chunk: "sequential", "associative" (log depth), or "auto" (see pick_scan)
+    scan: str = "auto"  # "kernel" (C++, CPU), chunks scanned "sequential" or "associative" (log depth), or "auto" (see pick_scan)
 
     def inner(self, d_model: int) -> int:
         return self.expand * d_model

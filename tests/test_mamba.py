@@ -3,6 +3,8 @@ decode == parallel forward, bf16 stability, reference init, accounting and the m
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,13 +64,15 @@ def test_chunked_matches_reference(scan, max_elements, batch, monkeypatch):
 @pytest.mark.parametrize("batch,length,channels", [(2, 150, 20), (1, 64, 16), (3, 129, 33)])
 def test_kernel_matches_reference_over_many_chunks(batch, length, channels):
     """The C++ scan's backward pass keeps a state every 64 tokens: lengths over, at and past that
-    stride, channel counts filling one, two or three blocks of 16 lanes, the last partly."""
+    stride, channel counts filling one, two or three blocks of 16 lanes, the last partly. Channel 0
+    decays by more than e^-87.3 per token, below which the kernel's exp is 0."""
     if why := scan_kernel.available():
         pytest.skip(why)
     ks = jax.random.split(jax.random.key(7), 8)
     u = jax.random.normal(ks[0], (batch, length, channels))
     dt = jax.nn.softplus(jax.random.normal(ks[1], (batch, length, channels)) + jnp.linspace(3, -5, channels))
-    A = -jnp.exp(jax.random.normal(ks[2], (channels, N)))
+    A = (-jnp.exp(jax.random.normal(ks[2], (channels, N)))).at[0].set(-40.0)
+    assert float(jnp.min(dt[..., :1] * A[0])) < -87.4
     Bm, Cm = (jax.random.normal(key, (batch, length, N)) for key in ks[3:5])
     h0 = jax.random.normal(ks[5], (batch, channels, N))
     wy, wh = jax.random.normal(ks[6], (batch, length, channels)), jax.random.normal(ks[7], (batch, channels, N))
@@ -86,6 +90,42 @@ def test_kernel_matches_reference_over_many_chunks(batch, length, channels):
     np.testing.assert_allclose(h, h_ref, rtol=RTOL, atol=ATOL)
     for name, a, b in zip("u dt A B C h0".split(), g, g_ref):
         np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+def test_kernel_sums_do_not_depend_on_the_cpu_count():
+    """dB, dC and dA sum over channels or sequences in a fixed order of work units, not per thread:
+    one CPU and all of them give the same bits (resumed runs reproduce on any machine size)."""
+    if (why := scan_kernel.available()) or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip(why or "needs 2 CPUs")
+    ks = jax.random.split(jax.random.key(9), 5)
+    b, length, channels = 3, 70, 100  # 7 blocks of 16 channels
+    u, Bm, Cm = (jax.random.normal(k, shape) for k, shape in zip(ks, [(b, length, channels), (b, length, N), (b, length, N)]))
+    dt = jax.nn.softplus(jax.random.normal(ks[3], (b, length, channels)))
+    A = -jnp.exp(jax.random.normal(ks[4], (channels, N)))
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(scan_kernel.selective_scan_kernel(*a)[0])), argnums=(0, 1, 2, 3, 4)))
+    h0 = jnp.zeros((b, channels, N))
+    everyone = os.sched_getaffinity(0)
+
+    def pin(cpus):  # every thread of the process: the kernel runs on one of XLA's
+        for tid in os.listdir("/proc/self/task"):
+            os.sched_setaffinity(int(tid), cpus)
+
+    all_cpus = jax.block_until_ready(grads(u, dt, A, Bm, Cm, h0))
+    try:
+        pin({min(everyone)})
+        one_cpu = jax.block_until_ready(grads(u, dt, A, Bm, Cm, h0))
+    finally:
+        pin(everyone)
+    for x, y in zip(all_cpus, one_cpu):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_kernel_refuses_misshapen_operands():
+    if why := scan_kernel.available():
+        pytest.skip(why)
+    u, A = jnp.ones((2, 5, 3)), -jnp.ones((3, 4))
+    with pytest.raises(ValueError, match=r"h0 is float32\[3, 4\], expected float32\[2, 3, 4\]"):
+        scan_kernel.selective_scan_kernel(u, u, A, jnp.ones((2, 5, 4)), jnp.ones((2, 5, 4)), jnp.ones((3, 4)))
 
 
 def test_pick_scan(monkeypatch):

@@ -1,5 +1,6 @@
 """Build a C++ XLA FFI handler library from a source file next to this module, once per source,
-compiler flags, jax version and host, into the user cache (~/.cache/cfm_jax, or $XDG_CACHE_HOME).
+compiler flags, compiler, jax and jaxlib versions and host, into the user cache (~/.cache/cfm_jax,
+or $XDG_CACHE_HOME).
 
 Built with the system C++ compiler ($CXX, c++ or g++) on first use, a second or two; the cached
 library is reused after that. Flags may tune for this CPU (-march=native): the host in the cache key
@@ -18,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import jax
+import jaxlib.version
 
 
 def _cpu() -> str:
@@ -26,7 +28,17 @@ def _cpu() -> str:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return ""
-    return "\n".join(dict.fromkeys(x for x in lines if x.startswith(("model name", "flags"))))
+    keys = ("model name", "flags", "Features", "CPU part", "CPU implementer")  # x86 and Arm spellings
+    return "\n".join(dict.fromkeys(x for x in lines if x.startswith(keys)))
+
+
+def _compiler_version(cxx: str | None) -> str:
+    if cxx is None:
+        return ""
+    try:
+        return subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def compiler() -> str | None:
@@ -36,13 +48,14 @@ def compiler() -> str | None:
 def build(source: Path, flags: tuple[str, ...]) -> Path:
     """The compiled shared library of `source`; RuntimeError (one line) without a compiler or when
     compiling fails."""
-    host = f"{jax.__version__} {sys.platform} {os.uname().machine} {os.uname().release} {_cpu()} {flags}"
+    cxx = compiler()
+    versions = f"{jax.__version__} {jaxlib.version.__version__} {_compiler_version(cxx)}"
+    host = f"{versions} {sys.platform} {os.uname().machine} {os.uname().release} {_cpu()} {flags}"
     key = hashlib.sha256(source.read_bytes() + host.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cfm_jax"
     lib = cache / f"{source.stem}-{key}.so"
     if lib.exists():
         return lib
-    cxx = compiler()
     if cxx is None:
         raise RuntimeError(f"no C++ compiler (c++ or g++, or set CXX) to build {source.name}")
     cache.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ the compiled step, and its reference, plain `a @ b` in XLA, everywhere else.
 Which one runs is chosen when a function is traced, by CFM_JAX_MATMUL:
   auto (default)  MKL where it can run: CPU backend, one device, float32, and the MKL runtime
                   (`pip install mkl`, in the dev and bench extras) plus a C++ compiler to build the
-                  ~60-line handler once (cached under ~/.cache/cfm_jax); XLA otherwise.
+                  short handler once (cached under ~/.cache/cfm_jax); XLA otherwise.
   xla             always XLA.
   mkl             MKL, or a one-line error saying why it cannot run.
 The handler is built and registered on first use; `backend()` says what `auto` resolved to and why.
@@ -236,7 +236,7 @@ _mkl_grouped.defvjp(_grouped_fwd, _grouped_bwd)
 
 def grouped_matmul(a: jax.Array, b: jax.Array, group_sizes: jax.Array, transpose_b: bool = False) -> jax.Array:
     """Rows of a in consecutive groups, each times its own matrix (`jax.lax.ragged_dot`): a (M, k),
-    b (G, k, n), or (G, n, k) with transpose_b, group_sizes (G,) int, summing to at most M ->
+    b (G, k, n), or (G, n, k) with transpose_b, group_sizes (G,) int >= 0, summing to at most M ->
     (M, n), rows past the last group zero. Differentiable in a and b.
 
     In MKL one sgemm per group, the sizes read at run time, so no group is padded; under XLA,
