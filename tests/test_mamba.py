@@ -38,23 +38,31 @@ def test_chunked_matches_reference(scan, max_elements, batch, monkeypatch):
     if max_elements:
         monkeypatch.setattr("baselines.mamba.MAX_CHUNK_ELEMENTS", max_elements)
         assert chunk_length(CHUNK, batch, E * N) == 5
-    ks = jax.random.split(jax.random.key(0), 8)
+    ks = jax.random.split(jax.random.key(0), 7)
     u = jax.random.normal(ks[0], (batch, L, E))
     dt = jax.nn.softplus(jax.random.normal(ks[1], (batch, L, E)) + jnp.array([3.0, 3.0, -2, -2, -5, -5]))
     A = -jnp.exp(jax.random.normal(ks[2], (E, N)))
     Bm, Cm = (jax.random.normal(key, (batch, L, N)) for key in ks[3:5])
     h0 = jax.random.normal(ks[5], (batch, E, N))
-    wy, wh = jax.random.normal(ks[6], (batch, L, E)), jax.random.normal(ks[7], (batch, E, N))
+    assert_matches_reference(lambda *a: selective_scan(*a, chunk=CHUNK, scan=scan), (u, dt, A, Bm, Cm, h0), ks[6])
+
+
+def assert_matches_reference(scan, operands, key):
+    """scan(u, dt, A, B, C, h0) equals `selective_scan_reference`: y, final h and the gradients of a
+    random linear function of both with respect to all six operands."""
+    u, h0 = operands[0], operands[5]
+    ky, kh = jax.random.split(key)
+    wy, wh = jax.random.normal(ky, u.shape), jax.random.normal(kh, h0.shape)
 
     def run(kernel):
         def loss(*a):
             y, h = kernel(*a)
             return jnp.sum(y * wy) + jnp.sum(h * wh), (y, h)
 
-        return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))(u, dt, A, Bm, Cm, h0)
+        return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))(*operands)
 
     (_, (y_ref, h_ref)), g_ref = run(selective_scan_reference)
-    (_, (y, h)), g = run(lambda *a: selective_scan(*a, chunk=CHUNK, scan=scan))
+    (_, (y, h)), g = run(scan)
     np.testing.assert_allclose(y, y_ref, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(h, h_ref, rtol=RTOL, atol=ATOL)
     for name, a, b in zip("u dt A B C h0".split(), g, g_ref):
@@ -68,28 +76,14 @@ def test_kernel_matches_reference_over_many_chunks(batch, length, channels):
     decays by more than e^-87.3 per token, below which the kernel's exp is 0."""
     if why := scan_kernel.available():
         pytest.skip(why)
-    ks = jax.random.split(jax.random.key(7), 8)
+    ks = jax.random.split(jax.random.key(7), 7)
     u = jax.random.normal(ks[0], (batch, length, channels))
     dt = jax.nn.softplus(jax.random.normal(ks[1], (batch, length, channels)) + jnp.linspace(3, -5, channels))
     A = (-jnp.exp(jax.random.normal(ks[2], (channels, N)))).at[0].set(-40.0)
     assert float(jnp.min(dt[..., :1] * A[0])) < -87.4
     Bm, Cm = (jax.random.normal(key, (batch, length, N)) for key in ks[3:5])
     h0 = jax.random.normal(ks[5], (batch, channels, N))
-    wy, wh = jax.random.normal(ks[6], (batch, length, channels)), jax.random.normal(ks[7], (batch, channels, N))
-
-    def run(kernel):
-        def loss(*a):
-            y, h = kernel(*a)
-            return jnp.sum(y * wy) + jnp.sum(h * wh), (y, h)
-
-        return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))(u, dt, A, Bm, Cm, h0)
-
-    (_, (y_ref, h_ref)), g_ref = run(selective_scan_reference)
-    (_, (y, h)), g = run(lambda *a: selective_scan(*a, scan="kernel"))
-    np.testing.assert_allclose(y, y_ref, rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(h, h_ref, rtol=RTOL, atol=ATOL)
-    for name, a, b in zip("u dt A B C h0".split(), g, g_ref):
-        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=name)
+    assert_matches_reference(lambda *a: selective_scan(*a, scan="kernel"), (u, dt, A, Bm, Cm, h0), ks[6])
 
 
 def test_kernel_sums_do_not_depend_on_the_cpu_count():
