@@ -1,4 +1,5 @@
-"""Attention: fast path vs the plain reference (outputs and gradients), GQA, RoPE, the KV cache."""
+"""Attention: XLA's fast paths vs the plain reference (outputs and gradients), GQA, RoPE, the KV cache
+(the flash kernel: test_flash_attention.py)."""
 
 from __future__ import annotations
 
@@ -29,25 +30,25 @@ def assert_matches_reference(fast, heads: int, kv_heads: int, seq: int, seed: in
 
 @pytest.mark.parametrize("heads,kv_heads,seq", [(4, 4, 63), (4, 2, 17), (6, 1, 8)])
 def test_fast_matches_reference(heads, kv_heads, seq):
-    assert_matches_reference(_attend, heads, kv_heads, seq, seed=0)
+    assert_matches_reference(lambda *a: _attend(*a, kernel="xla"), heads, kv_heads, seq, seed=0)
 
 
 @pytest.mark.parametrize("heads,kv_heads,seq,chunk", [(4, 2, 63, 16), (2, 2, 40, 40), (2, 1, 33, 8)])
 def test_chunked_matches_reference(heads, kv_heads, seq, chunk):
-    assert_matches_reference(lambda *a: _attend(*a, chunk), heads, kv_heads, seq, seed=4)
+    assert_matches_reference(lambda *a: _attend(*a, chunk, kernel="xla"), heads, kv_heads, seq, seed=4)
 
 
 @pytest.mark.parametrize("heads,kv_heads,seq,block", [(4, 2, 63, 16), (2, 2, 40, 8), (2, 1, 33, 32), (4, 4, 16, 16)])
 def test_block_causal_matches_reference(heads, kv_heads, seq, block):
     """Query blocks reading only their key prefix (last block partial, or a single block) == the plain
     masked square, outputs and gradients."""
-    assert_matches_reference(lambda *a: _attend(*a, causal_block=block), heads, kv_heads, seq, seed=5)
+    assert_matches_reference(lambda *a: _attend(*a, causal_block=block, kernel="xla"), heads, kv_heads, seq, seed=5)
 
 
 @pytest.mark.parametrize("chunk,block", [(16, 0), (0, 8)], ids=["chunked", "blocks"])
 def test_value_heads_narrower_than_query_heads(chunk, block):
     """The chunked and block-causal paths take v with its own head_dim (MLA's values are narrower)."""
-    assert_matches_reference(lambda *a: _attend(*a, chunk, causal_block=block), 4, 2, 40, seed=6, v_dim=4)
+    assert_matches_reference(lambda *a: _attend(*a, chunk, causal_block=block, kernel="xla"), 4, 2, 40, seed=6, v_dim=4)
 
 
 @pytest.mark.parametrize("chunk,block", [(16, 0), (0, 8)], ids=["chunked", "blocks"])
@@ -58,7 +59,7 @@ def test_bf16_inputs_get_fp32_logits(chunk, block):
     q, k, v = (jax.random.normal(key, (2, 40, 2, 64)) for key in (k1, k2, k3))
     q = q * 4.0  # logits of order 30: bf16 scores would be off by whole units
     ref = attention_reference(*(t.astype(jnp.bfloat16).astype(jnp.float32) for t in (q, k, v)))
-    out = _attend(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), chunk, causal_block=block)
+    out = _attend(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), chunk, causal_block=block, kernel="xla")
     assert out.dtype == jnp.bfloat16
     err = np.abs(np.asarray(out.astype(jnp.float32)) - np.asarray(ref))
     # measured: fp32 logits 0.014 max / 0.0011 mean; bf16 logits 0.032 / 0.0026
@@ -94,7 +95,7 @@ def test_chunked_training_memory_is_not_quadratic():
     doubles: blocks are rematerialized in the backward pass instead of all kept."""
     def temp_bytes(s, chunk=256):
         q = jnp.zeros((1, s, 2, 16))
-        grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(_attend(q, k, v, chunk)), argnums=(0, 1, 2)))
+        grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(_attend(q, k, v, chunk, kernel="xla")), argnums=(0, 1, 2)))
         return grad.lower(q, q, q).compile().memory_analysis().temp_size_in_bytes
 
     assert temp_bytes(4096) / temp_bytes(2048) < 2.5

@@ -113,6 +113,21 @@ def test_union_over_chunks_of_8():
     assert float(stats["union_ratio_batch"]) == pytest.approx(3 / 10)
 
 
+@pytest.mark.parametrize("seq", [5, 64, 130, 200])
+def test_union_ratios_match_a_direct_count(seq):
+    """union_ratio_64 (derived from the chunks of 8) and union_ratio_batch (from the per-neuron counts)
+    == counting straight from the mask, numpy loops; lengths under, at and past a chunk of 64."""
+    h = np.asarray(jax.nn.relu(jax.random.normal(jax.random.key(seq), (2, seq, 24)) - 2.0))
+    active = h != 0
+    stats = activation_stats(jnp.asarray(h))
+    for chunk in (8, 64):
+        c = min(chunk, seq)
+        unions = [active[b, j * c:(j + 1) * c].any(axis=0).mean() for b in range(2) for j in range(seq // c)]
+        assert float(stats[f"union_ratio_{chunk}"]) == pytest.approx(np.mean(unions), rel=1e-6)
+    assert float(stats["union_ratio_batch"]) == pytest.approx(active.any(axis=(0, 1)).mean(), rel=1e-6)
+    assert float(stats["activation_ratio"]) == pytest.approx(active.mean(), rel=1e-6)
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_gather_path_equals_dense_without_overflow(activation):
     ffn = make(activation=activation, threshold=0.05)

@@ -1,5 +1,5 @@
-"""Build a C++ XLA FFI handler library from a source file next to this module, once per source,
-compiler flags, compiler, jax and jaxlib versions and host, into the user cache (~/.cache/cfm_jax,
+"""Build a C++ XLA FFI handler library from a source file next to this module, once per source
+(with the headers next to it), compiler flags, compiler, jax and jaxlib versions and host, into the user cache (~/.cache/cfm_jax,
 or $XDG_CACHE_HOME).
 
 Built with the system C++ compiler ($CXX, c++ or g++) on first use, a second or two; the cached
@@ -51,7 +51,9 @@ def build(source: Path, flags: tuple[str, ...]) -> Path:
     cxx = compiler()
     versions = f"{jax.__version__} {jaxlib.version.__version__} {_compiler_version(cxx)}"
     host = f"{versions} {sys.platform} {os.uname().machine} {os.uname().release} {_cpu()} {flags}"
-    key = hashlib.sha256(source.read_bytes() + host.encode()).hexdigest()[:16]
+    headers = sorted(source.parent.glob("*.h"))  # shared helpers the sources include
+    code = b"".join(p.read_bytes() for p in (source, *headers))
+    key = hashlib.sha256(code + host.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cfm_jax"
     lib = cache / f"{source.stem}-{key}.so"
     if lib.exists():

@@ -85,10 +85,11 @@ def _mkl_runtime() -> str | None:
 
 
 @functools.cache
-def _load() -> str | None:
-    """Build and register the handler; None if it worked, else the reason it cannot run."""
+def mkl_library() -> ctypes.CDLL | str:
+    """MKL's runtime library, loaded in LP64 mode with its environment set (below); or why it cannot
+    be (one line)."""
     if sys.platform != "linux":
-        return f"MKL handler is built for Linux only (this is {sys.platform})"
+        return f"the MKL handlers are built for Linux only (this is {sys.platform})"
     runtime = _mkl_runtime()
     if runtime is None:
         return "the MKL runtime is not installed (pip install mkl)"
@@ -98,10 +99,22 @@ def _load() -> str | None:
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # bitwise reproducible (see the module docstring)
     try:
         mkl = ctypes.CDLL(runtime)
+    except OSError as e:
+        return str(e).splitlines()[0]
+    mkl.MKL_Set_Interface_Layer(0)  # LP64: the handlers pass 32-bit ints, whatever MKL_INTERFACE_LAYER says
+    return mkl
+
+
+@functools.cache
+def _load() -> str | None:
+    """Build and register the handler; None if it worked, else the reason it cannot run."""
+    mkl = mkl_library()
+    if isinstance(mkl, str):
+        return mkl
+    try:
         handler = ctypes.CDLL(str(build(SOURCE, ("-O2",))))
     except (OSError, RuntimeError) as e:
         return str(e).splitlines()[0]
-    mkl.MKL_Set_Interface_Layer(0)  # LP64: the handler passes 32-bit ints, whatever MKL_INTERFACE_LAYER says
     gemms = (mkl.cblas_sgemm, mkl.cblas_sgemm_batch_strided)
     handler.cfm_set_sgemm(*(ctypes.cast(fn, ctypes.c_void_p) for fn in gemms))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler.CfmGemm), platform="cpu")

@@ -88,6 +88,9 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     if angles.ndim == 2:
         angles = angles[None]
     cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]  # (b|1, seq, 1, half)
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    # [x1 c - x2 s, x2 c + x1 s] written as x [c, c] + [x2, x1] [-s, s]: one pass over x in XLA,
+    # where concatenating the two computed halves took two passes and a copy.
+    xf = x.astype(jnp.float32)
+    swapped = jnp.concatenate([xf[..., half:], xf[..., :half]], axis=-1)
+    out = xf * jnp.concatenate([cos, cos], axis=-1) + swapped * jnp.concatenate([-sin, sin], axis=-1)
     return out.astype(x.dtype)
