@@ -35,6 +35,36 @@ class DenseFFNConfig(SlotConfig):
             raise UserError(f"model.ffn.d_ff={self.d_ff} must be >= 0 (0 = default width)")
 
 
+def swiglu_reference(gu: jax.Array) -> jax.Array:
+    """gu (n, 2f) = [g, u] -> silu(g) * u (n, f), differentiated by autodiff."""
+    f = gu.shape[-1] // 2
+    return jax.nn.silu(gu[:, :f]) * gu[:, f:]
+
+
+@jax.custom_vjp
+def swiglu(gu: jax.Array) -> jax.Array:
+    """`swiglu_reference` with a hand-written backward pass. Why: from autodiff's version XLA:CPU
+    wrote sigmoid(g) and silu(g) out as residuals in the forward pass; here the forward keeps only gu
+    (the matmul's output) and the backward recomputes the sigmoid (step 30-60 ms faster of ~2.4 s at
+    the cpu benchmark's shape, measured side by side)."""
+    return swiglu_reference(gu)
+
+
+def _swiglu_fwd(gu):
+    return swiglu_reference(gu), gu
+
+
+def _swiglu_bwd(gu, dh):
+    """d/dg silu(g) u = u s (1 + g (1 - s)) with s = sigmoid(g); d/du = silu(g) = g s."""
+    f = dh.shape[-1]
+    g, u = gu[:, :f], gu[:, f:]
+    s = jax.nn.sigmoid(g)
+    return (jnp.concatenate([dh * u * s * (1 + g * (1 - s)), dh * g * s], axis=1),)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 @register("ffn", "dense", DenseFFNConfig)
 class DenseFFN(nnx.Module):
     def __init__(self, cfg: DenseFFNConfig, ctx: LayerContext, *, rngs: nnx.Rngs):
@@ -51,7 +81,7 @@ class DenseFFN(nnx.Module):
             f = self.up.out_features
             w = jnp.concatenate([self.gate.kernel[...], self.up.kernel[...]], axis=1)
             gu = matmul(x.reshape(-1, x.shape[-1]), w)
-            return (jax.nn.silu(gu[:, :f]) * gu[:, f:]).reshape(*x.shape[:-1], f)
+            return swiglu(gu).reshape(*x.shape[:-1], f)
         if self.activation == "gelu":
             return jax.nn.gelu(self.up(x))
         return jax.nn.relu(self.up(x))
