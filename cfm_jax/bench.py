@@ -24,6 +24,7 @@ import functools
 import json
 import math
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -199,7 +200,13 @@ def suite_torch(s: dict) -> dict:
     compiled = step.lower(*args).compile()
     ours = lambda: jax.block_until_ready(compiled(*args))  # noqa: E731
     ours()
-    rounds = paired_rounds(torch_step, ours, max(6, s["reps"] + s["reps"] % 2))
+    # Both frameworks share this process's malloc heap: a PyTorch step's allocations can take the
+    # freed memory our step's temporaries used, which our next step then page-faults in again. Two
+    # discarded rounds let the heap settle; the faults of every measured step are counted.
+    paired_rounds(torch_step, ours, 2)
+    faults = {"torch": [], "ours": []}
+    rounds = paired_rounds(counting_faults(torch_step, faults["torch"]), counting_faults(ours, faults["ours"]),
+                           max(8, s["reps"] + s["reps"] % 2))
     ratios = [t / j for t, j in rounds]
     with cblas.forced("xla"):  # a fresh step traced with XLA's dot: every matmul is a dot_general to list
         _, xla_step, xla_args = _train_step(cfg, s["batch"], s["seq"])
@@ -209,7 +216,7 @@ def suite_torch(s: dict) -> dict:
         "torch": {**info, "step_s": statistics.median(t for t, _ in rounds),
                   "matmul_flops": bench_torch.matmul_flops(s["matmul"], s["reps"]),
                   "sublayer_s": bench_torch.sublayer_seconds(s["d"], s["seq"], s["batch"], s["reps"])},
-        "jax_step_s": statistics.median(j for _, j in rounds), "rounds": rounds,
+        "jax_step_s": statistics.median(j for _, j in rounds), "rounds": rounds, "minor_faults": faults,
         "torch_vs_jax_time": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)],
         "jax_params": int(sum(x.size for x in jax.tree.leaves(args[0]))),
         "jax_matmul_flops": ours_ceiling["matmul_float32_flops"],
@@ -222,6 +229,16 @@ def suite_torch(s: dict) -> dict:
                          "xla_s": bench_matmuls.xla_seconds(matmuls, timed, s["reps"]),
                          "torch_s": bench_torch.einsum_seconds(matmuls, s["reps"])},
     }
+
+
+def counting_faults(fn, counts: list):
+    """fn, appending the minor page faults of each call to counts (getrusage: first touches of fresh
+    memory, whose cost lands inside a timed step)."""
+    def run():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        fn()
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return run
 
 
 def paired_rounds(a, b, n: int) -> list[list[float]]:
@@ -585,6 +602,14 @@ def to_markdown(result: dict, command: str) -> str:
                       f"parameters): {t['torch']['step_s'] * 1e3:.0f} ms per step; ours ({t['jax_params']} parameters): "
                       f"{t['jax_step_s'] * 1e3:.0f} ms{rounds}. PyTorch time / ours = {t['torch_vs_jax_time']:.2f}"
                       f"{spread} (above 1: ours is faster)."]
+            if "minor_faults" in t:
+                pairs = [(name, f) for name, f in (("PyTorch", t["minor_faults"]["torch"]), ("ours", t["minor_faults"]["ours"])) if f]
+                slowest = max(range(len(t["rounds"])), key=lambda i: t["rounds"][i][1])
+                lines[-1] += (" Minor page faults per step, median / max: " + ", ".join(
+                    f"{name} {statistics.median(f):.0f} / {max(f)}" for name, f in pairs)
+                    + f"; our slowest round ({t['rounds'][slowest][1] * 1e3:.0f} ms) faulted "
+                    f"{t['minor_faults']['ours'][slowest]} times (PyTorch's tensors and our step's temporaries share one "
+                    "malloc heap, so a PyTorch step can take memory our next step then faults in again).")
             if "matmul_flops" in t["torch"] and "jax_matmul_flops" in t:
                 backend = t.get("jax_matmul_backend", ["xla"])[0]
                 lines += ["", f"The matmul libraries on this machine, same run, fp32 {result['sizes']['matmul']}^2: "
