@@ -20,10 +20,10 @@ def assert_matches_reference(fast, heads: int, kv_heads: int, seq: int, seed: in
     q = jax.random.normal(k1, (2, seq, heads, 8))
     k = jax.random.normal(k2, (2, seq, kv_heads, 8))
     v = jax.random.normal(k3, (2, seq, kv_heads, v_dim))
-    np.testing.assert_allclose(fast(q, k, v), attention_reference(q, k, v), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(fast)(q, k, v), attention_reference(q, k, v), rtol=1e-5, atol=1e-5)
     loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
-    g_fast = jax.grad(loss(fast), argnums=(0, 1, 2))(q, k, v)
-    g_ref = jax.grad(loss(attention_reference), argnums=(0, 1, 2))(q, k, v)
+    g_fast = jax.jit(jax.grad(loss(fast), argnums=(0, 1, 2)))(q, k, v)  # jitted: the unrolled blocks run
+    g_ref = jax.jit(jax.grad(loss(attention_reference), argnums=(0, 1, 2)))(q, k, v)  # op by op took seconds each
     for a, b in zip(g_fast, g_ref):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
