@@ -18,7 +18,8 @@ set it before the first call, or use `forced` around a fresh trace.
 
 MKL runs in its conditional-numerical-reproducibility mode (MKL_CBWR=AUTO,STRICT unless set), so a
 product is bitwise the same from run to run, as resumed runs need. `matmul` has a custom VJP and
-`product` none: forward-mode autodiff (jax.jvp, jacfwd) through them needs CFM_JAX_MATMUL=xla.
+`product` none: forward-mode autodiff (jax.jvp, jacfwd) through them needs CFM_JAX_MATMUL=xla,
+which also turns the model's other hand-written VJPs (flash attention, RMSNorm, SwiGLU) into plain autodiff.
 
 `grouped_matmul` (the MoE's experts) multiplies consecutive groups of rows by their own matrices,
 one sgemm per group with the group sizes read at run time: what `jax.lax.ragged_dot` computes, which
