@@ -178,3 +178,28 @@ def test_bad_input(override, fragment):
     with pytest.raises(UserError, match=None) as info:
         resolve("smoke", ["model.ffn=neuron_sparse", override])
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("d,f,ratio", [(40, 96, 0.25), (64, 256, 0.05), (17, 33, 1.0)])
+def test_in_place_active_rows_match_the_gathered_reference(d, f, ratio):
+    """The benchmark's in-place C++ ceiling == plain JAX gathering the same rows (`active_rows_ffn`),
+    with d not a multiple of the 16-lane vectors, an odd and an empty active set, and an index out
+    of range ignored."""
+    from cfm_jax.bench import active_rows_ffn
+    from cfm_jax.kernels import active_rows
+
+    if why := active_rows.available():
+        pytest.skip(why)
+    ks = jax.random.split(jax.random.key(f), 3)
+    x, up_rows, down = jax.random.normal(ks[0], (d,)), jax.random.normal(ks[1], (f, d)), jax.random.normal(ks[2], (f, d))
+    pre = np.asarray(up_rows @ x)
+    threshold = float(np.quantile(pre, 1 - ratio)) if ratio < 1 else -1e9
+    active = jnp.asarray(np.flatnonzero(pre > threshold), jnp.int32)
+    expected = active_rows_ffn(x, up_rows, down, active, threshold)
+    np.testing.assert_allclose(active_rows.active_rows_ffn_in_place(x, up_rows, down, active, threshold), expected,
+                               rtol=1e-5, atol=1e-4)
+    with_stray = jnp.concatenate([active, jnp.array([f + 3], jnp.int32)])
+    np.testing.assert_allclose(active_rows.active_rows_ffn_in_place(x, up_rows, down, with_stray, threshold), expected,
+                               rtol=1e-5, atol=1e-4)
+    empty = active_rows.active_rows_ffn_in_place(x, up_rows, down, jnp.zeros((0,), jnp.int32), threshold)
+    np.testing.assert_array_equal(empty, np.zeros(d, np.float32))
