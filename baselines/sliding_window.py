@@ -33,6 +33,9 @@ class SlidingWindowConfig(AttentionConfig):
 
     def validate(self, d_model: int) -> None:
         super().validate(d_model)
+        if self.kernel != "auto":
+            raise UserError(f"model.mixer.kernel={self.kernel!r} selects the causal attention kernel; sliding_window "
+                            "runs its own blocked path (leave it at auto)")
         if self.window < 1:
             raise UserError(f"model.mixer.window={self.window} must be >= 1 (tokens each query sees)")
         if self.sinks < 0:

@@ -88,7 +88,7 @@ def test_bits_do_not_depend_on_the_cpu_count():
 
 def test_refuses_misshapen_operands():
     q, k, v = operands(1, 8, 3, 2, 4, 4, seed=0)
-    with pytest.raises(ValueError, match=r"K dividing H, got q float32\[1, 8, 3, 4\], k float32\[1, 8, 2, 4\]"):
+    with pytest.raises(ValueError, match=r"K dividing H and d, dv >= 1, got q float32\[1, 8, 3, 4\], k float32\[1, 8, 2, 4\]"):
         flash.flash_attention(q, k, v)
     q, k, v = operands(1, 8, 2, 2, 4, 4, seed=0)
     with pytest.raises(ValueError, match=r"float32 q .* got q bfloat16"):
@@ -145,3 +145,12 @@ def test_training_memory_is_linear_in_length():
         return grad.lower(q, q, q).compile().memory_analysis().temp_size_in_bytes
 
     assert temp_bytes(8192) / temp_bytes(4096) < 2.2
+
+
+def test_refuses_zero_width_heads():
+    """d or dv of 0 would hand BLAS zero strides (it skips the products and leaves scratch behind)."""
+    q, k, v = operands(1, 8, 2, 2, 4, 4, seed=0)
+    with pytest.raises(ValueError, match="d, dv >= 1"):
+        flash.flash_attention(q, k, v[..., :0])
+    with pytest.raises(ValueError, match="d, dv >= 1"):
+        flash.flash_attention(q[..., :0], k[..., :0], v, scale=1.0)

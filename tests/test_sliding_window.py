@@ -121,6 +121,7 @@ def test_accounting():
     ("model.mixer.block_size=0", "model.mixer.block_size=0 must be >= 1"),
     ("model.mixer.n_heads=3", "model.mixer.n_heads=3 must be >= 1 and divide model.d_model=64"),
     ("model.mixer.window=many", "model.mixer.window='many' is not an int"),
+    ("model.mixer.kernel=flash", "model.mixer.kernel='flash' selects the causal attention kernel"),
 ])
 def test_bad_config_is_one_line_error(override, fragment):
     with pytest.raises(UserError) as info:

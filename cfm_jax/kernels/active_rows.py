@@ -40,14 +40,13 @@ def available() -> str | None:
 def active_rows_ffn_in_place(x: jax.Array, up_rows: jax.Array, down: jax.Array, active: jax.Array,
                              threshold: float) -> jax.Array:
     """x (d,), up_rows (f, d) (W_up transposed), down (f, d), active (K,) neuron indices (out-of-range
-    ones ignored) -> (d,): sum over the active neurons of fatrelu(up_rows[i] . x) down[i]. float32, no
+    ones, negative ones included, ignored) -> (d,): sum over the active neurons of fatrelu(up_rows[i] . x) down[i]. float32, no
     gradient (an inference kernel)."""
     if why := available():
         raise RuntimeError(why)
-    d = x.shape[0]
-    if x.ndim != 1 or up_rows.shape != down.shape or up_rows.ndim != 2 or up_rows.shape[1] != d:
+    if x.ndim != 1 or up_rows.shape != down.shape or up_rows.ndim != 2 or up_rows.shape[1] != x.shape[0]:
         raise ValueError(f"active_rows_ffn_in_place takes x (d,), up_rows and down (f, d), got {x.shape}, "
                          f"{up_rows.shape}, {down.shape}")
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((d,), jnp.float32), vmap_method="sequential")
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential")
     return call(x.astype(jnp.float32), up_rows.astype(jnp.float32), down.astype(jnp.float32),
                 active.astype(jnp.int32), threshold=np.float32(threshold))

@@ -232,6 +232,8 @@ static ffi::Error check(Dims& n, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>
     return ffi::Error::InvalidArgument("cfm_flash_attention: k (b, s, K, d) or v (b, s, K, dv) does not fit q (b, s, H, d)");
   if (n.K < 1 || n.H % n.K)
     return ffi::Error::InvalidArgument("cfm_flash_attention: kv heads must divide query heads");
+  if (n.d < 1 || n.dv < 1)  // zero row strides: BLAS would refuse the tile products
+    return ffi::Error::InvalidArgument("cfm_flash_attention: head dimensions must be >= 1");
   if (n.H * std::max(n.d, n.dv) > (int64_t{1} << 30))
     return ffi::Error::InvalidArgument("cfm_flash_attention: a row exceeds the 32-bit BLAS interface");
   return ffi::Error::Success();
@@ -249,7 +251,7 @@ static ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi:
     return ffi::Error::InvalidArgument("cfm_flash_attention: o must be (b, s, H, dv) and lse (b, H, s)");
   const Operands op{n, scale};
   const int64_t blocks = n.blocks(kFwdQ), units = n.b * n.H * blocks;
-  parallel_for(units, [&](int64_t i) {  // a unit: one query block of one head (largest blocks first)
+  parallel_for(units, [&](int64_t i) {  // a unit: one query block of one head (a head's largest first)
     thread_local std::vector<float> scratch;
     scratch.resize(kFwdQ * kFwdK + kFwdQ * n.dv + 2 * kFwdQ);
     const int64_t r0 = (blocks - 1 - i % blocks) * kFwdQ, bh = i / blocks;

@@ -59,9 +59,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float | Non
         raise RuntimeError(why)
     ok = q.ndim == k.ndim == v.ndim == 4 and q.shape[:2] == k.shape[:2] == v.shape[:2]
     ok = ok and k.shape[2] == v.shape[2] and k.shape[3] == q.shape[3] and k.shape[2] >= 1 and q.shape[2] % k.shape[2] == 0
+    ok = ok and q.shape[3] >= 1 and v.shape[3] >= 1
     if not ok or any(x.dtype != jnp.float32 for x in (q, k, v)):
         raise ValueError(f"flash_attention takes float32 q (b, s, H, d), k (b, s, K, d), v (b, s, K, dv) with K "
-                         f"dividing H, got q {q.dtype}{list(q.shape)}, k {k.dtype}{list(k.shape)}, v {v.dtype}{list(v.shape)}")
+                         f"dividing H and d, dv >= 1, got q {q.dtype}{list(q.shape)}, k {k.dtype}{list(k.shape)}, v {v.dtype}{list(v.shape)}")
     return _attention(q, k, v, float(q.shape[3] ** -0.5 if scale is None else scale))
 
 
