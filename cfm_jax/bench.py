@@ -378,16 +378,17 @@ def perfect_predictor(dense_w, x, pre, threshold: float, dense_s: float, reps: i
 
     up, down = dense_w
     active = np.flatnonzero(pre > threshold)
+    idx = jnp.asarray(active)
     up_rows = jnp.asarray(np.asarray(up).T)  # (f, d): one contiguous row per neuron
     oracle = jax.jit(functools.partial(active_rows_ffn, threshold=threshold))
-    oracle_s = timed(oracle, x, up_rows, down, jnp.asarray(active), reps=reps)
+    oracle_s = timed(oracle, x, up_rows, down, idx, reps=reps)
     out = {"active": int(len(active)), "perfect_predictor_s": oracle_s, "perfect_predictor_speedup": dense_s / oracle_s}
     if active_rows.available() is None:  # the same rows read in place (C++), no gathered copy
         in_place = jax.jit(functools.partial(active_rows.active_rows_ffn_in_place, threshold=threshold))
-        expected = oracle(x, up_rows, down, jnp.asarray(active))
-        if not np.allclose(in_place(x, up_rows, down, jnp.asarray(active)), expected, rtol=1e-4, atol=1e-5):
+        expected = oracle(x, up_rows, down, idx)
+        if not np.allclose(in_place(x, up_rows, down, idx), expected, rtol=1e-4, atol=1e-5):
             raise RuntimeError("in-place active-rows FFN differs from the gathered one: the timing would mislead")
-        out["in_place_predictor_speedup"] = dense_s / timed(in_place, x, up_rows, down, jnp.asarray(active), reps=reps)
+        out["in_place_predictor_speedup"] = dense_s / timed(in_place, x, up_rows, down, idx, reps=reps)
     torch_r = gather_ffn_seconds(up, down, x, active, threshold, reps)
     if torch_r:
         out["torch_perfect_predictor_speedup"] = torch_r["dense_s"] / torch_r["gather_s"]

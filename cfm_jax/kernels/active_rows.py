@@ -10,7 +10,6 @@ without that copy. `cfm_jax.bench.active_rows_ffn` (plain JAX) is its reference.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfm_jax.kernels.build import build
+from cfm_jax.kernels.build import load
 
 SOURCE = Path(__file__).with_name("active_rows.cc")
 TARGET = "cfm_active_rows"
@@ -29,12 +28,8 @@ def available() -> str | None:
     """None if the kernel is built and registered, else why it cannot run (one line)."""
     if jax.default_backend() != "cpu":
         return f"the active-rows kernel is for the CPU backend (this is {jax.default_backend()})"
-    try:
-        lib = ctypes.CDLL(str(build(SOURCE, ("-O3", "-march=native", "-pthread"))))
-    except (OSError, RuntimeError) as e:
-        return str(e).splitlines()[0]
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.CfmActiveRows), platform="cpu")
-    return None
+    lib = load(SOURCE, ("-O3", "-march=native", "-pthread"), {TARGET: "CfmActiveRows"})
+    return lib if isinstance(lib, str) else None
 
 
 def active_rows_ffn_in_place(x: jax.Array, up_rows: jax.Array, down: jax.Array, active: jax.Array,

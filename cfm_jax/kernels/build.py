@@ -10,6 +10,7 @@ its own build.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shutil
@@ -68,4 +69,16 @@ def build(source: Path, flags: tuple[str, ...]) -> Path:
         if done.returncode != 0:
             raise RuntimeError(f"building {source.name} failed: {done.stderr.strip()[-300:]}")
         os.replace(out, lib)
+    return lib
+
+
+def load(source: Path, flags: tuple[str, ...], targets: dict[str, str]) -> ctypes.CDLL | str:
+    """Build `source`, load it and register its FFI handlers for the CPU platform, as {target name:
+    exported symbol}: the library, or why it cannot be had (one line)."""
+    try:
+        lib = ctypes.CDLL(str(build(source, flags)))
+    except (OSError, RuntimeError) as e:
+        return str(e).splitlines()[0]
+    for name, symbol in targets.items():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     return lib

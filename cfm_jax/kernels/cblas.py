@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cfm_jax.errors import UserError
-from cfm_jax.kernels.build import build
+from cfm_jax.kernels.build import load
 
 ENV = "CFM_JAX_MATMUL"
 # Smaller products (batch-1 decode, smoke-scale models) stay in XLA under auto: there MKL's call and
@@ -112,14 +112,11 @@ def _load() -> str | None:
     mkl = mkl_library()
     if isinstance(mkl, str):
         return mkl
-    try:
-        handler = ctypes.CDLL(str(build(SOURCE, ("-O2",))))
-    except (OSError, RuntimeError) as e:
-        return str(e).splitlines()[0]
+    handler = load(SOURCE, ("-O2",), {TARGET: "CfmGemm", GROUPED_TARGET: "CfmGroupedGemm"})
+    if isinstance(handler, str):
+        return handler
     gemms = (mkl.cblas_sgemm, mkl.cblas_sgemm_batch_strided)
-    handler.cfm_set_sgemm(*(ctypes.cast(fn, ctypes.c_void_p) for fn in gemms))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler.CfmGemm), platform="cpu")
-    jax.ffi.register_ffi_target(GROUPED_TARGET, jax.ffi.pycapsule(handler.CfmGroupedGemm), platform="cpu")
+    handler.cfm_set_sgemm(*(ctypes.cast(fn, ctypes.c_void_p) for fn in gemms))  # before any call runs
     return None
 
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cfm_jax.kernels import cblas
-from cfm_jax.kernels.build import build
+from cfm_jax.kernels.build import load
 
 SOURCE = Path(__file__).with_name("flash_attention.cc")
 FORWARD, BACKWARD = "cfm_flash_attention_forward", "cfm_flash_attention_backward"
@@ -40,14 +40,12 @@ def available() -> str | None:
     mkl = cblas.mkl_library()
     if isinstance(mkl, str):
         return mkl
-    try:
-        lib = ctypes.CDLL(str(build(SOURCE, ("-O3", "-march=native", "-pthread"))))
-    except (OSError, RuntimeError) as e:
-        return str(e).splitlines()[0]
+    lib = load(SOURCE, ("-O3", "-march=native", "-pthread"),
+               {FORWARD: "CfmFlashAttentionForward", BACKWARD: "CfmFlashAttentionBackward"})
+    if isinstance(lib, str):
+        return lib
     pointers = (mkl.cblas_sgemm, mkl.MKL_Set_Num_Threads_Local)  # by-value C entry, not the Fortran one
-    lib.cfm_attention_set_mkl(*(ctypes.cast(fn, ctypes.c_void_p) for fn in pointers))
-    jax.ffi.register_ffi_target(FORWARD, jax.ffi.pycapsule(lib.CfmFlashAttentionForward), platform="cpu")
-    jax.ffi.register_ffi_target(BACKWARD, jax.ffi.pycapsule(lib.CfmFlashAttentionBackward), platform="cpu")
+    lib.cfm_attention_set_mkl(*(ctypes.cast(fn, ctypes.c_void_p) for fn in pointers))  # before any call runs
     return None
 
 

@@ -16,7 +16,6 @@ under `scan=auto` on the CPU backend with one device where `available()` is None
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from cfm_jax.kernels.build import build
+from cfm_jax.kernels.build import load
 
 SOURCE = Path(__file__).with_name("selective_scan.cc")
 FORWARD, BACKWARD = "cfm_selective_scan_forward", "cfm_selective_scan_backward"
@@ -35,13 +34,9 @@ def available() -> str | None:
     """None if the kernel is built and registered, else why it cannot run (one line)."""
     if sys.platform != "linux" or jax.default_backend() != "cpu":
         return f"the selective-scan kernel is for the CPU backend on Linux (this is {jax.default_backend()} on {sys.platform})"
-    try:
-        lib = ctypes.CDLL(str(build(SOURCE, ("-O3", "-march=native", "-pthread"))))
-    except (OSError, RuntimeError) as e:
-        return str(e).splitlines()[0]
-    jax.ffi.register_ffi_target(FORWARD, jax.ffi.pycapsule(lib.CfmSelectiveScanForward), platform="cpu")
-    jax.ffi.register_ffi_target(BACKWARD, jax.ffi.pycapsule(lib.CfmSelectiveScanBackward), platform="cpu")
-    return None
+    lib = load(SOURCE, ("-O3", "-march=native", "-pthread"),
+               {FORWARD: "CfmSelectiveScanForward", BACKWARD: "CfmSelectiveScanBackward"})
+    return lib if isinstance(lib, str) else None
 
 
 def _like(*arrays):
