@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cfm_jax import bench_matmuls, registry
+from cfm_jax import bench_matmuls, bench_predictor, registry
 from cfm_jax.config import ModelConfig, TrainConfig
 from cfm_jax.errors import UserError
 from cfm_jax.kernels import active_rows, cblas
@@ -45,14 +45,15 @@ from cfm_jax.train import make_optimizer, make_train_step
 
 SUITES = ("ceilings", "train", "compile", "torch", "seqlen", "decode", "sparse_decode", "moe")
 VOCAB = 256
+SPARSE_RATIOS = (0.5, 0.25, 0.1, 0.05)  # activation ratios of the sparse_decode suite
 
 SIZES = {  # per scale: model and problem sizes
     "smoke": dict(d=64, layers=2, seq=128, batch=4, matmul=512, copy_mb=16, lengths=(128, 256, 512),
-                  tokens=1024, contexts=(128, 512), sparse=(256, 1024), moe_tokens=512, reps=3),
+                  tokens=1024, contexts=(128, 512), sparse=(256, 1024), sparse_train_steps=5, sparse_tokens=16, sparse_dram_layers=2, moe_tokens=512, reps=3),
     "cpu": dict(d=512, layers=6, seq=512, batch=8, matmul=2048, copy_mb=256, lengths=(1024, 4096, 16384),
-                tokens=16384, contexts=(1024, 4096, 16384), sparse=(1024, 4096), moe_tokens=4096, reps=5),
+                tokens=16384, contexts=(1024, 4096, 16384), sparse=(1024, 4096), sparse_train_steps=200, sparse_tokens=64, sparse_dram_layers=16, moe_tokens=4096, reps=5),
     "full": dict(d=1024, layers=12, seq=2048, batch=16, matmul=8192, copy_mb=2048, lengths=(1024, 4096, 16384),
-                 tokens=65536, contexts=(1024, 4096, 16384), sparse=(4096, 16384), moe_tokens=16384, reps=10),
+                 tokens=65536, contexts=(1024, 4096, 16384), sparse=(4096, 16384), sparse_train_steps=200, sparse_tokens=64, sparse_dram_layers=0, moe_tokens=16384, reps=10),
 }
 
 
@@ -345,7 +346,7 @@ def suite_sparse_decode(s: dict) -> dict:
     dense_w = (base.up.kernel[...], base.down.kernel[...])
     dense = jax.jit(lambda x, w: jax.nn.relu(x @ w[0]) @ w[1])
     dense_s = timed(dense, x, dense_w, reps=s["reps"] * 4)
-    for ratio in (0.5, 0.25, 0.1, 0.05):
+    for ratio in SPARSE_RATIOS:
         threshold = float(np.quantile(pre, 1 - ratio))  # FATReLU threshold giving this activation ratio
         ffn = NeuronSparseFFN(NeuronSparseConfig(d_ff=f, threshold=max(threshold, 0.0)), ctx, rngs=nnx.Rngs(0))
         weights = prepare(ffn)
@@ -356,6 +357,8 @@ def suite_sparse_decode(s: dict) -> dict:
         results[str(ratio)] = {"dense_s": dense_s, "sparse_s": sparse_s, "speedup": dense_s / sparse_s,
                                "theoretical_speedup": 2 * d * f / read, "budget": budget,
                                **perfect_predictor(dense_w, x, pre, ffn.cfg.threshold, dense_s, s["reps"] * 4)}
+    results["predicted"] = bench_predictor.predicted_decode(d, f, s["sparse_train_steps"], SPARSE_RATIOS,
+                                                            s["sparse_tokens"], 2 * s["reps"] + 1, s["sparse_dram_layers"])
     return results
 
 
@@ -492,14 +495,32 @@ def targets(result: dict) -> list[dict]:
             add(f"decode attention: latency grows no worse than linearly ({contexts[0]} -> {contexts[-1]}: <= {bound:.0f}x)",
                 f"{r:.2f}x", r <= bound)
     sparse = result.get("sparse_decode", {})
+    predicted = sparse.get("predicted", {})
     for ratio, need in SPARSE_TARGETS:
         if ratio in sparse:
-            r = sparse[ratio]
-            add(f"sparse gather decode >= {need}x dense at activation ratio {ratio}",
-                f"{r['speedup']:.2f}x (exact path's weights-read bound {r['theoretical_speedup']:.2f}x; perfect "
-                f"predictor {_x(r.get('perfect_predictor_speedup'))} XLA, {_x(r.get('torch_perfect_predictor_speedup'))} "
-                f"PyTorch, {_x(r.get('in_place_predictor_speedup'))} in place)",
-                r["speedup"] >= need)
+            r, p = sparse[ratio], predicted.get(ratio)
+            measured = (f"exact gather {r['speedup']:.2f}x (its weights-read bound {r['theoretical_speedup']:.2f}x); "
+                        f"perfect predictor in place {_x(r.get('in_place_predictor_speedup'))}")
+            met = r["speedup"] >= need
+            if p:
+                # Against the fastest dense FFN measured alongside (XLA's, or the in-place kernel reading
+                # every row), so that no part of the speedup is a better kernel rather than fewer rows
+                # read; judged from DRAM (a model's weights do not stay cached between tokens) where it
+                # was measured, else with the single FFN cache-resident.
+                cached = p["speedup"] / max(1.0, p.get("dense_in_place_speedup") or 1.0)
+                measured += (f"; predicted, in place, FFN cache-resident: {p['speedup']:.2f}x XLA's dense FFN, "
+                             f"{cached:.2f}x the fastest dense (the kernel reading every row)")
+                judged = cached
+                if "dram" in p:
+                    dram = p["dram"]
+                    judged = dram["speedup"] / max(1.0, dram.get("dense_in_place_speedup") or 1.0)
+                    measured += (f"; from DRAM ({dram['layers']} layers' copies): {dram['speedup']:.2f}x XLA's dense "
+                                 f"FFN, {judged:.2f}x the fastest dense")
+                measured += (f"; held-out recall {p['recall']:.4f}, output error {p['output_error']:.2%} "
+                             "(trained byte-level model)")
+                met = met or (judged >= need and p["recall"] >= MIN_RECALL)
+            add(f"sparse decode >= {need}x dense at activation ratio {ratio} (exact gather path, or a predicted "
+                f"active set with held-out recall >= {MIN_RECALL}, against the fastest dense FFN, from DRAM)", measured, met)
     moe = result.get("moe", {})
     if "moe_vs_dense" in moe:
         add("MoE layer fwd+bwd <= 1.5x a dense FFN of equal active parameters", f"{moe['moe_vs_dense']:.2f}x",
@@ -508,6 +529,7 @@ def targets(result: dict) -> list[dict]:
 
 
 SPARSE_TARGETS = (("0.25", 2.5), ("0.1", 4.0))
+MIN_RECALL = 0.99  # a predicted path counts toward the targets only if it misses at most 1 % of firing neurons
 
 
 def _ceiling_reading(sparse: dict) -> str:
@@ -526,6 +548,73 @@ def _ceiling_reading(sparse: dict) -> str:
             + ": the room a real predictor's own cost and its missed neurons would have to fit in")
     text = "; ".join(parts)
     return text[:1].upper() + text[1:] + "." if parts else ""
+
+
+def predicted_markdown(predicted: dict) -> list[str]:
+    """The predicted-active-set table (`bench_predictor.predicted_decode`) and how to read it."""
+    if not predicted:
+        return []
+    lines = ["### Predicted active set, trained FFN", ""]
+    if "skipped" in predicted:
+        return lines + [f"Skipped: {predicted['skipped']}.", ""]
+    m = predicted["model"]
+    lines += [f"A 2-layer byte-level language model (d_model {m['d_model']}, ReLU `neuron_sparse` FFN of width "
+              f"{m['d_ff']}) trained {m['train_steps']} steps on the standard-library text (final training loss "
+              f"{m['train_loss']:.2f}); its last FFN. A rank-{m['rank']} predictor (`cfm_jax/layers/active_predictor.py`) "
+              f"fitted on {m['fit_tokens']} of that FFN's inputs from training text, its margin set for recall "
+              f"{m['recall_target']} on them; recall, candidates and output error (||y_predicted - y|| / ||y||) on "
+              f"{m['held_out_tokens']} inputs from the held-out files. Latency per token over {m['timed_tokens']} of "
+              "them, one token per call (a jitted lax.map), the dense FATReLU FFN (XLA) and the predicted path (one "
+              "C++ call: the predictor, then the candidates' rows read in place, `cfm_jax/kernels/active_rows.py`) "
+              "taking turns in paired rounds.", "",
+              "The last three columns time the same kernel on the same tokens, against the same dense runs: "
+              "with the exact firing set handed over (the ceiling of any predictor); with every neuron a candidate "
+              "(the exact path in place: all of W_up read, W_down's firing rows); and with every neuron firing "
+              "(threshold off: all of both matrices read, a dense FFN's work in this kernel, to compare its "
+              "streaming speed with XLA's).", "",
+              "| activation ratio | threshold | dense, XLA (us/token) | predicted (us/token) | speedup (range over rounds) "
+              "| predictor weights / FFN weights | recall (held out) | candidates per firing neuron | output error "
+              "| perfect predictor, in place | exact path, in place | all rows, in place |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for ratio, p in predicted.items():
+        if ratio == "model":
+            continue
+        lo, hi = p["speedup_range"]
+        lines.append(f"| {ratio} | {p['threshold']:.3f} | {p['dense_s'] * 1e6:.1f} | {p['predicted_s'] * 1e6:.1f} | "
+                     f"{p['speedup']:.2f}x ({lo:.2f}-{hi:.2f}) | {p['predictor_weights_share']:.1%} | {p['recall']:.4f} | "
+                     f"{p['candidates_per_firing']:.3f} | {p['output_error']:.2%} | {_x(p.get('perfect_speedup'))} | "
+                     f"{_x(p.get('exact_in_place_speedup'))} | {_x(p.get('dense_in_place_speedup'))} |")
+    dram = {ratio: p["dram"] for ratio, p in predicted.items() if ratio != "model" and "dram" in p}
+    if dram:
+        first = next(iter(dram.values()))
+        lines += ["", f"From DRAM: the same two paths over {first['layers']} copies of the FFN per token, as a model's "
+                  f"layers ({first['weight_bytes'] / 2**20:.0f} MB of weights, more than this CPU's caches hold, so "
+                  f"neither path finds them cached), {first['tokens']} tokens per call:", "",
+                  "| activation ratio | dense, XLA (us/token/layer) | all rows, in place (us/token/layer) "
+                  "| predicted (us/token/layer) | speedup over XLA's dense (range over rounds) | over the fastest dense |",
+                  "|---|---|---|---|---|---|"]
+        for ratio, r in dram.items():
+            lo, hi = r["speedup_range"]
+            fastest = r["speedup"] / max(1.0, r.get("dense_in_place_speedup") or 1.0)
+            lines.append(f"| {ratio} | {r['dense_s'] * 1e6:.1f} | {r.get('dense_in_place_s', float('nan')) * 1e6:.1f} | "
+                         f"{r['predicted_s'] * 1e6:.1f} | {r['speedup']:.2f}x ({lo:.2f}-{hi:.2f}) | {fastest:.2f}x |")
+    if dram:
+        cached = "; ".join(f"{p['speedup'] / max(1.0, p.get('dense_in_place_speedup') or 1.0):.2f}x at {ratio}"
+                           for ratio, p in predicted.items() if ratio != "model")
+        lines += ["", "The targets table judges the DRAM figures against the fastest dense: a model's weights are read "
+                  "once per token and do not stay cached from one token to the next, and from DRAM both dense paths "
+                  "run at the memory bandwidth (the ceilings' copy bandwidth). A single FFN timed in a loop stays in "
+                  "the CPU's last-level cache instead, where the in-place kernel streams faster than XLA's dense "
+                  f"matvec; against that faster dense the predicted path is {cached}."]
+    lines += ["", f"How far this carries: this model's ReLU fires for {m['natural_ratio']:.1%} of neurons at threshold 0 "
+              "on the held-out inputs; ratios above that use a negative FATReLU threshold (s 1[s > t], which passes "
+              "small negative values): a different function, the same work. Its FFN inputs are easy to predict: "
+              f"rank {m['rank']} holds {m['rank_energy']:.2%} of the held-out x W_up's energy, since a 256-symbol byte "
+              "vocabulary and 2 layers keep the residual stream near a low-dimensional subspace. Models with larger "
+              "vocabularies and more layers have higher-dimensional FFN inputs and need a higher rank (a larger "
+              "predictor cost) for the same recall; that is not measured here. The output is approximate (missed "
+              "neurons are dropped); the exact gather path above is not.", ""]
+    return lines
 
 
 def _x(ratio: float | None) -> str:
@@ -605,6 +694,8 @@ def to_markdown(result: dict, command: str) -> str:
                   "| perfect predictor, XLA | perfect predictor, PyTorch | perfect predictor, in place |",
                   "|---|---|---|---|---|---|---|---|"]
         for ratio, r in result["sparse_decode"].items():
+            if ratio == "predicted":
+                continue
             lines.append(f"| {ratio} | {r['dense_s'] * 1e6:.1f} | {r['sparse_s'] * 1e6:.1f} | {r['speedup']:.2f}x | "
                          f"{r['theoretical_speedup']:.2f}x | {_x(r.get('perfect_predictor_speedup'))} | "
                          f"{_x(r.get('torch_perfect_predictor_speedup'))} | {_x(r.get('in_place_predictor_speedup'))} |")
@@ -616,7 +707,8 @@ def to_markdown(result: dict, command: str) -> str:
                   "low-rank predictor), which skips W_up's inactive columns too, can lift that bound; the "
                   "perfect-predictor columns are its ceiling. Gathering the rows (XLA, PyTorch) writes a copy "
                   "before the product reads it; reading them in place does not. " + _ceiling_reading(result["sparse_decode"])
-                  + " No predictor is implemented yet: the targets stay unmet.", ""]
+                  + " The next table measures a real predictor.", ""]
+        lines += predicted_markdown(result["sparse_decode"].get("predicted", {}))
     if "compile" in result:
         lines += [f"First-step compile of the 8-layer dense transformer: {result['compile']['compile_s']:.1f} s.", ""]
     if "torch" in result:

@@ -19,12 +19,51 @@ def test_bench_smoke_suites_write_md_and_json(tmp_path, capsys):
     assert main(["bench", "--suite", "ceilings,sparse_decode,moe", "--scale", "smoke", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "bench_smoke.json").read_text())
     assert result["ceilings"]["matmul_float32_flops"] > 1e8
-    assert set(result["sparse_decode"]) == {"0.5", "0.25", "0.1", "0.05"}
-    for r in result["sparse_decode"].values():
+    sparse = result["sparse_decode"]
+    assert set(sparse) == {"0.5", "0.25", "0.1", "0.05", "predicted"}
+    for ratio in ("0.5", "0.25", "0.1", "0.05"):
+        r = sparse[ratio]
         assert r["theoretical_speedup"] > 1 and r["speedup"] > 0 and r["perfect_predictor_speedup"] > 0
         assert 0 < r["active"] <= r["budget"]
     md = (tmp_path / "bench_smoke.md").read_text()
     assert "cfm-jax bench --suite ceilings,sparse_decode,moe --scale smoke" in md and "| 0.25 |" in md
+    predicted = sparse["predicted"]
+    if "skipped" not in predicted:  # the C++ kernel built: the predicted path on a (briefly) trained FFN
+        assert predicted["model"]["train_steps"] == 5 and 0 < predicted["model"]["rank_energy"] <= 1 + 1e-6
+        for ratio in ("0.5", "0.25", "0.1", "0.05"):
+            p = predicted[ratio]
+            assert abs(p["timed_firing_ratio"] - float(ratio)) < 0.1 and 0 < p["recall"] <= 1
+            assert p["candidates_per_firing"] >= p["recall"] and p["speedup"] > 0 and p["output_error"] >= 0
+            assert p["dram"]["layers"] == 2 and p["dram"]["speedup"] > 0
+        assert "### Predicted active set, trained FFN" in md and "candidates per firing neuron" in md
+        assert "From DRAM" in md
+    rows = {row["target"]: row for row in bench.targets(result)}
+    sparse_rows = [row for target, row in rows.items() if target.startswith("sparse decode")]
+    assert len(sparse_rows) == 2 and all(isinstance(row["met"], bool) for row in sparse_rows)
+
+
+def test_sparse_targets_count_a_predicted_path_only_with_enough_recall():
+    exact = {"speedup": 1.5, "theoretical_speedup": 1.6, "in_place_predictor_speedup": 3.0}
+    model = {"model": {}}
+
+    def met(speedup, recall, dense_in_place=0.9, dram=None):
+        row = {"speedup": speedup, "recall": recall, "output_error": 0.01, "dense_in_place_speedup": dense_in_place}
+        if dram:  # (speedup over XLA's dense, the in-place dense's speedup over it), from DRAM
+            row["dram"] = {"layers": 16, "speedup": dram[0], "dense_in_place_speedup": dram[1]}
+        result = {"sparse_decode": {"0.25": exact, "0.1": exact, "predicted": {
+            **model, **{r: row for r in ("0.25", "0.1")}}}}
+        return [row["met"] for row in bench.targets(result) if row["target"].startswith("sparse decode")]
+
+    assert met(5.0, 0.995) == [True, True]
+    assert met(5.0, 0.95) == [False, False]  # fast but missing 5 % of firing neurons: not counted
+    assert met(3.0, 0.995) == [True, False]  # 3x meets 2.5x, not 4x
+    assert met(1.0, 1.0) == [False, False]
+    # The kernel reading every row beats XLA's dense FFN by 1.5x: only 5.0 / 1.5 = 3.3x is sparsity's.
+    assert met(5.0, 0.995, dense_in_place=1.5) == [True, False]
+    # Where measured from DRAM, that is what counts (against its own fastest dense).
+    assert met(5.0, 0.995, dram=(3.0, 1.0)) == [True, False]
+    assert met(2.0, 0.995, dram=(4.4, 1.05)) == [True, True]
+    assert met(5.0, 0.995, dram=(5.0, 2.5)) == [False, False]
 
 
 def test_active_rows_ffn_equals_the_dense_fatrelu_ffn():
@@ -165,3 +204,18 @@ def test_paired_rounds_keep_each_function_in_its_column_while_taking_turns():
     rounds = bench.paired_rounds(slow, fast, 4)
     assert calls == ["slow", "fast", "fast", "slow", "slow", "fast", "fast", "slow"]
     assert all(a > 0.015 > b for a, b in rounds)
+
+
+def test_balanced_lists_pad_with_minus_one_and_split_real_neurons_evenly():
+    from cfm_jax.bench_predictor import balanced_lists
+
+    mask = np.zeros((3, 10), bool)
+    mask[0, [1, 2, 3, 7]] = True
+    mask[1, [4]] = True
+    lists = np.asarray(balanced_lists(mask))
+    assert lists.shape == (3, 4)
+    for row, m in zip(lists, mask):
+        assert sorted(row[row >= 0].tolist()) == np.flatnonzero(m).tolist()
+        half = len(row) // 2
+        assert abs(int((row[:half] >= 0).sum()) - int((row[half:] >= 0).sum())) <= 1
+    assert (lists[2] == -1).all()

@@ -1,0 +1,160 @@
+"""`cfm-jax bench`'s predicted sparse-decode measurement: a low-rank active-set predictor
+(`cfm_jax.layers.active_predictor`) driving the in-place kernel (`cfm_jax.kernels.active_rows`), on
+an FFN that was trained, against the dense FFN, batch 1.
+
+A predictor needs a trained model: on random weights and inputs nothing is predictable. So this
+trains a small byte-level language model with the suite's FFN size (2 layers, ReLU `neuron_sparse`
+FFN) on the standard-library text for a few hundred steps, takes its last FFN, fits the predictor on
+FFN inputs from training text and measures it on inputs from the held-out files: recall, output
+error and latency over a set of held-out tokens, one token per call.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cfm_jax.config import resolve
+from cfm_jax.data import make_task
+from cfm_jax.kernels import active_rows
+from cfm_jax.layers.active_predictor import evaluate, ffn_inputs, fit_predictor, predicted_ffn_reference
+from cfm_jax.layers.neuron_sparse import fat_relu
+from cfm_jax.train import init_state, make_train_step
+
+RANK = 64  # predictor rank: (d + f) * 64 weights, 4 % of a d=1024, f=4096 FFN's
+RECALL = 0.999  # recall the margin is fitted for, on the fitting inputs
+
+
+def trained_ffn(d: int, f: int, steps: int, seed: int = 0) -> dict:
+    """Train the model; return its last FFN's W_up (d, f) and W_down (f, d), its inputs on training
+    text ("fit", (4096, d)) and held-out text ("held_out", (N, d)), and the final training loss."""
+    cfg = resolve("smoke", [f"model.d_model={d}", "model.n_layers=2", "model.ffn=neuron_sparse",
+                            f"model.ffn.d_ff={f}", "data.task=text", "data.seq_len=128", "train.batch_size=8",
+                            f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}", f"train.seed={seed}"])
+    task = make_task(cfg.data)
+    graphdef, state, tx, _ = init_state(cfg, task.vocab_size)
+    step_fn = make_train_step(graphdef, tx)
+    params, rest, opt = state["params"], state["rest"], state["opt_state"]
+    for step in range(steps):
+        params, rest, opt, metrics = step_fn(params, rest, opt, task.train_batch(seed, step, 8), step)
+    model = nnx.merge(graphdef, params, rest)
+    model.eval()
+    fit_tokens = np.concatenate([task.train_batch(seed + 1, i, 8)["inputs"] for i in range(4)])  # unseen windows
+    held_out = np.concatenate([b["inputs"] for b in task.eval_sets(8)["val"]])
+    last = cfg.model.n_layers - 1
+    ffn = model.blocks[last].ffn
+    return {"up": np.asarray(ffn.up.kernel[...]), "down": np.asarray(ffn.down.kernel[...]),
+            "fit": np.asarray(ffn_inputs(model, fit_tokens, last)), "held_out": np.asarray(ffn_inputs(model, held_out, last)),
+            "train_loss": float(metrics["ce"]) if steps else None, "steps": steps}
+
+
+def predicted_decode(d: int, f: int, steps: int, ratios, tokens: int, rounds: int, dram_layers: int = 0) -> dict:
+    """{ratio: measurements} for each activation ratio (the FATReLU threshold set to the fitting
+    inputs' (1 - ratio) quantile of x W_up), or {"skipped": why}. dram_layers > 0: also time both
+    paths over that many copies of the FFN per token (`from_dram`), an eighth of the tokens."""
+    if why := active_rows.available():
+        return {"skipped": why}
+    from cfm_jax.bench import paired_rounds
+
+    model = trained_ffn(d, f, steps)
+    up, down = model["up"], model["down"]
+    xs = jnp.asarray(model["held_out"][:: max(1, len(model["held_out"]) // tokens)][:tokens])  # (T, d), spread out
+    up_j, up_rows, down_j = jnp.asarray(up), jnp.asarray(up.T), jnp.asarray(down)
+    selector_fit = model["fit"] @ up
+    out = {"model": {"d_model": d, "d_ff": f, "layers": 2, "train_steps": steps, "train_loss": model["train_loss"],
+                     "fit_tokens": len(model["fit"]), "held_out_tokens": len(model["held_out"]), "timed_tokens": int(xs.shape[0]),
+                     "rank": RANK, "recall_target": RECALL,
+                     "natural_ratio": float(np.mean(model["held_out"] @ up > 0))}}
+    for ratio in ratios:
+        t = float(np.quantile(selector_fit, 1 - ratio))
+        pred = fit_predictor(model["fit"], up, t, RANK, RECALL)
+        if "rank_energy" not in out["model"]:  # share of ||S||^2 in the predictor's subspace (lift: orthonormal rows)
+            held_s = model["held_out"] @ up
+            out["model"]["rank_energy"] = float(np.sum((held_s @ pred.lift.T) ** 2) / np.sum(held_s**2))
+        quality = evaluate(pred, model["held_out"], up, down, t)
+        pred = jax.tree.map(jnp.asarray, pred)
+        dense = jax.jit(lambda xs, u, w, t=t: jax.lax.map(lambda x: fat_relu(x @ u, t) @ w, xs))
+        fast = jax.jit(lambda xs, p, u, w, t=t: jax.lax.map(
+            lambda x: active_rows.predicted_rows_ffn_in_place(x, p, u, w, t), xs))
+        reference = jax.jit(lambda xs, p, u, w, t=t: jax.lax.map(lambda x: predicted_ffn_reference(x, p, u, w, t), xs))
+        got = fast(xs, pred, up_rows, down_j)
+        if not np.allclose(got, reference(xs, pred, up_rows, down_j), rtol=1e-4, atol=1e-5):
+            raise RuntimeError("the predicted in-place FFN differs from its reference: the timing would mislead")
+        exact = dense(xs, up_j, down_j)
+        firing = np.asarray(xs @ up_j > t)
+        given = jax.jit(lambda xs, idx, u, w, t=t: jax.lax.map(
+            lambda a: active_rows.active_rows_ffn_in_place(a[0], u, w, a[1], t), (xs, idx)))
+        every = balanced_lists(np.ones_like(firing))
+        dense_in_place = jax.jit(lambda xs, idx, u, w: jax.lax.map(  # every row read and used: a dense FFN's work
+            lambda a: active_rows.active_rows_ffn_in_place(a[0], u, w, a[1], -np.inf), (xs, idx)))
+        others = {"predicted": (fast, pred), "perfect": (given, balanced_lists(firing)),
+                  "exact_in_place": (given, every), "dense_in_place": (dense_in_place, every)}
+        n = int(xs.shape[0])
+        row = {**quality, "threshold": t, "timed_output_error": float(jnp.linalg.norm(got - exact) / jnp.linalg.norm(exact)),
+               "timed_firing_ratio": float(firing.mean()), "predictor_weights_share": RANK * (d + f) / (2 * d * f)}
+        dense_times = []
+        for name, (fn, arg) in others.items():
+            run_dense, run_other = (lambda: jax.block_until_ready(dense(xs, up_j, down_j)),
+                                    lambda fn=fn, arg=arg: jax.block_until_ready(fn(xs, arg, up_rows, down_j)))
+            paired_rounds(run_dense, run_other, 2)  # warm-up
+            times = paired_rounds(run_dense, run_other, rounds)
+            dense_times += [r[0] for r in times]
+            row[f"{name}_s"] = statistics.median(r[1] for r in times) / n
+            row[f"{name}_speedup"] = statistics.median(r[0] / r[1] for r in times)
+            row[f"{name}_speedup_range"] = [min(r[0] / r[1] for r in times), max(r[0] / r[1] for r in times)]
+        row["dense_s"] = statistics.median(dense_times) / n
+        row["speedup"], row["speedup_range"] = row["predicted_speedup"], row["predicted_speedup_range"]
+        if dram_layers:
+            row["dram"] = from_dram(xs[: max(1, n // 8)], up, down, pred, t, dram_layers, rounds)
+        out[str(ratio)] = row
+    return out
+
+
+def from_dram(xs: jax.Array, up: np.ndarray, down: np.ndarray, pred, t: float, layers: int, rounds: int) -> dict:
+    """Dense vs predicted over `layers` distinct copies of the FFN per token, as a model's layers each
+    read once per token, so that (with enough copies) the weights cannot stay in the CPU caches
+    between tokens and every path streams from DRAM. Dense twice: XLA's, and the in-place kernel
+    reading every row. Per token and layer: {dense_s, dense_in_place_s, predicted_s}; speedups over
+    XLA's dense (medians of paired rounds) with their ranges; the copies' total weight bytes."""
+    from cfm_jax.bench import paired_rounds
+
+    copies = [(jnp.array(up), jnp.array(np.ascontiguousarray(up.T)), jnp.array(down)) for _ in range(layers)]
+    every = balanced_lists(np.ones((xs.shape[0], up.shape[1]), bool))
+    dense = jax.jit(lambda xs, ws: jax.lax.map(lambda x: sum(fat_relu(x @ u, t) @ w for u, _, w in ws), xs))
+    fast = jax.jit(lambda xs, ws, p: jax.lax.map(
+        lambda x: sum(active_rows.predicted_rows_ffn_in_place(x, p, rows, w, t) for _, rows, w in ws), xs))
+    dense_in_place = jax.jit(lambda xs, ws, idx: jax.lax.map(
+        lambda a: sum(active_rows.active_rows_ffn_in_place(a[0], rows, w, a[1], -np.inf) for _, rows, w in ws), (xs, idx)))
+    run_dense = lambda: jax.block_until_ready(dense(xs, copies))
+    per = int(xs.shape[0]) * layers
+    out = {"layers": layers, "weight_bytes": 2 * up.nbytes * layers, "tokens": int(xs.shape[0])}
+    dense_times = []
+    for name, run in (("predicted", lambda: jax.block_until_ready(fast(xs, copies, pred))),
+                      ("dense_in_place", lambda: jax.block_until_ready(dense_in_place(xs, copies, every)))):
+        paired_rounds(run_dense, run, 2)  # warm-up
+        times = paired_rounds(run_dense, run, rounds)
+        dense_times += [r[0] for r in times]
+        out[f"{name}_s"] = statistics.median(r[1] for r in times) / per
+        out[f"{name}_speedup"] = statistics.median(r[0] / r[1] for r in times)
+        out[f"{name}_speedup_range"] = [min(r[0] / r[1] for r in times), max(r[0] / r[1] for r in times)]
+    out["dense_s"] = statistics.median(dense_times) / per
+    out["speedup"], out["speedup_range"] = out["predicted_speedup"], out["predicted_speedup_range"]
+    return out
+
+
+def balanced_lists(mask: np.ndarray) -> jax.Array:
+    """(T, f) bool -> (T, K) int32 neuron indices per row, padded with -1 to the longest row. The padding
+    is split between the middle and the end, so the kernel's two threads (each taking half of a row's
+    list) get equal shares of real neurons."""
+    rows = [np.flatnonzero(m) for m in mask]
+    width = max(2, max(len(r) for r in rows) + 1) // 2 * 2
+    out = np.full((len(rows), width), -1, np.int32)
+    for i, r in enumerate(rows):
+        first = r[: len(r) // 2]
+        out[i, : len(first)] = first
+        out[i, width // 2: width // 2 + len(r) - len(first)] = r[len(first):]
+    return jnp.asarray(out)
