@@ -12,6 +12,7 @@ error and latency over a set of held-out tokens, one token per call.
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -88,10 +89,10 @@ def predicted_decode(d: int, f: int, steps: int, ratios, tokens: int, rounds: in
         firing = np.asarray(xs @ up_j > t)
         given = jax.jit(lambda xs, idx, u, w, t=t: jax.lax.map(
             lambda a: active_rows.active_rows_ffn_in_place(a[0], u, w, a[1], t), (xs, idx)))
-        every = balanced_lists(np.ones_like(firing))
+        every = padded_lists(np.ones_like(firing))
         dense_in_place = jax.jit(lambda xs, idx, u, w: jax.lax.map(  # every row read and used: a dense FFN's work
             lambda a: active_rows.active_rows_ffn_in_place(a[0], u, w, a[1], -np.inf), (xs, idx)))
-        others = {"predicted": (fast, pred), "perfect": (given, balanced_lists(firing)),
+        others = {"predicted": (fast, pred), "perfect": (given, padded_lists(firing)),
                   "exact_in_place": (given, every), "dense_in_place": (dense_in_place, every)}
         n = int(xs.shape[0])
         row = {**quality, "threshold": t, "timed_output_error": float(jnp.linalg.norm(got - exact) / jnp.linalg.norm(exact)),
@@ -115,26 +116,38 @@ def predicted_decode(d: int, f: int, steps: int, ratios, tokens: int, rounds: in
 
 
 def from_dram(xs: jax.Array, up: np.ndarray, down: np.ndarray, pred, t: float, layers: int, rounds: int) -> dict:
-    """Dense vs predicted over `layers` distinct copies of the FFN per token, as a model's layers each
-    read once per token, so that (with enough copies) the weights cannot stay in the CPU caches
-    between tokens and every path streams from DRAM. Dense twice: XLA's, and the in-place kernel
-    reading every row. Per token and layer: {dense_s, dense_in_place_s, predicted_s}; speedups over
-    XLA's dense (medians of paired rounds) with their ranges; the copies' total weight bytes."""
+    """Dense vs predicted over `layers` distinct copies of the FFN (and of its predictor) per token, as
+    a model's layers each read once per token, so that (with enough copies) neither weights nor
+    predictors stay in the CPU caches between tokens and every path streams from DRAM. Dense twice:
+    XLA's, and the in-place kernel reading every row. Each layer's input depends on the one before
+    (x + 1e-30 y: the same values, but no two layers can run at once). Per token and layer: {dense_s,
+    dense_in_place_s, predicted_s}; speedups over XLA's dense (medians of paired rounds) with their
+    ranges; the bytes each path reads per token and the last-level cache size."""
     from cfm_jax.bench import paired_rounds
 
     copies = [(jnp.array(up), jnp.array(np.ascontiguousarray(up.T)), jnp.array(down)) for _ in range(layers)]
-    every = balanced_lists(np.ones((xs.shape[0], up.shape[1]), bool))
-    dense = jax.jit(lambda xs, ws: jax.lax.map(lambda x: sum(fat_relu(x @ u, t) @ w for u, _, w in ws), xs))
-    fast = jax.jit(lambda xs, ws, p: jax.lax.map(
-        lambda x: sum(active_rows.predicted_rows_ffn_in_place(x, p, rows, w, t) for _, rows, w in ws), xs))
-    dense_in_place = jax.jit(lambda xs, ws, idx: jax.lax.map(
-        lambda a: sum(active_rows.active_rows_ffn_in_place(a[0], rows, w, a[1], -np.inf) for _, rows, w in ws), (xs, idx)))
+    preds = [jax.tree.map(jnp.array, pred) for _ in range(layers)]
+    every = padded_lists(np.ones((xs.shape[0], up.shape[1]), bool))
+
+    def through_layers(ffn_of_layer):
+        def token(x):
+            for layer in range(layers):
+                x = x + 1e-30 * ffn_of_layer(layer, x)  # a data dependence, not a change of x
+            return x
+        return token
+
+    dense = jax.jit(lambda xs, ws: jax.lax.map(through_layers(lambda i, x: fat_relu(x @ ws[i][0], t) @ ws[i][2]), xs))
+    fast = jax.jit(lambda xs, ws, ps: jax.lax.map(through_layers(
+        lambda i, x: active_rows.predicted_rows_ffn_in_place(x, ps[i], ws[i][1], ws[i][2], t)), xs))
+    dense_in_place = jax.jit(lambda xs, ws, idx: jax.lax.map(through_layers(
+        lambda i, x: active_rows.active_rows_ffn_in_place(x, ws[i][1], ws[i][2], idx, -np.inf)), xs))
     run_dense = lambda: jax.block_until_ready(dense(xs, copies))
     per = int(xs.shape[0]) * layers
-    out = {"layers": layers, "weight_bytes": 2 * up.nbytes * layers, "tokens": int(xs.shape[0])}
+    out = {"layers": layers, "weight_bytes": 2 * up.nbytes * layers, "last_level_cache_bytes": last_level_cache_bytes(),
+           "tokens": int(xs.shape[0])}
     dense_times = []
-    for name, run in (("predicted", lambda: jax.block_until_ready(fast(xs, copies, pred))),
-                      ("dense_in_place", lambda: jax.block_until_ready(dense_in_place(xs, copies, every)))):
+    for name, run in (("predicted", lambda: jax.block_until_ready(fast(xs, copies, preds))),
+                      ("dense_in_place", lambda: jax.block_until_ready(dense_in_place(xs, copies, every[0])))):
         paired_rounds(run_dense, run, 2)  # warm-up
         times = paired_rounds(run_dense, run, rounds)
         dense_times += [r[0] for r in times]
@@ -146,15 +159,24 @@ def from_dram(xs: jax.Array, up: np.ndarray, down: np.ndarray, pred, t: float, l
     return out
 
 
-def balanced_lists(mask: np.ndarray) -> jax.Array:
-    """(T, f) bool -> (T, K) int32 neuron indices per row, padded with -1 to the longest row. The padding
-    is split between the middle and the end, so the kernel's two threads (each taking half of a row's
-    list) get equal shares of real neurons."""
+def last_level_cache_bytes() -> int | None:
+    """The largest CPU cache's size (Linux sysfs), or None where it cannot be read."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes) if sizes else None
+
+
+def padded_lists(mask: np.ndarray) -> jax.Array:
+    """(T, f) bool -> (T, K) int32: each row's set neuron indices, padded with -1 (ignored by the
+    kernel) to the longest row's count."""
     rows = [np.flatnonzero(m) for m in mask]
-    width = max(2, max(len(r) for r in rows) + 1) // 2 * 2
-    out = np.full((len(rows), width), -1, np.int32)
+    out = np.full((len(rows), max(1, max(len(r) for r in rows))), -1, np.int32)
     for i, r in enumerate(rows):
-        first = r[: len(r) // 2]
-        out[i, : len(first)] = first
-        out[i, width // 2: width // 2 + len(r) - len(first)] = r[len(first):]
+        out[i, : len(r)] = r
     return jnp.asarray(out)

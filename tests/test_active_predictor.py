@@ -40,6 +40,19 @@ def test_fit_reaches_its_recall_on_held_out_low_rank_inputs_with_few_extra_candi
     assert np.all(more.cut <= pred.cut) and evaluate(more, held_out, up, down, threshold)["recall"] >= q["recall"]
 
 
+def test_fewer_samples_than_dimensions_fit_the_same_way():
+    """N <= d: the SVD of S itself instead of the smaller one through X's QR; same subspace, so the
+    same scores, whichever path a sample count takes."""
+    d, f = 64, 128
+    x = low_rank_inputs(64, d, 6, seed=5)
+    up = np.random.default_rng(6).normal(size=(d, f)).astype(np.float32)
+    t = float(np.quantile(x @ up, 0.7))
+    square = fit_predictor(x, up, t, rank=6)  # N == d: S's own SVD
+    tall = fit_predictor(np.concatenate([x, x]), up, t, rank=6)  # N > d: through the QR (same rows twice)
+    np.testing.assert_allclose(predicted_scores(square, x), predicted_scores(tall, x), rtol=1e-3, atol=1e-3)
+    assert evaluate(square, x, up, up.T, t)["recall"] >= 0.999 - 1e-3
+
+
 def test_unpredictable_inputs_cost_candidates_not_silent_misses():
     """Full-rank random inputs and a rank far below d: the margin needed for the recall flags most
     neurons, so the predictor saves little, and evaluate says so."""
@@ -77,7 +90,7 @@ def test_evaluate_extremes_and_the_reference_semantics():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(rank=0), "rank=0"), (dict(rank=500), "rank=500"), (dict(recall=0.0), "recall=0.0"),
+    (dict(rank=0), "rank=0"), (dict(rank=500), "rank=500"), (dict(rank=9), r"rank=9 .*\[1, 8\]"), (dict(recall=0.0), "recall=0.0"),
     (dict(recall=1.5), "recall=1.5"), (dict(threshold=1e9), "no neuron fires"),
 ])
 def test_fit_refuses_bad_settings_in_one_line(kwargs, message):
@@ -98,7 +111,8 @@ def _kernel():
     return active_rows
 
 
-@pytest.mark.parametrize("d,f,r,keep", [(40, 96, 8, 0.3), (64, 256, 16, 0.05), (17, 33, 5, 1.0), (33, 70, 19, 0.0)])
+@pytest.mark.parametrize("d,f,r,keep", [(40, 96, 8, 0.3), (64, 256, 16, 0.05), (17, 33, 5, 1.0), (33, 70, 19, 0.0),
+                                        (24, 2048, 8, 0.25)])  # the last: 16 chunks of neurons
 def test_in_place_predicted_rows_match_the_reference(d, f, r, keep):
     """Kernel == plain-JAX reference, with d and r not multiples of the 16-lane vectors, an odd f,
     every neuron a candidate, and none."""
@@ -122,8 +136,7 @@ def test_in_place_predicted_rows_match_the_reference(d, f, r, keep):
 
 def test_in_place_kernel_under_jit_scan_and_concurrent_callers():
     """Inside a jitted lax.map (as the benchmark times it), and from two Python threads at once (calls
-    share XLA's thread pool; a call whose second half no pool thread has started runs it itself): same
-    results."""
+    share XLA's thread pool; a call runs the chunks no pool thread has taken itself): same results."""
     kernel = _kernel()
     d, f, r = 48, 160, 8
     ks = jax.random.split(jax.random.key(7), 5)
@@ -195,3 +208,24 @@ def test_kernels_build_wherever_a_compiler_exists(module):
     if jax.default_backend() != "cpu" or build.compiler() is None:
         pytest.skip("no CPU backend or no C++ compiler here")
     assert importlib.import_module(f"cfm_jax.kernels.{module}").available() is None
+
+
+def test_in_place_given_rows_over_many_chunks_with_padding():
+    """cfm_active_rows with lists long enough to be cut into 16 chunks, -1 padding and stray indices
+    inside: equals the dense FATReLU FFN over the listed neurons, bit-identically on repeated calls."""
+    kernel = _kernel()
+    from cfm_jax.bench import active_rows_ffn
+
+    d, f = 33, 3000
+    ks = jax.random.split(jax.random.key(11), 3)
+    x, up_rows, down = (jax.random.normal(ks[0], (d,)), jax.random.normal(ks[1], (f, d)),
+                        jax.random.normal(ks[2], (f, d)))
+    active = np.flatnonzero(np.asarray(up_rows @ x) > 0.3)
+    assert len(active) > 16 * 32
+    listed = np.concatenate([active[:300], [-1, f + 5, -7], active[300:], np.full(40, -1)]).astype(np.int32)
+    got = kernel.active_rows_ffn_in_place(x, up_rows, down, jnp.asarray(listed), 0.3)
+    expected = active_rows_ffn(x, up_rows, down, jnp.asarray(active), 0.3)
+    # ~1500 float32 terms summed in another order: rounding grows with the partial sums' size (~400 here)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
+    for _ in range(5):
+        np.testing.assert_array_equal(kernel.active_rows_ffn_in_place(x, up_rows, down, jnp.asarray(listed), 0.3), got)

@@ -55,8 +55,9 @@ def fit_predictor(inputs, selector, threshold: float, rank: int, recall: float =
     w = np.asarray(selector, np.float64)
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise UserError(f"fit_predictor takes inputs (N, d) and selector (d, f), got {x.shape} and {w.shape}")
-    if not 1 <= rank <= min(x.shape[0], w.shape[1]):
-        raise UserError(f"predictor rank={rank} must be in [1, min(samples, d_ff)] = [1, {min(x.shape[0], w.shape[1])}]")
+    most = min(x.shape[0], *w.shape)  # S = X W has at most this rank
+    if not 1 <= rank <= most:
+        raise UserError(f"predictor rank={rank} must be in [1, min(samples, d_model, d_ff)] = [1, {most}]")
     if not 0 < recall <= 1:
         raise UserError(f"predictor recall={recall} must be in (0, 1]")
     s = x @ w  # (N, f)
