@@ -59,8 +59,6 @@ def predicted_decode(d: int, f: int, steps: int, ratios, tokens: int, rounds: in
     paths over that many copies of the FFN per token (`from_dram`), an eighth of the tokens."""
     if why := active_rows.available():
         return {"skipped": why}
-    from cfm_jax.bench import paired_rounds
-
     model = trained_ffn(d, f, steps)
     up, down = model["up"], model["down"]
     xs = jnp.asarray(model["held_out"][:: max(1, len(model["held_out"]) // tokens)][:tokens])  # (T, d), spread out
@@ -97,18 +95,9 @@ def predicted_decode(d: int, f: int, steps: int, ratios, tokens: int, rounds: in
         n = int(xs.shape[0])
         row = {**quality, "threshold": t, "timed_output_error": float(jnp.linalg.norm(got - exact) / jnp.linalg.norm(exact)),
                "timed_firing_ratio": float(firing.mean()), "predictor_weights_share": RANK * (d + f) / (2 * d * f)}
-        dense_times = []
-        for name, (fn, arg) in others.items():
-            run_dense, run_other = (lambda: jax.block_until_ready(dense(xs, up_j, down_j)),
-                                    lambda fn=fn, arg=arg: jax.block_until_ready(fn(xs, arg, up_rows, down_j)))
-            paired_rounds(run_dense, run_other, 2)  # warm-up
-            times = paired_rounds(run_dense, run_other, rounds)
-            dense_times += [r[0] for r in times]
-            row[f"{name}_s"] = statistics.median(r[1] for r in times) / n
-            row[f"{name}_speedup"] = statistics.median(r[0] / r[1] for r in times)
-            row[f"{name}_speedup_range"] = [min(r[0] / r[1] for r in times), max(r[0] / r[1] for r in times)]
-        row["dense_s"] = statistics.median(dense_times) / n
-        row["speedup"], row["speedup_range"] = row["predicted_speedup"], row["predicted_speedup_range"]
+        row.update(against_dense(lambda: jax.block_until_ready(dense(xs, up_j, down_j)), {
+            name: lambda fn=fn, arg=arg: jax.block_until_ready(fn(xs, arg, up_rows, down_j))
+            for name, (fn, arg) in others.items()}, rounds, n))
         if dram_layers:
             row["dram"] = from_dram(xs[: max(1, n // 8)], up, down, pred, t, dram_layers, rounds)
         out[str(ratio)] = row
@@ -123,8 +112,6 @@ def from_dram(xs: jax.Array, up: np.ndarray, down: np.ndarray, pred, t: float, l
     (x + 1e-30 y: the same values, but no two layers can run at once). Per token and layer: {dense_s,
     dense_in_place_s, predicted_s}; speedups over XLA's dense (medians of paired rounds) with their
     ranges; the bytes each path reads per token and the last-level cache size."""
-    from cfm_jax.bench import paired_rounds
-
     copies = [(jnp.array(up), jnp.array(np.ascontiguousarray(up.T)), jnp.array(down)) for _ in range(layers)]
     preds = [jax.tree.map(jnp.array, pred) for _ in range(layers)]
     every = padded_lists(np.ones((xs.shape[0], up.shape[1]), bool))
@@ -145,9 +132,19 @@ def from_dram(xs: jax.Array, up: np.ndarray, down: np.ndarray, pred, t: float, l
     per = int(xs.shape[0]) * layers
     out = {"layers": layers, "weight_bytes": 2 * up.nbytes * layers, "last_level_cache_bytes": last_level_cache_bytes(),
            "tokens": int(xs.shape[0])}
-    dense_times = []
-    for name, run in (("predicted", lambda: jax.block_until_ready(fast(xs, copies, preds))),
-                      ("dense_in_place", lambda: jax.block_until_ready(dense_in_place(xs, copies, every[0])))):
+    return {**out, **against_dense(run_dense, {
+        "predicted": lambda: jax.block_until_ready(fast(xs, copies, preds)),
+        "dense_in_place": lambda: jax.block_until_ready(dense_in_place(xs, copies, every[0]))}, rounds, per)}
+
+
+def against_dense(run_dense, others: dict, rounds: int, per: int) -> dict:
+    """Each of `others` (name -> a call) in paired rounds with run_dense, after two warm-up rounds.
+    Seconds are per call / per: {NAME_s, NAME_speedup (median of the rounds' dense / NAME),
+    NAME_speedup_range, dense_s (median over all rounds)}, and speedup / speedup_range = predicted's."""
+    from cfm_jax.bench import paired_rounds
+
+    out, dense_times = {}, []
+    for name, run in others.items():
         paired_rounds(run_dense, run, 2)  # warm-up
         times = paired_rounds(run_dense, run, rounds)
         dense_times += [r[0] for r in times]
