@@ -63,17 +63,17 @@ def predicted_decode(d: int, f: int, steps: int, ratios, tokens: int, rounds: in
     up, down = model["up"], model["down"]
     xs = jnp.asarray(model["held_out"][:: max(1, len(model["held_out"]) // tokens)][:tokens])  # (T, d), spread out
     up_j, up_rows, down_j = jnp.asarray(up), jnp.asarray(up.T), jnp.asarray(down)
-    selector_fit = model["fit"] @ up
+    selector_fit, selector_held_out = model["fit"] @ up, model["held_out"] @ up
+    n = int(xs.shape[0])
     out = {"model": {"d_model": d, "d_ff": f, "layers": 2, "train_steps": steps, "train_loss": model["train_loss"],
-                     "fit_tokens": len(model["fit"]), "held_out_tokens": len(model["held_out"]), "timed_tokens": int(xs.shape[0]),
-                     "rank": RANK, "recall_target": RECALL,
-                     "natural_ratio": float(np.mean(model["held_out"] @ up > 0))}}
+                     "fit_tokens": len(model["fit"]), "held_out_tokens": len(model["held_out"]), "timed_tokens": n,
+                     "rank": RANK, "recall_target": RECALL, "natural_ratio": float(np.mean(selector_held_out > 0))}}
+    every = padded_lists(np.ones((n, f), bool))
+    dense_in_place = jax.jit(lambda xs, idx, u, w: jax.lax.map(  # every row read and used: a dense FFN's work
+        lambda a: active_rows.active_rows_ffn_in_place(a[0], u, w, a[1], -np.inf), (xs, idx)))
     for ratio in ratios:
         t = float(np.quantile(selector_fit, 1 - ratio))
         pred = fit_predictor(model["fit"], up, t, RANK, RECALL)
-        if "rank_energy" not in out["model"]:  # share of ||S||^2 in the predictor's subspace (lift: orthonormal rows)
-            held_s = model["held_out"] @ up
-            out["model"]["rank_energy"] = float(np.sum((held_s @ pred.lift.T) ** 2) / np.sum(held_s**2))
         quality = evaluate(pred, model["held_out"], up, down, t)
         pred = jax.tree.map(jnp.asarray, pred)
         dense = jax.jit(lambda xs, u, w, t=t: jax.lax.map(lambda x: fat_relu(x @ u, t) @ w, xs))
@@ -87,12 +87,8 @@ def predicted_decode(d: int, f: int, steps: int, ratios, tokens: int, rounds: in
         firing = np.asarray(xs @ up_j > t)
         given = jax.jit(lambda xs, idx, u, w, t=t: jax.lax.map(
             lambda a: active_rows.active_rows_ffn_in_place(a[0], u, w, a[1], t), (xs, idx)))
-        every = padded_lists(np.ones_like(firing))
-        dense_in_place = jax.jit(lambda xs, idx, u, w: jax.lax.map(  # every row read and used: a dense FFN's work
-            lambda a: active_rows.active_rows_ffn_in_place(a[0], u, w, a[1], -np.inf), (xs, idx)))
         others = {"predicted": (fast, pred), "perfect": (given, padded_lists(firing)),
                   "exact_in_place": (given, every), "dense_in_place": (dense_in_place, every)}
-        n = int(xs.shape[0])
         row = {**quality, "threshold": t, "timed_output_error": float(jnp.linalg.norm(got - exact) / jnp.linalg.norm(exact)),
                "timed_firing_ratio": float(firing.mean()), "predictor_weights_share": RANK * (d + f) / (2 * d * f)}
         row.update(against_dense(lambda: jax.block_until_ready(dense(xs, up_j, down_j)), {
@@ -101,6 +97,9 @@ def predicted_decode(d: int, f: int, steps: int, ratios, tokens: int, rounds: in
         if dram_layers:
             row["dram"] = from_dram(xs[: max(1, n // 8)], up, down, pred, t, dram_layers, rounds)
         out[str(ratio)] = row
+    # Share of ||S||^2 in the predictor's subspace (lift: orthonormal rows). The subspace depends on S
+    # only, not on the threshold: the same for every ratio.
+    out["model"]["rank_energy"] = float(np.sum((selector_held_out @ np.asarray(pred.lift).T) ** 2) / np.sum(selector_held_out**2))
     return out
 
 

@@ -92,8 +92,13 @@ static void chunked(ffi::ThreadPool& pool, int64_t count, Fn& fn) {
   while (state->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
 }
 
-// y (d,) = sum of the chunks' partial sums (partial: (chunks, d)), in chunk order.
-static void add_chunks(const std::vector<float>& partial, int64_t chunks, int64_t d, float* y) {
+// y (d,) = the sum over c in [0, chunks) of part(c, out), each writing its partial sum into its own
+// out (d,), the chunks run by `chunked` and their sums added in chunk order.
+template <typename Part>
+static void sum_of_chunks(ffi::ThreadPool& pool, int64_t chunks, int64_t d, float* y, Part part) {
+  std::vector<float> partial(chunks * d);
+  auto one = [&](int64_t c) { part(c, partial.data() + c * d); };
+  chunked(pool, chunks, one);
   std::fill(y, y + d, 0.0f);
   for (int64_t c = 0; c < chunks; ++c)
     for (int64_t j = 0; j < d; ++j) y[j] += partial[c * d + j];
@@ -114,14 +119,11 @@ static ffi::Error ActiveRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
     return ffi::Error::InvalidArgument("cfm_active_rows: x (d,), up_rows and down (f, d), y (d,) expected");
   const int64_t d = x.element_count(), f = up.dimensions()[0], K = active.element_count();
   const int64_t chunks = std::max<int64_t>(1, std::min(kChunks, K / 32));  // at least 32 neurons per chunk
-  std::vector<float> partial(chunks * d);
-  auto chunk = [&](int64_t c) {
+  sum_of_chunks(pool, chunks, d, y->typed_data(), [&](int64_t c, float* out) {
     const int64_t begin = K * c / chunks, end = K * (c + 1) / chunks;
     rows(x.typed_data(), up.typed_data(), down.typed_data(), active.typed_data() + begin, end - begin, d, f, threshold,
-         partial.data() + c * d);
-  };
-  chunked(pool, chunks, chunk);
-  add_chunks(partial, chunks, d, y->typed_data());
+         out);
+  });
   return ffi::Error::Success();
 }
 
@@ -141,8 +143,7 @@ static ffi::Error PredictedRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, f
   // candidates' rows. Neuron indices carry no meaning (a random init), so chunks get about equal
   // shares of the firing neurons, and the two threads take chunks as they finish.
   const int64_t chunks = std::max<int64_t>(1, std::min(kChunks, f / 64));
-  std::vector<float> partial(chunks * d);
-  auto chunk = [&](int64_t c) {
+  sum_of_chunks(pool, chunks, d, y->typed_data(), [&](int64_t c, float* out) {
     const int64_t begin = f * c / chunks, end = f * (c + 1) / chunks;
     std::vector<float> p(end - begin, 0.0f);  // estimated pre-activations: sum_k z[k] lift[k]
     for (int64_t k = 0; k < r; ++k) axpy(z[k], lift.typed_data() + k * f + begin, p.data(), end - begin);
@@ -150,10 +151,8 @@ static ffi::Error PredictedRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, f
     for (int64_t i = begin; i < end; ++i)
       if (p[i - begin] > cut.typed_data()[i]) candidates.push_back(int32_t(i));
     rows(x.typed_data(), up.typed_data(), down.typed_data(), candidates.data(), int64_t(candidates.size()), d, f,
-         threshold, partial.data() + c * d);
-  };
-  chunked(pool, chunks, chunk);
-  add_chunks(partial, chunks, d, y->typed_data());
+         threshold, out);
+  });
   return ffi::Error::Success();
 }
 
