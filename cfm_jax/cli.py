@@ -3,6 +3,7 @@
     cfm-jax train --workdir runs/a --scale smoke model.ffn=dense model.ffn.activation=relu
     cfm-jax eval --workdir runs/a
     cfm-jax sweep quickstart --scale smoke && cfm-jax report quickstart --scale smoke
+    cfm-jax report quickstart --scale smoke   # from the committed run records, no training
     cfm-jax list
 
 Bad input (unknown kind or key, wrong type, impossible shape, missing path) prints one line on
@@ -56,12 +57,15 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("experiment", help="name in experiments/ or path to an experiment .py file")
         s.add_argument("--scale", default="cpu", choices=list(SCALES))
         s.add_argument("--runs-dir", type=Path, default=Path("runs"), help="root of the cells' workdirs")
+        s.add_argument("--results-dir", type=Path, default=None,
+                       help="tables and committed run records (default: experiments/results)")
         if name == "sweep":
+            s.add_argument("--retrain", action="store_true", help="train cells whose committed run record matches too")
             s.add_argument("--no-progress", action="store_true")
             s.add_argument("--workers", type=int, default=1, help="cells trained in parallel processes")
             s.add_argument("--shard", default="0/1", help="i/n: run every n-th cell from i (split across machines)")
         else:
-            s.add_argument("--results-dir", type=Path, default=None, help="default: experiments/results")
+            s.add_argument("--force", action="store_true", help="replace an existing table even with runs missing")
 
     b = sub.add_parser("bench", help="speed / memory benchmarks -> experiments/results/bench[_SCALE].md/.json")
     b.add_argument("--suite", default="all",
@@ -95,11 +99,12 @@ def _run(args: argparse.Namespace) -> int:
         result = evaluate(args.workdir, ANALYSES if analyses == ["all"] else tuple(analyses))
         print(json.dumps({"step": result["step"], "params_total": result["params_total"], **result["metrics"]}, indent=2))
     elif args.command == "sweep":
-        from cfm_jax.harness.experiments import load_experiment
+        from cfm_jax.harness.experiments import experiments_dir, load_experiment
         from cfm_jax.harness.sweep import parse_shard, sweep
 
         failed = sweep(load_experiment(args.experiment), args.scale, args.runs_dir, progress=not args.no_progress,
-                       workers=args.workers, shard=parse_shard(args.shard))
+                       workers=args.workers, shard=parse_shard(args.shard),
+                       results_dir=args.results_dir or experiments_dir() / "results", retrain=args.retrain)
         if failed:
             print(f"error: {len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)
             return EXIT_FAILED
@@ -108,7 +113,7 @@ def _run(args: argparse.Namespace) -> int:
         from cfm_jax.harness.report import report
 
         results_dir = args.results_dir or experiments_dir() / "results"
-        path, table = report(load_experiment(args.experiment), args.scale, args.runs_dir, results_dir)
+        path, table = report(load_experiment(args.experiment), args.scale, args.runs_dir, results_dir, force=args.force)
         print(table)
         print(f"wrote {path} and {path.with_suffix('.csv')}", file=sys.stderr)
     elif args.command == "bench":

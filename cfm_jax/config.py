@@ -112,6 +112,7 @@ class TrainConfig:
     mesh: str = ""  # device mesh, e.g. "data:4,expert:2" (axes: data, expert); "" = one device
     fsdp: bool = False  # with a mesh: also shard dense weight matrices (and their Adam moments) over `data`
     skip_nonfinite: bool = False  # skip (do not apply) steps whose loss or gradient is not finite, instead of stopping
+    eval_every: int = 0  # every this many steps, validation loss/accuracy into metrics.jsonl as "eval/SET/NAME" (0 = off)
 
     def validate(self) -> None:
         _positive(self, "steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints")
@@ -119,6 +120,8 @@ class TrainConfig:
             raise UserError(f"train.lr={self.lr} must be > 0")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise UserError("train.warmup_steps, train.weight_decay and train.grad_clip must be >= 0")
+        if self.eval_every < 0:
+            raise UserError(f"train.eval_every={self.eval_every} must be >= 0 (0 = no validation during training)")
         if not (0 <= self.min_lr_ratio <= 1 and 0 <= self.b1 < 1 and 0 <= self.b2 < 1):
             raise UserError("train.min_lr_ratio must be in [0, 1]; train.b1, train.b2 in [0, 1)")
         from cfm_jax.sharding import parse_mesh

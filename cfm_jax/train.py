@@ -137,6 +137,7 @@ def train(cfg: Config, workdir: Path, progress: bool = True, reconfigure: bool =
         return last
 
     step_fn = make_train_step(graphdef, tx, skip_nonfinite=tc.skip_nonfinite)
+    validate = make_validation(graphdef, task, cfg) if tc.eval_every else None
     place = (lambda b: global_batch(b, mesh)) if mesh is not None else (lambda b: b)
     tokens_per_step = tc.batch_size * cfg.data.seq_len
     bar = tqdm(total=tc.steps, initial=start, desc=workdir.name, disable=not (progress and writer), dynamic_ncols=True)
@@ -157,7 +158,8 @@ def train(cfg: Config, workdir: Path, progress: bool = True, reconfigure: bool =
                         raise TrainingDiverged(_diverged_message(done, metrics, ckpt.latest_step(), workdir))
                     skipped += 1  # the step function left parameters and optimizer state unchanged
                 bar.update(1)
-                if done % tc.log_every == 0 or done == tc.steps:
+                evaluating = validate is not None and (done % tc.eval_every == 0 or done == tc.steps)
+                if done % tc.log_every == 0 or done == tc.steps or evaluating:
                     bar.set_postfix(loss=f"{loss:.4f}")
                     last = {
                         "step": done, "loss": loss, "lr": float(schedule(step)), "tokens": done * tokens_per_step,
@@ -166,6 +168,8 @@ def train(cfg: Config, workdir: Path, progress: bool = True, reconfigure: bool =
                     }
                     if tc.skip_nonfinite:
                         last["skipped_steps"] = skipped
+                    if evaluating:
+                        last.update(validate(state["params"], state["rest"]))
                     if writer:
                         wd.append_metrics(workdir, last)
                 if done % tc.checkpoint_every == 0 or done == tc.steps:
@@ -175,6 +179,25 @@ def train(cfg: Config, workdir: Path, progress: bool = True, reconfigure: bool =
         bar.close()
         ckpt.close()
     return last
+
+
+def make_validation(graphdef, task, cfg: Config):
+    """`train.eval_every`: fn(params, rest) -> {"eval/SET/loss", "eval/SET/accuracy", ...} on the
+    task's evaluation set at the training length (text: "val"; synthetic tasks: "lenL", L = seq_len,
+    else the first set), in evaluation mode. The keys' "eval/" prefix tells them from training values
+    in metrics.jsonl; `cfm-jax report` draws the curves from them."""
+    from cfm_jax.harness.evaluate import evaluate_sets
+
+    sets = task.eval_sets(cfg.train.batch_size)
+    name = f"len{cfg.data.seq_len}" if f"len{cfg.data.seq_len}" in sets else next(iter(sets))
+
+    def validate(params, rest) -> dict:
+        model = nnx.merge(graphdef, params, rest)
+        model.eval()
+        results, _ = evaluate_sets(model, task, {name: sets[name]})
+        return {f"eval/{name}/{k}": float(v) for k, v in results[name].items() if k != "tokens"}
+
+    return validate
 
 
 def _diverged_message(step: int, metrics: dict, kept: int | None, workdir: Path) -> str:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import tempfile
 from pathlib import Path
 
 import jax
 
 from cfm_jax import config as config_lib
+from cfm_jax import provenance
 from cfm_jax.config import Config
 from cfm_jax.errors import UserError
 
@@ -18,7 +18,7 @@ CONFIG, METRICS, EVAL, CHECKPOINTS = "config.json", "metrics.jsonl", "eval.json"
 # Fields that may change between invocations on one workdir without changing what is trained so far.
 RESUMABLE_KEYS = (
     "train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.mesh", "train.fsdp", "train.skip_nonfinite",
+    "train.mesh", "train.fsdp", "train.skip_nonfinite", "train.eval_every",
 )
 
 
@@ -35,23 +35,6 @@ def write_atomic(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def git_commit() -> str:
-    """The commit of the checkout this package runs from ('unknown' outside git)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
-            capture_output=True, text=True, timeout=10,
-        )
-        if out.returncode:
-            return "unknown"
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def load_config(workdir: Path) -> Config:
@@ -80,11 +63,13 @@ def check_compatible(workdir: Path, cfg: Config) -> None:
 
 
 def save_config(workdir: Path, cfg: Config) -> None:
+    """config.json: the resolved config and the provenance of this invocation (cfm_jax.provenance)."""
+    prov = provenance.provenance(cfg)
     write_json(
         Path(workdir) / CONFIG,
         {
-            "config": config_lib.to_dict(cfg), "git_commit": git_commit(), "jax_version": jax.__version__,
-            "device": f"{jax.default_backend()}: {jax.devices()[0].device_kind}",
+            "config": config_lib.to_dict(cfg), "git_commit": provenance.commit_label(prov),
+            "jax_version": jax.__version__, "device": f"{prov['backend']}: {prov['device']}", "provenance": prov,
         },
     )
 

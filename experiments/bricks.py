@@ -37,7 +37,7 @@ def plot(table, path):
                   ylabel="text loss / unpruned text loss", title="cross-pruning (bricks)")
 
 
-def reading(table):
+def reading(table, tests=()):
     out = []
     for r in table:
         if r.get("bricks/prune_loss_ratio/text/text") is None:

@@ -37,7 +37,7 @@ def plot(table, path):
                   ylabel="active neurons per layer (MoE: routed expert neurons)", title="dynamic activation")
 
 
-def reading(table):
+def reading(table, tests=()):
     out = []
     for r in table:
         rho = r.get("dynamic/text/spearman")

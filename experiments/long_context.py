@@ -109,7 +109,7 @@ def _verdict(a: float, b: float) -> str:
     return "agrees" if a > b + 0.05 else ("disagrees" if a < b - 0.05 else "tie")
 
 
-def reading(table):
+def reading(table, tests=()):
     runs = {}  # (mixer, task) -> ({length: accuracy}, effective length)
     windows = {m.group(1) for r in table if (m := re.search(r"model\.mixer\.window=(\d+)", r.get("command", "")))}
     for r in table:

@@ -53,7 +53,7 @@ def plot(table, path):
                   ylabel="retrieval accuracy", title=f"memory horizon (L={L})")
 
 
-def reading(table):
+def reading(table, tests=()):
     L = _length(table)
     parts = []
     for r in table:

@@ -37,7 +37,7 @@ def cells(scale):
             for name, o in VARIANTS.items()}
 
 
-def reading(table):
+def reading(table, tests=()):
     f = lambda v: "n/a" if v is None else f"{v:.3f}"
     rows = [f"- {r['cell']}: loss {f(r.get('val/loss'))}, load CV {f(r.get('stats/ffn/load_cv'))}, MaxVio "
             f"{f(r.get('stats/ffn/load_maxvio'))}, dropped {f(r.get('stats/ffn/dropped_fraction'))}, top-10% share "

@@ -62,7 +62,7 @@ def plot(table, path):
                   path=path, xlabel="model width d_model", ylabel="MQAR accuracy", title="MQAR", logx=True)
 
 
-def reading(table):
+def reading(table, tests=()):
     acc = {}  # kind -> {(length, width): accuracy}
     for r in table:
         if _accuracy(r) is not None:

@@ -109,7 +109,7 @@ def _comparisons(sizes):
     return lines
 
 
-def reading(table):
+def reading(table, tests=()):
     fit = _with_density(table)
     lines = []
     if fit.get("ok"):

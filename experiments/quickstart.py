@@ -27,7 +27,7 @@ def cells(scale: str) -> dict[str, list[str]]:
     }
 
 
-def reading(table):
+def reading(table, tests=()):
     rows = {r["cell"]: r for r in table}
     text = [rows[c] for c in ("text-swiglu", "text-relu") if rows.get(c, {}).get("val/bits_per_byte") is not None]
     out = []

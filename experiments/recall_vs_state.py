@@ -83,7 +83,7 @@ def _compare(points, better, worse, chance):
     return f"{better} {a:.2f} vs {worse} {b:.2f} with state <= {cap:.0f} bytes: {verdict}"
 
 
-def reading(table):
+def reading(table, tests=()):
     L = _length(table)
     pts = [(r.get(f"state_bytes/{L}"), r.get(f"len{L}/accuracy"), r["cell"]) for r in table
            if r.get(f"len{L}/accuracy") is not None]

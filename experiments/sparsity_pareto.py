@@ -50,7 +50,7 @@ def plot(table, path):
                   title="loss vs activation ratio", logx=True)
 
 
-def reading(table):
+def reading(table, tests=()):
     fam = {}
     for r in table:
         if r.get("val/loss") is not None and r.get("stats/ffn/activation_ratio") is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 
 import pytest
 
@@ -41,6 +42,12 @@ def test_sweep_skips_finished_cells_and_reports_one_row_per_cell(tmp_path, capsy
     assert float(rows[0]["val/bits_per_byte"]) > 0 and 0 <= float(rows[1]["len32/accuracy"]) <= 1
     assert all(r["command"].startswith("cfm-jax train --workdir") for r in rows)
     assert "cfm-jax report tiny --scale smoke" in md_path.read_text()
+    # On another machine (no workdirs), the committed records count as done; --retrain trains again.
+    shutil.rmtree(runs)
+    assert sweep(experiment, "smoke", runs, progress=False, results_dir=results) == []
+    assert capsys.readouterr().err.count("committed record matches, skipped") == 2 and not runs.exists()
+    assert sweep(experiment, "smoke", runs, progress=False, results_dir=results, retrain=True) == []
+    assert (runs / "tiny" / "smoke" / "mqar" / "eval.json").exists()
 
 
 @pytest.mark.slow

@@ -104,3 +104,32 @@ def test_reconfigure_continues_a_checkpoint_under_a_new_config(tmp_path):
     with pytest.raises(UserError, match="cannot be restored"):  # shapes differ: refused, nothing lost
         train(wider, tmp_path, progress=False, reconfigure=True)
     assert wd.load_config(tmp_path).model.d_model == 32
+
+
+def test_validation_during_training_is_logged_apart_and_changes_nothing(tmp_path):
+    """train.eval_every=N adds "eval/SET/..." values every N steps (and at the end) to that step's row,
+    one row per step, and the training losses are bit-identical to a run without it."""
+    base = ["model.d_model=32", "data.seq_len=32", "train.batch_size=4", "train.log_every=2", "train.steps=7",
+            "data.task=mqar", "data.vocab_size=64", "data.num_kv_pairs=2", "data.eval_batches=1"]
+    train(resolve("smoke", base), tmp_path / "plain", progress=False)
+    train(resolve("smoke", [*base, "train.eval_every=3"]), tmp_path / "val", progress=False)
+    rows = wd.read_metrics(tmp_path / "val")
+    assert [r["step"] for r in rows] == [2, 3, 4, 6, 7]  # logged every 2, evaluated at 3, 6 and the end
+    evaluated = [r["step"] for r in rows if "eval/len32/loss" in r]
+    assert evaluated == [3, 6, 7]
+    assert all(0 <= r["eval/len32/accuracy"] <= 1 and r["eval/len32/loss"] > 0 for r in rows if r["step"] in evaluated)
+    plain = losses(tmp_path / "plain")
+    assert all(plain[r["step"]] == r["loss"] for r in rows if r["step"] in plain)
+
+
+def test_config_and_eval_record_provenance(tmp_path):
+    from cfm_jax.harness.evaluate import evaluate
+
+    train(resolve("smoke", [*TINY, "train.steps=2", "data.eval_batches=1"]), tmp_path, progress=False)
+    evaluate(tmp_path)
+    for name in (wd.CONFIG, wd.EVAL):
+        prov = __import__("json").loads((tmp_path / name).read_text())["provenance"]
+        assert set(prov["versions"]) == {"jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"}
+        assert prov["backend"] == "cpu" and prov["time"].endswith("Z")
+        assert {"commit", "dirty"} <= set(prov["git"]) and "CFM_JAX_MATMUL" in prov["kernels"]
+        assert {"mkl", "flash_attention", "selective_scan", "XLA_FLAGS"} <= set(prov["kernels"])

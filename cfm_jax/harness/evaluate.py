@@ -8,6 +8,7 @@ accuracy of the argmax prediction at scored positions, and for byte-level text b
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cfm_jax import provenance
 from cfm_jax import workdir as wd
 from cfm_jax.data import IGNORE, make_task
 from cfm_jax.errors import UserError
@@ -28,6 +30,7 @@ from cfm_jax.layers.model import efficiency, param_counts
 from cfm_jax.train import cross_entropy, restore_model
 
 
+@functools.lru_cache(maxsize=4)  # validation during training calls it with one graphdef many times
 def _make_eval_step(graphdef):
     @jax.jit
     def eval_step(state, batch):
@@ -106,6 +109,7 @@ def evaluate(workdir: Path, analyses: tuple[str, ...] = ()) -> dict:
         "state_bytes": {str(n): state_bytes(model, n) for n in sorted({cfg.data.seq_len, *lengths})},
         "eval_seconds": round(time.perf_counter() - t0, 3),
         "device": f"{jax.default_backend()}: {jax.devices()[0].device_kind}",
+        "provenance": provenance.provenance(cfg),
     }
     if hasattr(task, "corpus"):
         result["corpus"] = {"fingerprint": task.corpus.fingerprint, "files": task.corpus.n_files,

@@ -5,12 +5,19 @@ An experiment file has a docstring (command, expected runtime, expected result) 
     def cells(scale: str) -> dict[str, list[str]]:   # cell name -> config overrides
     COLUMNS = ["val/bits_per_byte", ...]              # optional: eval.json values shown (or COLUMNS(scale))
     ANALYSES = ["cett"]                               # optional: `eval --analysis` run on every cell
-    SEEDS = 3                                         # optional: each cell run with train.seed=0..2
+    SEEDS = 5                                         # optional: each cell run with train.seed=0..4
+    SOLVED = 0.9                                      # optional: accuracy at which a seed counts as solved
+    COMPARISONS = [Comparison("a", "b", "val/loss", "less", "claim")]  # optional (or COMPARISONS(scale))
     def plot(table, path): ...                        # optional: draw the aggregated table to a .png
-    def reading(table) -> str: ...                    # optional: plain-language reading of the numbers
+    def reading(table, tests) -> str: ...             # optional: plain-language reading of the numbers
 
 Every cell is an ordinary training run: `cfm-jax train --scale SCALE OVERRIDES...`. With SEEDS = n
-a cell NAME runs as NAME.s0 .. NAME.s{n-1}, and the report shows mean +- std over them. COLUMNS name
+a cell NAME runs as NAME.s0 .. NAME.s{n-1}, and the report shows per column the mean, its 95 % t
+interval and (n <= 5) every seed's value; accuracy columns also the median and how many seeds reach
+SOLVED. COMPARISONS are the differences the reading relies on (cfm_jax.harness.stats.Comparison: cell
+a vs cell b on a column, with the direction the literature expects); the report tests each one on the
+per-seed pairs (same seed = same data order and init), corrects for their number (Holm) and passes the
+results to `reading(table, tests)`, which may state a difference only where its test passed. COLUMNS name
 values of eval.json by path: the `metrics` entries directly ("val/loss", "len256/accuracy"), other
 values as "section/key/..." ("stats/ffn/activation_ratio", "cett/sparsity_at_cett_ppl1",
 "state_bytes/512").
@@ -26,6 +33,7 @@ from typing import Callable
 
 from cfm_jax.config import Config, resolve
 from cfm_jax.errors import UserError
+from cfm_jax.harness.stats import Comparison
 
 CELL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -46,7 +54,9 @@ class Experiment:
     analyses: tuple[str, ...] = ()  # eval analyses run on every cell (ANALYSES in the file)
     seeds: int = 1  # SEEDS in the file
     plot_fn: Callable | None = None  # plot(table, path) in the file
-    reading_fn: Callable | None = None  # reading(table) -> str in the file
+    reading_fn: Callable | None = None  # reading(table, tests) -> str in the file
+    solved_at: float = 0.9  # SOLVED in the file
+    comparisons: tuple | Callable = ()  # COMPARISONS, or COMPARISONS(scale)
 
     def base_cells(self, scale: str) -> dict[str, list[str]]:
         """The cells as the file defines them, before seed expansion."""
@@ -65,6 +75,22 @@ class Experiment:
 
     def columns_for(self, scale: str) -> list[str]:
         return list(self.columns(scale) if callable(self.columns) else self.columns)
+
+    def comparisons_for(self, scale: str) -> list[Comparison]:
+        """The declared comparisons at this scale; each must name two cells of the table."""
+        try:
+            found = list(self.comparisons(scale) if callable(self.comparisons) else self.comparisons)
+        except Exception as e:  # noqa: BLE001 - a bug in the experiment file is the user's input
+            raise UserError(f"experiment {self.name!r}: COMPARISONS({scale!r}) failed: {type(e).__name__}: {e}") from None
+        base = self.base_cells(scale)
+        for c in found:
+            if not isinstance(c, Comparison):
+                raise UserError(f"experiment {self.name!r}: COMPARISONS must hold stats.Comparison items, not {c!r}")
+            for cell in (c.a, c.b):
+                if cell not in base:
+                    raise UserError(f"experiment {self.name!r}: comparison names cell {cell!r}, which is not one of "
+                                    f"its cells at scale {scale!r}: {', '.join(base)}")
+        return found
 
     def cells(self, scale: str) -> dict[str, list[str]]:
         """Every run: base cells, each expanded to NAME.sK with train.seed=K when SEEDS > 1."""
@@ -115,7 +141,14 @@ def load_experiment(name_or_path: str) -> Experiment:
     seeds = getattr(module, "SEEDS", 1)
     if not isinstance(seeds, int) or seeds < 1:
         raise UserError(f"experiment file {str(path)!r}: SEEDS must be an int >= 1")
+    solved = getattr(module, "SOLVED", 0.9)
+    if isinstance(solved, bool) or not isinstance(solved, (int, float)) or not 0 < solved <= 1:
+        raise UserError(f"experiment file {str(path)!r}: SOLVED must be an accuracy in (0, 1], not {solved!r}")
+    comparisons = getattr(module, "COMPARISONS", ())
+    if not callable(comparisons) and not isinstance(comparisons, (list, tuple)):
+        raise UserError(f"experiment file {str(path)!r}: COMPARISONS must be a list of stats.Comparison or a function of the scale")
     hooks = {name: getattr(module, name, None) for name in ("plot", "reading")}
     return Experiment(path.stem, path, cells_fn, columns if callable(columns) else tuple(columns),
                       (module.__doc__ or "").strip(), tuple(analyses),
-                      seeds, hooks["plot"], hooks["reading"])
+                      seeds, hooks["plot"], hooks["reading"], float(solved),
+                      comparisons if callable(comparisons) else tuple(comparisons))

@@ -44,3 +44,51 @@ def grouped_lines(table: list[dict], x: Callable[[dict], float | None], y: Calla
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _curve_panels(rows: list[dict]) -> list[tuple[str, str]]:
+    """(metrics key, axis label) to draw: training loss, then the first validation loss and accuracy logged."""
+    keys = list(dict.fromkeys(k for r in rows for m in r.get("_metrics", ()) for k in m if k.startswith("eval/")))
+    panels = [("loss", "training loss (nats, one batch)")]
+    panels += [(k, f"validation {k.split('/')[-1]} ({k.split('/')[1]})") for k in keys if k.endswith("/loss")][:1]
+    panels += [(k, f"validation accuracy ({k.split('/')[1]})") for k in keys if k.endswith("/accuracy")
+               and not k.endswith("sequence_accuracy")][:1]
+    return panels
+
+
+def learning_curves(rows: list[dict], path: Path, title: str) -> bool:
+    """Metric vs training tokens, one line per cell (mean over its seeds at the steps every seed
+    logged), shaded from the lowest to the highest seed. rows: report.collect_runs rows (their
+    "_metrics"). Returns False (and draws nothing) when no run logged anything."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    runs = [r for r in rows if r.get("_metrics")]
+    if not runs:
+        return False
+    panels = _curve_panels(runs)
+    cells = list(dict.fromkeys(r["base"] for r in runs))
+    colors = plt.get_cmap("tab20" if len(cells) > 10 else "tab10")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for i, cell in enumerate(cells):
+            seeds = [{m["tokens"]: m[key] for m in r["_metrics"] if m.get(key) is not None and "tokens" in m}
+                     for r in runs if r["base"] == cell]
+            common = sorted(set.intersection(*(set(s) for s in seeds))) if seeds else []
+            if not common:
+                continue
+            values = np.array([[s[t] for t in common] for s in seeds], dtype=float)
+            color = colors(i % colors.N)
+            ax.plot(common, values.mean(axis=0), color=color, label=cell, lw=1.2)
+            if len(seeds) > 1:
+                ax.fill_between(common, values.min(axis=0), values.max(axis=0), color=color, alpha=0.2, lw=0)
+        ax.set(xlabel="training tokens", ylabel=label, title=title)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True

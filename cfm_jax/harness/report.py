@@ -1,31 +1,36 @@
-"""`cfm-jax report`: read a sweep's eval.json files into experiments/results/NAME[_SCALE].md, .csv
-and (if the experiment draws one) .png.
+"""`cfm-jax report`: read a sweep's runs into experiments/results/NAME[_SCALE].md, .csv, .png (the
+experiment's own plot), _curves.png (learning curves) and the committed run records.
 
-Every number comes from a workdir's eval.json. The .csv has one row per run (every seed); the .md
-table has one row per cell, mean +- std over seeds when the experiment runs several, with the command
-that reproduces it; the experiment's `reading(table)` paragraph, computed from the same numbers,
-closes the file.
+Every number comes from a run's eval.json: the local workdir (runs/EXP/SCALE/CELL) where it holds a
+finished run of the cell's current config, else the committed record (experiments/results/runs/...,
+see records.py). Runs read from local workdirs are exported as records, so the committed files
+regenerate from git alone. The .csv has one row per run (every seed); the .md one row per cell with
+mean, 95 % interval, per-seed values, then the declared comparisons with their tests (stats.py), the
+experiment's plot, the curves, and its reading, which receives the test results.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import re
 import shlex
+import sys
 from pathlib import Path
 
+from cfm_jax import provenance
 from cfm_jax import workdir as wd
 from cfm_jax.errors import UserError
+from cfm_jax.harness import records, stats
 from cfm_jax.harness.experiments import Experiment
 from cfm_jax.harness.sweep import cell_workdir
 
 BASE_COLUMNS = ("params_total", "params_non_embedding", "step")
-SEED_SUFFIX = re.compile(r"\.s\d+$")  # NAME.sK: seed K of cell NAME
+SEED_SUFFIX = re.compile(r"\.s(\d+)$")  # NAME.sK: seed K of cell NAME
 PROMOTED = ("metrics",)  # sections whose keys are used without a prefix
-SKIPPED = ("sets",)  # repeated in `metrics`
+SKIPPED = ("sets", "provenance")  # repeated in `metrics` / not a measurement
+MAX_SEEDS_SHOWN = 5  # per-seed values are written into the md table up to this many seeds
 
 
 def results_stem(name: str, scale: str) -> str:
@@ -57,16 +62,28 @@ def flatten_result(result: dict) -> dict:
     return flat
 
 
-def collect_runs(experiment: Experiment, scale: str, runs_dir: Path) -> list[dict]:
-    """One row per run: {"cell", "base", flattened eval.json..., "command"} or a status."""
+def collect_runs(experiment: Experiment, scale: str, runs_dir: Path, results_dir: Path) -> list[dict]:
+    """One row per run: {"cell", "base", "seed", flattened eval.json..., "command", "source"} or a
+    status. Private keys: "_metrics" (down-sampled rows for the curves), "_config" (config.json)."""
     rows = []
     bases = experiment.base_cells(scale)
+    configs = experiment.configs(scale)
     for cell, overrides in experiment.cells(scale).items():
         workdir = cell_workdir(runs_dir, experiment.name, scale, cell)
+        record = records.record_dir(results_dir, experiment.name, scale, cell)
+        m = SEED_SUFFIX.search(cell)
         base = cell if cell in bases else SEED_SUFFIX.sub("", cell)
-        row = {"cell": cell, "base": base}
-        if (workdir / wd.EVAL).exists():
-            row.update(flatten_result(json.loads((workdir / wd.EVAL).read_text())))
+        row = {"cell": cell, "base": base, "seed": int(m.group(1)) if m and cell not in bases else 0}
+        source = next((d for d in (workdir, record) if records.finished(d, configs[cell])), None)
+        if source is not None:
+            row.update(flatten_result(records.read_json(source / wd.EVAL)))
+            row["source"] = "runs" if source == workdir else "record"
+            row["_config"] = records.read_json(source / wd.CONFIG)
+            row["_eval_prov"] = records.read_json(source / wd.EVAL).get("provenance", {})
+            row["_metrics"] = records.downsample(wd.read_metrics(source))
+            row["_workdir"] = source
+        elif (workdir / wd.EVAL).exists() or (record / wd.EVAL).exists():
+            row["status"] = "stale (config changed since it ran)"
         else:
             row["status"] = "not run" if not workdir.exists() else "unfinished"
         row["command"] = cell_command(workdir, scale, overrides)
@@ -74,8 +91,17 @@ def collect_runs(experiment: Experiment, scale: str, runs_dir: Path) -> list[dic
     return rows
 
 
-def aggregate(rows: list[dict], columns: list[str]) -> list[dict]:
-    """Rows of one base cell -> one row: numeric columns as mean (key) and std (key + "_std")."""
+def _numeric(values) -> bool:
+    return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def is_accuracy(column: str) -> bool:
+    return column.endswith("accuracy")
+
+
+def aggregate(rows: list[dict], columns: list[str], solved_at: float | None = None) -> list[dict]:
+    """Rows of one base cell -> one row: numeric columns as mean (key), plus key + "_std", "_ci",
+    "_values" (per seed), "_median", and for accuracy columns "_solved" (seeds >= solved_at)."""
     table = []
     for base in dict.fromkeys(r["base"] for r in rows):
         group = [r for r in rows if r["base"] == base]
@@ -85,15 +111,42 @@ def aggregate(rows: list[dict], columns: list[str]) -> list[dict]:
             out["status"] = f"{len(group) - len(done)} of {len(group)} runs missing"
         for col in columns:
             values = [r.get(col) for r in done if r.get(col) is not None]
-            if values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-                mean = sum(values) / len(values)
-                out[col] = mean
+            if _numeric(values):
+                s = stats.summarize(values, solved_at if is_accuracy(col) else None)
+                out[col] = s["mean"]
+                out[col + "_values"] = s["values"]
+                out[col + "_median"] = s["median"]
                 if len(values) > 1:
-                    out[col + "_std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+                    out[col + "_std"], out[col + "_ci"] = s["std"], s["ci"]
+                if "solved" in s:
+                    out[col + "_solved"] = s["solved"]
             elif values:
                 out[col] = values[0]
         table.append(out)
     return table
+
+
+def run_comparisons(experiment: Experiment, scale: str, rows: list[dict]) -> list[dict]:
+    """Each declared comparison tested on the seeds both cells finished; Holm-adjusted over the table.
+    Returns one dict per comparison: its fields, stats.compare's result, p_holm, verdict, text."""
+    out = []
+    for c in experiment.comparisons_for(scale):
+        side = {cell: {r["seed"]: r.get(c.column) for r in rows if r["base"] == cell and "status" not in r}
+                for cell in (c.a, c.b)}
+        seeds = sorted(s for s in side[c.a] if s in side[c.b] and _numeric([side[c.a][s], side[c.b][s]]))
+        a, b = [side[c.a][s] for s in seeds], [side[c.b][s] for s in seeds]
+        solved = experiment.solved_at if is_accuracy(c.column) else None
+        bimodal = stats.is_bimodal(a, solved) or stats.is_bimodal(b, solved)
+        result = stats.compare(a, b, bimodal=bimodal) if seeds else {
+            "n": 0, "mean_a": math.nan, "mean_b": math.nan, "diff": math.nan, "ci": (math.nan, math.nan),
+            "test": "none", "p": math.nan, "p_floor": math.nan}
+        out.append({"a": c.a, "b": c.b, "column": c.column, "expect": c.expect, "claim": c.claim, **result})
+    for result, p in zip(out, stats.holm([r["p"] for r in out])):
+        result["p_holm"] = p
+    for result, c in zip(out, experiment.comparisons_for(scale)):
+        result["verdict"] = stats.verdict(result, c.expect) if result["n"] else "not run"
+        result["text"] = stats.wording(result, c) if result["n"] else f"{c.a} vs {c.b} on {c.column}: not run"
+    return out
 
 
 def _fmt(value) -> str:
@@ -104,18 +157,76 @@ def _fmt(value) -> str:
     return "" if value is None else str(value)
 
 
-def to_markdown(columns: list[str], table: list[dict]) -> str:
+def _short(value: float) -> str:
+    return "nan" if isinstance(value, float) and math.isnan(value) else f"{value:.3g}"
+
+
+def format_value(row: dict, col: str, solved_at: float) -> str:
+    """'mean [lo, hi] (v0 / v1 / v2)'; accuracy adds 'median m, k/n >= solved'. One value every
+    seed shares (a parameter count) is written once."""
+    text = _fmt(row.get(col))
+    values = row.get(col + "_values")
+    if not text or not values or len(set(values)) == 1:
+        return text
+    lo, hi = row[col + "_ci"]
+    text += f" [{_short(lo)}, {_short(hi)}]"
+    if len(values) <= MAX_SEEDS_SHOWN:
+        text += " (" + " / ".join(_short(v) for v in values) + ")"
+    if col + "_solved" in row:
+        text += f" med {_short(row[col + '_median'])}, {row[col + '_solved']}/{len(values)} ≥ {solved_at:g}"
+    return text
+
+
+def to_markdown(columns: list[str], table: list[dict], solved_at: float = 0.9) -> str:
     def cell(col: str, row: dict) -> str:
         if col == "command":
             return f"`{row[col]}`" if row.get(col) else ""
-        text = _fmt(row.get(col))
-        if text and row.get(col + "_std"):  # no "± 0" for values every seed shares
-            text += f" ± {_fmt(row[col + '_std'])}"
-        return text
+        return format_value(row, col, solved_at)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(c, r) for c in columns) + " |" for r in table]
     return "\n".join(lines) + "\n"
+
+
+def comparisons_markdown(tests: list[dict]) -> str:
+    head = ("| claim | a | b | column | expected | mean a | mean b | a - b [95 % CI] | n | test | p | p (Holm) "
+            "| verdict |\n|" + "---|" * 13)
+    lines = [head]
+    for t in tests:
+        lo, hi = t["ci"]
+        floor = f" (min {_short(t['p_floor'])})" if t["test"] == "sign-flip" else ""
+        lines.append(
+            f"| {t['claim']} | {t['a']} | {t['b']} | {t['column']} | a {'>' if t['expect'] == 'greater' else '<'} b "
+            f"| {_short(t['mean_a'])} | {_short(t['mean_b'])} | {_short(t['diff'])} [{_short(lo)}, {_short(hi)}] "
+            f"| {t['n']} | {t['test']} | {_short(t['p'])}{floor} | {_short(t['p_holm'])} | {t['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def provenance_line(rows: list[dict]) -> tuple[str, str | None]:
+    """('Runs: commit ... on ..., dates ...', warning or None) from the finished runs' config/eval."""
+    done = [r for r in rows if "status" not in r]
+    if not done:
+        return "No finished runs.", None
+    commits, devices, dates, versions = {}, set(), set(), set()
+    for r in done:
+        cfg = r.get("_config") or {}
+        prov = cfg.get("provenance")
+        label = provenance.commit_label(prov) if prov else (cfg.get("git_commit", "unknown")[:7] + " (old record)")
+        commits[label] = commits.get(label, 0) + 1
+        devices.add((prov or {}).get("device") or cfg.get("device", "unknown"))
+        if prov:
+            versions.add(f"jax {prov['versions'].get('jax')}, flax {prov['versions'].get('flax')}")
+        if t := r.get("_eval_prov", {}).get("time"):
+            dates.add(t[:10])
+    when = (min(dates) if len(dates) == 1 else f"{min(dates)} to {max(dates)}") if dates else "date not recorded"
+    line = (f"Runs: {len(done)}, trained at commit {', '.join(f'{c} ({n} runs)' if len(commits) > 1 else c for c, n in commits.items())}"
+            f"; evaluated {when}; device {', '.join(sorted(devices))}"
+            + (f"; {'; '.join(sorted(versions))}" if versions else "") + ".")
+    warning = None
+    if len(commits) > 1 or any(c.endswith("dirty") for c in commits):
+        warning = (f"warning: this table mixes runs from {len(commits)} code states ({', '.join(commits)})"
+                   if len(commits) > 1 else f"warning: runs trained from uncommitted code ({next(iter(commits))})")
+    return line, warning
 
 
 def to_csv(columns: list[str], rows: list[dict]) -> str:
@@ -134,37 +245,76 @@ def _call_hook(experiment: Experiment, name: str, fn, *args):
         raise UserError(f"experiment {experiment.name!r}: {name}() failed: {type(e).__name__}: {e}") from None
 
 
-def report(experiment: Experiment, scale: str, runs_dir: Path, results_dir: Path) -> tuple[Path, str]:
-    """Write NAME[_SCALE].md, .csv (and .png) under results_dir; returns (md path, markdown table)."""
-    rows = collect_runs(experiment, scale, runs_dir)
-    metric_columns = experiment.columns_for(scale) or list(dict.fromkeys(
-        k for r in rows for k in r if "/" in k and not k.startswith(("stats/", "state_bytes/", "corpus/"))))
-    columns = [c for c in (*BASE_COLUMNS, *metric_columns) if c not in ("cell",)]
-    table = aggregate(rows, columns)
-    md_columns = ["cell", *(["seeds"] if experiment.seeds > 1 else []), *columns,
-                  *(["status"] if any("status" in t for t in table) else []), "command"]
-    markdown = to_markdown(md_columns, table)
-    stem = results_stem(experiment.name, scale)
+HOW_TO_READ = (
+    "Each value: mean over seeds [95 % Student-t interval] (per-seed values, seed 0 first); accuracy columns "
+    "add the median and how many seeds reach the experiment's `SOLVED` threshold. A value without an interval "
+    "is the same in every seed. Comparisons pair the two cells seed by seed (same seed = same data order and "
+    "initialisation): paired t test, or an exact sign-flip test where an accuracy is bimodal across seeds; "
+    "p-values are Holm-adjusted over this table, and a difference counts as found when the adjusted p < "
+    f"{stats.ALPHA}.")
+
+
+def report(experiment: Experiment, scale: str, runs_dir: Path, results_dir: Path, force: bool = False) -> tuple[Path, str]:
+    """Write NAME[_SCALE].md, .csv (and .png, _curves.png) under results_dir and export the runs'
+    records; returns (md path, markdown table). Refuses (UserError) to replace an existing table with
+    one that has runs missing, unless `force`."""
     results_dir = Path(results_dir)
+    rows = collect_runs(experiment, scale, runs_dir, results_dir)
+    stem = results_stem(experiment.name, scale)
+    md_path = results_dir / f"{stem}.md"
+    missing = [r["cell"] for r in rows if "status" in r]
+    if missing and md_path.exists() and not force:
+        first = next(r for r in rows if "status" in r)
+        raise UserError(f"{len(missing)} of {len(rows)} runs of {experiment.name!r} at scale {scale!r} are not finished "
+                        f"in {Path(runs_dir) / experiment.name / scale} nor in the committed records (e.g. {first['cell']}: "
+                        f"{first['status']}); refusing to replace {md_path} with a partial table (--force writes it anyway)")
+    metric_columns = experiment.columns_for(scale) or list(dict.fromkeys(
+        k for r in rows for k in r if "/" in k and not k.startswith(("stats/", "state_bytes/", "corpus/", "_"))))
+    columns = [c for c in (*BASE_COLUMNS, *metric_columns) if c not in ("cell",)]
+    table = aggregate(rows, columns, experiment.solved_at)
+    tests = run_comparisons(experiment, scale, rows)
+    md_columns = ["cell", "seeds", *columns, *(["status"] if any("status" in t for t in table) else []), "command"]
+    markdown = to_markdown(md_columns, table, experiment.solved_at)
     title = experiment.doc.splitlines()[0] if experiment.doc else experiment.name
-    seeds_note = (f" Each cell ran with `train.seed` = 0..{experiment.seeds - 1} (the command shows seed 0); "
-                  "values are mean ± sample std over seeds.") if experiment.seeds > 1 else ""
+    prov_line, warning = provenance_line(rows)
+    if warning:
+        print(warning, file=sys.stderr)
+    seeds_note = (f"n = {experiment.seeds} seeds per cell (`train.seed` = 0..{experiment.seeds - 1}; the command "
+                  "shows seed 0)." if experiment.seeds > 1 else "n = 1 seed per cell: no spread is measured, so no "
+                  "difference in this table is established.")
+    finished = any("status" not in r for r in rows)
     parts = [
         f"# {title}\n",
-        f"Scale `{scale}`. Regenerate with:\n\n"
-        f"    cfm-jax sweep {experiment.name} --scale {scale} && cfm-jax report {experiment.name} --scale {scale}\n",
-        f"Every number below is read from `{Path(runs_dir) / experiment.name / scale}/<cell>/eval.json`.{seeds_note}\n",
+        f"Scale `{scale}`, {seeds_note} Regenerate this file from the committed run records (no training):\n\n"
+        f"    cfm-jax report {experiment.name} --scale {scale}\n\n"
+        f"or retrain every cell: `cfm-jax sweep {experiment.name} --scale {scale} --retrain && cfm-jax report "
+        f"{experiment.name} --scale {scale}`.\n",
+        prov_line + (f" {warning[0].upper()}{warning[1:]}." if warning else "")
+        + f" Each run's record: `{records.RECORDS}/{experiment.name}/{scale}/<cell>/` beside this file.\n",
+        HOW_TO_READ + "\n",
         markdown,
     ]
-    if experiment.plot_fn is not None and any("status" not in r for r in rows):
+    if tests:
+        parts.append("## Comparisons\n\n" + comparisons_markdown(tests))
+    if experiment.plot_fn is not None and finished:
         png = results_dir / f"{stem}.png"
         results_dir.mkdir(parents=True, exist_ok=True)
         _call_hook(experiment, "plot", experiment.plot_fn, table, png)
         parts.append(f"![{experiment.name}]({png.name})\n")
-    if experiment.reading_fn is not None and any("status" not in r for r in rows):
-        parts.append("## Reading\n\n" + _call_hook(experiment, "reading", experiment.reading_fn, table).strip() + "\n")
-    md_path = results_dir / f"{stem}.md"
+    if finished:
+        from cfm_jax.harness.plots import learning_curves
+
+        curves = results_dir / f"{stem}_curves.png"
+        results_dir.mkdir(parents=True, exist_ok=True)
+        if learning_curves(rows, curves, title=f"{experiment.name} ({scale})"):
+            parts.append(f"Learning curves (mean over seeds, band: lowest to highest seed):\n\n![curves]({curves.name})\n")
+    if experiment.reading_fn is not None and finished:
+        parts.append("## Reading\n\n" + _call_hook(experiment, "reading", experiment.reading_fn, table, tests).strip() + "\n")
     wd.write_atomic(md_path, "\n".join(parts))
-    csv_columns = ["cell", *columns, *(["status"] if any("status" in r for r in rows) else []), "command"]
+    csv_columns = ["cell", "seed", *columns, *(["status"] if any("status" in r for r in rows) else []), "command"]
     wd.write_atomic(results_dir / f"{stem}.csv", to_csv(csv_columns, rows))
+    for r in rows:
+        if r.get("source") == "runs":
+            records.export(r["_workdir"], records.record_dir(results_dir, experiment.name, scale, r["cell"]))
     return md_path, markdown
+

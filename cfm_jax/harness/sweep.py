@@ -1,7 +1,9 @@
 """`cfm-jax sweep`: train then evaluate every cell of an experiment, each in its own workdir.
 
 A cell whose workdir already holds eval.json is skipped, so rerunning a sweep (after a crash or a
-kill) finishes what is left; an interrupted cell resumes from its last checkpoint. `workers` runs
+kill) finishes what is left; an interrupted cell resumes from its last checkpoint. So is a cell whose
+committed run record (experiments/results/runs/..., see records.py) holds a run of its current config,
+so a long sweep continues on another machine from what was committed (`retrain=True` ignores records). `workers` runs
 cells in parallel processes; `shard=(i, n)` takes every n-th cell starting at i, so n machines can
 share one runs directory without touching each other's cells.
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 from cfm_jax import workdir as wd
 from cfm_jax.config import Config
 from cfm_jax.errors import TrainingDiverged, UserError
+from cfm_jax.harness import records
 from cfm_jax.harness.experiments import Experiment
 from cfm_jax.host_memory import keep_freed_memory
 
@@ -46,8 +49,9 @@ def run_cell(cfg: Config, workdir: Path, analyses: tuple[str, ...], progress: bo
 
 
 def sweep(experiment: Experiment, scale: str, runs_dir: Path, progress: bool = True, workers: int = 1,
-          shard: tuple[int, int] = (0, 1)) -> list[str]:
-    """Run every unfinished cell of this shard; returns the names of cells that failed (diverged)."""
+          shard: tuple[int, int] = (0, 1), results_dir: Path | None = None, retrain: bool = False) -> list[str]:
+    """Run every unfinished cell of this shard; returns the names of cells that failed (diverged).
+    results_dir: where committed run records are looked up (None: none are)."""
     if workers < 1:
         raise UserError(f"--workers {workers} must be >= 1")
     configs = experiment.configs(scale)  # every cell resolves before anything runs
@@ -55,8 +59,11 @@ def sweep(experiment: Experiment, scale: str, runs_dir: Path, progress: bool = T
     todo = []
     for i, cell in enumerate(names, 1):
         workdir = cell_workdir(runs_dir, experiment.name, scale, cell)
+        record = records.record_dir(results_dir, experiment.name, scale, cell) if results_dir else None
         if (workdir / wd.EVAL).exists():
             print(f"[{i}/{len(names)}] {cell}: done, skipped", file=sys.stderr)
+        elif record is not None and not retrain and records.finished(record, configs[cell]):
+            print(f"[{i}/{len(names)}] {cell}: committed record matches, skipped ({record})", file=sys.stderr)
         else:
             todo.append((cell, workdir))
     failed = []

@@ -1,0 +1,81 @@
+"""Committed run records: what a table's runs leave in git, so the table can be regenerated (and its
+sweep continued on another machine) without retraining.
+
+    experiments/results/runs/<experiment>/<scale>/<cell>/config.json    the workdir's, as written
+                                                        eval.json      the workdir's, as written
+                                                        metrics.jsonl  down-sampled (curves only)
+
+Checkpoints stay out of git. A record counts for a cell only while its config matches the cell's
+current resolved config (apart from the keys a workdir may change on resume), so editing an experiment
+file never silently reuses runs of another config.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from cfm_jax import config as config_lib
+from cfm_jax import workdir as wd
+from cfm_jax.config import Config
+
+RECORDS = "runs"  # under the results directory
+MAX_TRAIN_ROWS = 60  # training rows kept per run (all validation rows are kept)
+CURVE_KEYS = ("step", "tokens", "seconds", "loss", "ce", "aux_loss", "lr", "grad_norm")
+
+
+def record_dir(results_dir: Path, experiment: str, scale: str, cell: str) -> Path:
+    return Path(results_dir) / RECORDS / experiment / scale / cell
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def config_matches(config_json: dict | None, cfg: Config) -> bool:
+    """The run's config.json holds `cfg` (apart from wd.RESUMABLE_KEYS)."""
+    if not config_json or "config" not in config_json:
+        return False
+    try:
+        saved = config_lib.from_dict(config_json["config"])
+    except (ValueError, KeyError, TypeError):
+        return False
+    resumable = tuple(k + ":" for k in wd.RESUMABLE_KEYS)
+    return not [d for d in config_lib.diff(saved, cfg) if not d.startswith(resumable)]
+
+
+def finished(run_dir: Path, cfg: Config) -> bool:
+    """A finished run of `cfg` lives in run_dir (a workdir or a record): eval.json and a matching config."""
+    run_dir = Path(run_dir)
+    return (run_dir / wd.EVAL).exists() and config_matches(read_json(run_dir / wd.CONFIG), cfg)
+
+
+def downsample(rows: list[dict], max_train_rows: int = MAX_TRAIN_ROWS) -> list[dict]:
+    """Rows for curves: every validation row ("eval/..." keys) and at most max_train_rows training
+    rows evenly spaced (first and last kept), each with CURVE_KEYS and eval keys only. Idempotent."""
+    slim = [{k: v for k, v in r.items() if k in CURVE_KEYS or k.startswith("eval/")} for r in rows]
+    train = [i for i, r in enumerate(slim) if not any(k.startswith("eval/") for k in r)]
+    keep = set(i for i, r in enumerate(slim) if i not in train)
+    if len(train) > max_train_rows:
+        train = [train[j] for j in np.unique(np.linspace(0, len(train) - 1, max_train_rows).round().astype(int))]
+    keep.update(train)
+    return [slim[i] for i in sorted(keep)]
+
+
+def export(workdir: Path, dest: Path) -> None:
+    """Copy a finished workdir's record (config.json, eval.json, down-sampled metrics) to dest."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in (wd.CONFIG, wd.EVAL):
+        if (workdir / name).read_bytes() != ((dest / name).read_bytes() if (dest / name).exists() else None):
+            shutil.copyfile(workdir / name, dest / ".tmp")
+            (dest / ".tmp").replace(dest / name)
+    rows = downsample(wd.read_metrics(workdir))
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if not (dest / wd.METRICS).exists() or (dest / wd.METRICS).read_text() != text:
+        wd.write_atomic(dest / wd.METRICS, text)

@@ -1,0 +1,167 @@
+"""Seed statistics and declared comparisons: known answers for the intervals and tests, and a table
+built from synthetic per-seed numbers (a real difference, no difference, a bimodal cell) whose
+comparisons and wording are checked."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from cfm_jax import workdir as wd
+from cfm_jax.config import resolve
+from cfm_jax.harness import stats
+from cfm_jax.harness.experiments import load_experiment
+from cfm_jax.harness.report import report
+from cfm_jax.harness.sweep import cell_workdir
+
+
+def test_t_interval_known_answer():
+    lo, hi = stats.t_interval([1.0, 2.0, 3.0])
+    half = 4.302652729911275 / math.sqrt(3)  # t(0.975, 2) * sd 1 / sqrt(3)
+    assert lo == pytest.approx(2 - half) and hi == pytest.approx(2 + half)
+    assert all(math.isnan(v) for v in stats.t_interval([1.0]))
+
+
+def test_summary_counts_solved_seeds_and_median():
+    s = stats.summarize([0.51, 0.53, 0.99], solved_at=0.9)
+    assert s["n"] == 3 and s["solved"] == 1 and s["median"] == 0.53
+    assert s["mean"] == pytest.approx((0.51 + 0.53 + 0.99) / 3)
+    assert stats.is_bimodal([0.51, 0.53, 0.99], 0.9) and not stats.is_bimodal([0.95, 0.99], 0.9)
+
+
+def test_sign_flip_is_exact():
+    assert stats.sign_flip_p([1.0, 1.0, 1.0]) == pytest.approx(2 / 8)  # all-positive or all-negative
+    assert stats.sign_flip_p([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(2 / 32)
+    assert stats.sign_flip_p([1.0, -1.0, 1.0, -1.0]) == 1.0
+
+
+def test_paired_t_matches_scipy_and_handles_constant_differences():
+    from scipy import stats as sp
+
+    a, b = [1.0, 1.2, 0.9, 1.1, 1.05], [0.8, 1.1, 0.85, 0.9, 1.0]
+    got = stats.compare(a, b)
+    assert got["test"] == "paired t" and got["p"] == pytest.approx(sp.ttest_rel(a, b).pvalue)
+    assert got["diff"] == pytest.approx(np.mean(np.subtract(a, b)))
+    assert stats.paired_t_p([0.1, 0.1, 0.1]) == 0.0 and stats.paired_t_p([0.0, 0.0]) == 1.0
+
+
+def test_holm_known_answer():
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    out = stats.holm([0.2, math.nan])
+    assert out[0] == pytest.approx(0.2) and math.isnan(out[1])
+
+
+def test_comparison_rejects_unknown_direction():
+    with pytest.raises(ValueError, match="expect='bigger'"):
+        stats.Comparison("a", "b", "val/loss", "bigger")
+
+
+EXPERIMENT = '''"""Synthetic: four cells whose per-seed numbers are written by the test."""
+from cfm_jax.harness.stats import Comparison
+
+SEEDS = 5
+SOLVED = 0.9
+COLUMNS = ["val/loss", "len32/accuracy"]
+COMPARISONS = [
+    Comparison("good", "bad", "val/loss", "less", "good has lower loss than bad"),
+    Comparison("good", "same", "val/loss", "less", "good has lower loss than same"),
+    Comparison("att", "rec", "len32/accuracy", "greater", "attention recalls better"),
+]
+
+
+def cells(scale):
+    base = ["model.d_model=32", "data.seq_len=32", "train.batch_size=4", "train.steps=6", "data.eval_batches=1"]
+    return {name: base + [f"train.lr={lr}"] for name, lr in
+            (("good", 1e-3), ("bad", 2e-3), ("same", 3e-3), ("att", 4e-3), ("rec", 5e-3))}
+
+
+def reading(table, tests):
+    return "\\n".join("- " + t["text"] for t in tests)
+'''
+
+VALUES = {  # cell -> per-seed (val/loss, len32/accuracy)
+    "good": ([1.00, 1.01, 0.99, 1.02, 1.00], [0.5] * 5),
+    "bad": ([1.10, 1.12, 1.08, 1.11, 1.10], [0.5] * 5),  # +0.1 in every seed: a real difference
+    "same": ([1.01, 1.00, 1.01, 1.01, 0.99], [0.5] * 5),  # differences -0.01..+0.01: none
+    "att": ([1.0] * 5, [1.0, 1.0, 0.99, 1.0, 1.0]),
+    "rec": ([1.0] * 5, [0.30, 0.98, 0.31, 0.97, 0.30]),  # bimodal: 2 of 5 seeds solve it
+}
+
+
+def _write_runs(tmp_path):
+    """Finished workdirs with synthetic eval.json (and a metrics.jsonl with a validation row)."""
+    path = tmp_path / "synthetic.py"
+    path.write_text(EXPERIMENT)
+    experiment = load_experiment(str(path))
+    runs = tmp_path / "runs"
+    for name, overrides in experiment.cells("smoke").items():
+        base, seed = name.rsplit(".s", 1)
+        workdir = cell_workdir(runs, "synthetic", "smoke", name)
+        workdir.mkdir(parents=True)
+        wd.save_config(workdir, resolve("smoke", overrides))
+        loss, acc = VALUES[base][0][int(seed)], VALUES[base][1][int(seed)]
+        wd.write_json(workdir / wd.EVAL, {"step": 6, "params_total": 1000, "metrics": {"val/loss": loss, "len32/accuracy": acc},
+                                          "provenance": {"time": "2026-12-06T10:00:00Z"}})
+        for step in (3, 6):
+            wd.append_metrics(workdir, {"step": step, "tokens": step * 128, "loss": loss + 1 / step, "eval/val/loss": loss})
+    return experiment, runs
+
+
+def test_synthetic_table_comparisons_and_wording(tmp_path):
+    experiment, runs = _write_runs(tmp_path)
+    results = tmp_path / "results"
+    md_path, _ = report(experiment, "smoke", runs, results)
+    text = md_path.read_text()
+    lines = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    # Per-cell statistics: mean, t interval, per-seed values; accuracy: median and k/n solved.
+    assert "| good | 5 | 1000 |  | 6 | 1.004 [0.99, 1.02] (1 / 1.01 / 0.99 / 1.02 / 1) | 0.5 |" in text
+    lo, hi = stats.t_interval(VALUES["rec"][1])
+    assert f"0.572 [{lo:.3g}, {hi:.3g}] (0.3 / 0.98 / 0.31 / 0.97 / 0.3) med 0.31, 2/5 ≥ 0.9" in lines["rec"]
+    # The real difference is found, the null one is not, the bimodal one uses the sign-flip test.
+    tests = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
+             if line.startswith("| good has") or line.startswith("| attention")}
+    real, null, bimodal = tests["good has lower loss than bad"], tests["good has lower loss than same"], tests["attention recalls better"]
+    assert real[-1] == "as expected" and float(real[-2]) < 0.05 and real[9] == "paired t"
+    assert null[-1] == "not distinguishable" and float(null[-2]) > 0.05
+    assert bimodal[9] == "sign-flip" and bimodal[10].startswith("0.0625 (min 0.0625)") and bimodal[-1] == "not distinguishable"
+    assert "good < bad on val/loss: 1.004 vs 1.102 (p = 1.3e-05, Holm-adjusted 3.8e-05, paired t); as expected" in text
+    assert "good vs same on val/loss: 1.004 vs 1.004, not distinguishable at n = 5 seeds (p = 1, " in text
+    assert "a sign-flip test cannot go below p = 0.0625 at this n" in text
+    assert "n = 5 seeds per cell" in text and "evaluated 2026-12-06" in text
+    rows = list(csv.DictReader((results / "synthetic_smoke.csv").open()))
+    assert len(rows) == 25 and [r["seed"] for r in rows[:5]] == ["0", "1", "2", "3", "4"]
+
+
+def test_report_regenerates_from_committed_records_byte_identical(tmp_path):
+    experiment, runs = _write_runs(tmp_path)
+    results = tmp_path / "results"
+    report(experiment, "smoke", runs, results)
+    first = {p.name: p.read_bytes() for p in results.iterdir() if p.is_file()}
+    record = results / "runs" / "synthetic" / "smoke" / "good.s0"
+    assert sorted(p.name for p in record.iterdir()) == ["config.json", "eval.json", "metrics.jsonl"]
+    shutil.rmtree(runs)  # a fresh clone: no workdirs, only the committed records
+    report(experiment, "smoke", runs, results)
+    assert {p.name: p.read_bytes() for p in results.iterdir() if p.is_file()} == first
+    assert "synthetic_smoke_curves.png" in first
+
+
+def test_record_of_another_config_is_not_used_and_partial_tables_are_refused(tmp_path):
+    from cfm_jax.errors import UserError
+
+    experiment, runs = _write_runs(tmp_path)
+    results = tmp_path / "results"
+    report(experiment, "smoke", runs, results)
+    shutil.rmtree(runs)
+    changed = tmp_path / "changed.py"
+    (tmp_path / "synthetic.py").write_text(EXPERIMENT.replace('("good", 1e-3)', '("good", 1.5e-3)'))
+    experiment = load_experiment(str(tmp_path / "synthetic.py"))
+    with pytest.raises(UserError, match="refusing to replace .*synthetic_smoke.md with a partial table"):
+        report(experiment, "smoke", runs, results)
+    report(experiment, "smoke", runs, results, force=True)
+    text = (results / "synthetic_smoke.md").read_text()
+    assert "| good | 0 |" in text and "5 of 5 runs missing" in text and not changed.exists()
