@@ -21,7 +21,7 @@ test-slow: $(STAMP)
 	$(BIN)/pytest -m slow || [ $$? -eq 5 ]  # exit 5 = no test selected
 
 demo: $(STAMP)
-	$(BIN)/cfm-jax sweep quickstart --scale smoke
+	$(BIN)/cfm-jax sweep quickstart --scale smoke --workers 2 --retrain
 	$(BIN)/cfm-jax report quickstart --scale smoke
 
 bench: $(STAMP)

@@ -131,21 +131,21 @@ def run_comparisons(experiment: Experiment, scale: str, rows: list[dict]) -> lis
     Returns one dict per comparison: its fields, stats.compare's result, p_holm, verdict, text."""
     out = []
     for c in experiment.comparisons_for(scale):
-        side = {cell: {r["seed"]: r.get(c.column) for r in rows if r["base"] == cell and "status" not in r}
-                for cell in (c.a, c.b)}
-        seeds = sorted(s for s in side[c.a] if s in side[c.b] and _numeric([side[c.a][s], side[c.b][s]]))
-        a, b = [side[c.a][s] for s in seeds], [side[c.b][s] for s in seeds]
-        solved = experiment.solved_at if is_accuracy(c.column) else None
+        side = [{r["seed"]: r.get(col) for r in rows if r["base"] == cell and "status" not in r}
+                for cell, col in zip((c.a, c.b), c.columns)]
+        seeds = sorted(s for s in side[0] if s in side[1] and _numeric([side[0][s], side[1][s]]))
+        a, b = [side[0][s] for s in seeds], [side[1][s] for s in seeds]
+        solved = experiment.solved_at if all(is_accuracy(col) for col in c.columns) else None
         bimodal = stats.is_bimodal(a, solved) or stats.is_bimodal(b, solved)
         result = stats.compare(a, b, bimodal=bimodal) if seeds else {
             "n": 0, "mean_a": math.nan, "mean_b": math.nan, "diff": math.nan, "ci": (math.nan, math.nan),
             "test": "none", "p": math.nan, "p_floor": math.nan}
-        out.append({"a": c.a, "b": c.b, "column": c.column, "expect": c.expect, "claim": c.claim, **result})
+        out.append({"a": c.a, "b": c.b, "column": c.label, "expect": c.expect, "claim": c.claim, **result})
     for result, p in zip(out, stats.holm([r["p"] for r in out])):
         result["p_holm"] = p
     for result, c in zip(out, experiment.comparisons_for(scale)):
         result["verdict"] = stats.verdict(result, c.expect) if result["n"] else "not run"
-        result["text"] = stats.wording(result, c) if result["n"] else f"{c.a} vs {c.b} on {c.column}: not run"
+        result["text"] = stats.wording(result, c) if result["n"] else f"{c.a} vs {c.b} on {c.label}: not run"
     return out
 
 

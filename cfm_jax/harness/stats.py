@@ -33,7 +33,8 @@ EXPECTATIONS = ("greater", "less")  # the declared direction: mean of a minus b 
 
 @dataclass(frozen=True)
 class Comparison:
-    """One difference a table's reading relies on: cell `a` against cell `b` on `column`.
+    """One difference a table's reading relies on: cell `a` against cell `b` on `column` (b's value
+    read from `column_b` when given: e.g. one cell's accuracy near vs far, with a == b).
 
     expect: "greater" if the literature expects a's value above b's, "less" if below.
     claim:  the sentence being tested, e.g. "attention recalls better than a sliding window (Based)".
@@ -44,6 +45,16 @@ class Comparison:
     column: str
     expect: str
     claim: str = ""
+    column_b: str | None = None
+
+    @property
+    def columns(self) -> tuple[str, str]:
+        return self.column, self.column_b or self.column
+
+    @property
+    def label(self) -> str:
+        """'col' or 'col_a vs col_b'."""
+        return self.column if self.column_b in (None, self.column) else f"{self.column} vs {self.column_b}"
 
     def __post_init__(self):
         if self.expect not in EXPECTATIONS:
@@ -148,7 +159,7 @@ def verdict(result: dict, expect: str, alpha: float = ALPHA) -> str:
 
 def wording(result: dict, comparison: Comparison, alpha: float = ALPHA) -> str:
     """The sentence a reading may use for one tested comparison."""
-    a, b, col = comparison.a, comparison.b, comparison.column
+    a, b, col = comparison.a, comparison.b, comparison.label
     means = f"{result['mean_a']:.4g} vs {result['mean_b']:.4g}"
     p = f"p = {result['p']:.2g}, Holm-adjusted {result['p_holm']:.2g}, {result['test']}"
     v = verdict(result, comparison.expect, alpha)
