@@ -423,6 +423,8 @@ def suite_moe(s: dict) -> dict:
 def run(suites: tuple[str, ...], scale: str) -> dict:
     if scale not in SIZES:
         raise UserError(f"unknown scale {scale!r}; allowed: {', '.join(SIZES)}")
+    if not suites:
+        raise UserError(f"--suite names no suite; allowed: {', '.join(SUITES)}, all (comma list)")
     unknown = [x for x in suites if x not in SUITES]
     if unknown:
         raise UserError(f"unknown bench suite {unknown[0]!r}; allowed: {', '.join(SUITES)}, all")

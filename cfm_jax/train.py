@@ -118,67 +118,69 @@ def train(cfg: Config, workdir: Path, progress: bool = True, reconfigure: bool =
         state = jax.device_put(state, state_shardings(state, tx, mesh, tc.fsdp))
     writer = jax.process_index() == 0  # only process 0 writes config and metrics
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpoints(workdir / wd.CHECKPOINTS, tc.keep_checkpoints)
-    start = ckpt.latest_step() or 0
-    if start:
-        try:
-            state = ckpt.restore(start, state)
-        except UserError:
+    with wd.locked(workdir) if writer else contextlib.nullcontext():  # one writer per workdir (process 0 of a multi-host run)
+        if not reconfigure:
+            wd.check_compatible(workdir, cfg)  # again, now that no other writer can change it
+        ckpt = Checkpoints(workdir / wd.CHECKPOINTS, tc.keep_checkpoints)
+        start = ckpt.latest_step() or 0
+        if start:
+            try:
+                state = ckpt.restore(start, state)
+            except UserError:
+                ckpt.close()
+                raise
+        if writer:
+            wd.save_config(workdir, cfg)
+        rows = wd.truncate_metrics(workdir, start) if writer else wd.read_metrics(workdir)
+        seconds = rows[-1]["seconds"] if rows else 0.0
+        last = rows[-1] if rows else {}
+        if start >= tc.steps:
             ckpt.close()
-            raise
-    if writer:
-        wd.save_config(workdir, cfg)
-    rows = wd.truncate_metrics(workdir, start) if writer else wd.read_metrics(workdir)
-    seconds = rows[-1]["seconds"] if rows else 0.0
-    last = rows[-1] if rows else {}
-    if start >= tc.steps:
-        ckpt.close()
-        return last
+            return last
 
-    step_fn = make_train_step(graphdef, tx, skip_nonfinite=tc.skip_nonfinite)
-    validate = make_validation(graphdef, task, cfg) if tc.eval_every else None
-    place = (lambda b: global_batch(b, mesh)) if mesh is not None else (lambda b: b)
-    tokens_per_step = tc.batch_size * cfg.data.seq_len
-    bar = tqdm(total=tc.steps, initial=start, desc=workdir.name, disable=not (progress and writer), dynamic_ncols=True)
-    batch = place(task.train_batch(tc.seed, start, tc.batch_size))
-    skipped = int(last.get("skipped_steps", 0))
-    t0 = time.perf_counter()
-    try:
-        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            for step in range(start, tc.steps):
-                params, rest, opt_state, metrics = step_fn(state["params"], state["rest"], state["opt_state"], batch, step)
-                state = {"params": params, "rest": rest, "opt_state": opt_state}
-                if step + 1 < tc.steps:  # prepare the next batch while the device works
-                    batch = place(task.train_batch(tc.seed, step + 1, tc.batch_size))
-                loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-                done = step + 1
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    if not tc.skip_nonfinite:
-                        raise TrainingDiverged(_diverged_message(done, metrics, ckpt.latest_step(), workdir))
-                    skipped += 1  # the step function left parameters and optimizer state unchanged
-                bar.update(1)
-                evaluating = validate is not None and (done % tc.eval_every == 0 or done == tc.steps)
-                if done % tc.log_every == 0 or done == tc.steps or evaluating:
-                    bar.set_postfix(loss=f"{loss:.4f}")
-                    last = {
-                        "step": done, "loss": loss, "lr": float(schedule(step)), "tokens": done * tokens_per_step,
-                        "seconds": round(seconds + time.perf_counter() - t0, 3),
-                        **{k: float(v) for k, v in metrics.items() if k != "loss"},
-                    }
-                    if tc.skip_nonfinite:
-                        last["skipped_steps"] = skipped
-                    if evaluating:
-                        last.update(validate(state["params"], state["rest"]))
-                    if writer:
-                        wd.append_metrics(workdir, last)
-                if done % tc.checkpoint_every == 0 or done == tc.steps:
-                    jax.block_until_ready(state)
-                    ckpt.save(done, state)
-    finally:
-        bar.close()
-        ckpt.close()
-    return last
+        step_fn = make_train_step(graphdef, tx, skip_nonfinite=tc.skip_nonfinite)
+        validate = make_validation(graphdef, task, cfg) if tc.eval_every else None
+        place = (lambda b: global_batch(b, mesh)) if mesh is not None else (lambda b: b)
+        tokens_per_step = tc.batch_size * cfg.data.seq_len
+        bar = tqdm(total=tc.steps, initial=start, desc=workdir.name, disable=not (progress and writer), dynamic_ncols=True)
+        batch = place(task.train_batch(tc.seed, start, tc.batch_size))
+        skipped = int(last.get("skipped_steps", 0))
+        t0 = time.perf_counter()
+        try:
+            with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+                for step in range(start, tc.steps):
+                    params, rest, opt_state, metrics = step_fn(state["params"], state["rest"], state["opt_state"], batch, step)
+                    state = {"params": params, "rest": rest, "opt_state": opt_state}
+                    if step + 1 < tc.steps:  # prepare the next batch while the device works
+                        batch = place(task.train_batch(tc.seed, step + 1, tc.batch_size))
+                    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+                    done = step + 1
+                    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                        if not tc.skip_nonfinite:
+                            raise TrainingDiverged(_diverged_message(done, metrics, ckpt.latest_step(), workdir))
+                        skipped += 1  # the step function left parameters and optimizer state unchanged
+                    bar.update(1)
+                    evaluating = validate is not None and (done % tc.eval_every == 0 or done == tc.steps)
+                    if done % tc.log_every == 0 or done == tc.steps or evaluating:
+                        bar.set_postfix(loss=f"{loss:.4f}")
+                        last = {
+                            "step": done, "loss": loss, "lr": float(schedule(step)), "tokens": done * tokens_per_step,
+                            "seconds": round(seconds + time.perf_counter() - t0, 3),
+                            **{k: float(v) for k, v in metrics.items() if k != "loss"},
+                        }
+                        if tc.skip_nonfinite:
+                            last["skipped_steps"] = skipped
+                        if evaluating:
+                            last.update(validate(state["params"], state["rest"]))
+                        if writer:
+                            wd.append_metrics(workdir, last)
+                    if done % tc.checkpoint_every == 0 or done == tc.steps:
+                        jax.block_until_ready(state)
+                        ckpt.save(done, state)
+        finally:
+            bar.close()
+            ckpt.close()
+        return last
 
 
 def make_validation(graphdef, task, cfg: Config):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -15,11 +18,32 @@ from cfm_jax.config import Config
 from cfm_jax.errors import UserError
 
 CONFIG, METRICS, EVAL, CHECKPOINTS = "config.json", "metrics.jsonl", "eval.json", "checkpoints"
+LOCK = ".lock"  # held by the process training in the workdir (see locked)
 # Fields that may change between invocations on one workdir without changing what is trained so far.
 RESUMABLE_KEYS = (
     "train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.mesh", "train.fsdp", "train.skip_nonfinite", "train.eval_every",
 )
+
+
+@contextlib.contextmanager
+def locked(workdir: Path):
+    """Hold an exclusive lock on workdir/.lock (fcntl) while one process trains in it; a second
+    writer gets a one-line UserError instead of interleaving its steps with the first's. The kernel
+    drops the lock when the process dies, so a killed run never leaves a stale lock behind."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    f = open(workdir / LOCK, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise UserError(f"workdir {str(workdir)!r} is in use by another process (a `cfm-jax train` on it is "
+                        "still running); wait for it to finish or use another --workdir") from None
+    try:
+        yield
+    finally:
+        f.close()  # closing the file releases the lock
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -75,15 +99,24 @@ def save_config(workdir: Path, cfg: Config) -> None:
 
 
 def read_metrics(workdir: Path) -> list[dict]:
+    """metrics.jsonl's rows. A line that does not parse (cut by a crash mid-write) is skipped with one
+    warning line on stderr; the rows after it are kept."""
     path = Path(workdir) / METRICS
     if not path.exists():
         return []
-    rows = []
-    for line in path.read_text().splitlines():
+    rows, torn = [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            break  # a line cut by a crash: everything after it is discarded on resume
+            torn.append(number)
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            torn.append(number)
+    if torn:
+        print(f"warning: {path}: skipped {len(torn)} unreadable line(s) (first: line {torn[0]})", file=sys.stderr)
     return rows
 
 

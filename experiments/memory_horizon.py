@@ -46,7 +46,7 @@ def cells(scale):
     return {
         m: [f"data.task={s['task']}", "data.vocab_size=64", f"data.seq_len={s['L']}", f"data.eval_lengths={s['L']}",
             "data.eval_depths=5", "model.d_model=64", "model.n_layers=2", f"model.mixer={m}", "train.batch_size=32",
-            f"train.steps={s['steps']}", "train.lr=3e-3", "train.checkpoint_every=1000"]
+            f"train.steps={s['steps']}", "train.lr=3e-3", "train.checkpoint_every=1000", "train.eval_every=100"]
         for m in MIXERS
     }
 

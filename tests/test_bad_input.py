@@ -68,6 +68,10 @@ CASES = {
     "bad shard": (lambda w, t: ["sweep", "quickstart", "--shard", "3/2", "--runs-dir", str(t / "runs")], "--shard '3/2' must be i/n"),
     "bad workers": (lambda w, t: ["sweep", "quickstart", "--workers", "0", "--runs-dir", str(t / "runs")], "--workers 0 must be >= 1"),
     "report unknown experiment": (lambda w, t: ["report", "nope"], "unknown experiment 'nope'"),
+    "report over a table with runs missing": (
+        lambda w, t: ["report", "quickstart", "--scale", "smoke", "--runs-dir", str(t / "runs"), "--results-dir", str(t / "results")],
+        "refusing to replace"),
+    "bench with no suite": (lambda w, t: ["bench", "--suite", ",", "--out", str(t / "results")], "--suite names no suite"),
 }
 
 
@@ -92,6 +96,9 @@ def setup(tmp_path_factory):
     (t / "nocells.py").write_text("X = 1\n")
     (t / "badcells.py").write_text("def cells(scale):\n    return []\n")
     (t / "badoverride.py").write_text("def cells(scale):\n    return {'a': ['model.ffn=nope']}\n")
+    (t / "results").mkdir()
+    (t / "results" / "quickstart_smoke.md").write_text("a finished table\n")  # what a bad command must not overwrite
+    (t / "results" / "bench_smoke.md").write_text("a finished bench\n")
     return workdir, t
 
 

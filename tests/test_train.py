@@ -133,3 +133,26 @@ def test_config_and_eval_record_provenance(tmp_path):
         assert prov["backend"] == "cpu" and prov["time"].endswith("Z")
         assert {"commit", "dirty"} <= set(prov["git"]) and "CFM_JAX_MATMUL" in prov["kernels"]
         assert {"mkl", "flash_attention", "selective_scan", "XLA_FLAGS"} <= set(prov["kernels"])
+
+
+def test_second_writer_on_a_workdir_is_refused(tmp_path):
+    """While one process holds the workdir's lock, train refuses with one line and touches nothing."""
+    cfg = resolve("smoke", [*TINY, "train.steps=2"])
+    with wd.locked(tmp_path):
+        with pytest.raises(UserError, match="is in use by another process"):
+            train(cfg, tmp_path, progress=False)
+        assert not (tmp_path / wd.METRICS).exists() and not (tmp_path / wd.CONFIG).exists()
+    assert train(cfg, tmp_path, progress=False)["step"] == 2  # released: trains
+
+
+def test_torn_metrics_line_keeps_the_rows_after_it(tmp_path, capsys):
+    cfg = resolve("smoke", [*TINY, "train.steps=6"])
+    train(cfg, tmp_path, progress=False)
+    path = tmp_path / wd.METRICS
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([*lines[:2], lines[2][:15], *lines[3:]]) + "\n")  # row 3 cut mid-line
+    rows = wd.read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 4, 5, 6]
+    assert "skipped 1 unreadable line(s) (first: line 3)" in capsys.readouterr().err
+    train(resolve("smoke", [*TINY, "train.steps=8"]), tmp_path, progress=False)  # resume keeps them
+    assert [r["step"] for r in wd.read_metrics(tmp_path)] == [1, 2, 4, 5, 6, 7, 8]
