@@ -15,6 +15,7 @@ or a preset name from `LAYER_PRESETS`), tiled to `model.n_layers`. Layers of `mo
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -112,10 +113,11 @@ class TrainConfig:
     mesh: str = ""  # device mesh, e.g. "data:4,expert:2" (axes: data, expert); "" = one device
     fsdp: bool = False  # with a mesh: also shard dense weight matrices (and their Adam moments) over `data`
     skip_nonfinite: bool = False  # skip (do not apply) steps whose loss or gradient is not finite, instead of stopping
+    max_consecutive_skips: int = 20  # with skip_nonfinite: stop after this many non-finite steps in a row
     eval_every: int = 0  # every this many steps, validation loss/accuracy into metrics.jsonl as "eval/SET/NAME" (0 = off)
 
     def validate(self) -> None:
-        _positive(self, "steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints")
+        _positive(self, "steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips")
         if not self.lr > 0:
             raise UserError(f"train.lr={self.lr} must be > 0")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
@@ -180,6 +182,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
 
     def validate(self) -> "Config":
+        _check_finite(self)
+        if not 0 <= self.train.seed < 2**32:
+            raise UserError(f"train.seed={self.train.seed} must be in [0, 2**32)")
         self.model.validate()
         self.train.validate()
         self.data.validate()
@@ -311,9 +316,12 @@ def parse_value(raw: str, hint: Any, key: str) -> Any:
         raise UserError(f"{key}={raw!r} is not a bool; allowed: true, false")
     if hint in (int, float):
         try:
-            return hint(raw) if hint is float else int(raw, 10)
+            value = hint(raw) if hint is float else int(raw, 10)
         except ValueError:
             raise UserError(f"{key}={raw!r} is not {'an int' if hint is int else 'a float'}") from None
+        if hint is float and not math.isfinite(value):
+            raise UserError(f"{key}={raw!r} is not a finite number")
+        return value
     if hint is str:
         return raw
     raise UserError(f"{key}: cannot set a field of type {hint} from the command line")
@@ -328,12 +336,25 @@ def split_pattern(raw: str) -> list[str]:
             continue
         name, star, count = part.partition("*")
         if star:
-            if not count.strip().isdigit() or int(count) < 1:
+            if not (count.strip().isascii() and count.strip().isdigit()) or int(count) < 1:
                 raise UserError(f"bad repeat count in {part!r}; write NAME*N with N >= 1")
             items.extend([name.strip()] * int(count))
         else:
             items.append(name)
     return items
+
+
+def _check_finite(obj: Any, prefix: str = "") -> None:
+    """Every float field of a config (slots and pattern mixers included) must be finite: NaN passes
+    every `<` and `>` check, and inf learning rates or scales make every parameter non-finite."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        items = value if isinstance(value, tuple) else (value,)
+        for item in items:
+            if dataclasses.is_dataclass(item):
+                _check_finite(item, f"{prefix}{f.name}.")
+            elif isinstance(item, float) and not math.isfinite(item):
+                raise UserError(f"{prefix}{f.name}={item} must be a finite number")
 
 
 def _positive(obj: Any, *names: str) -> None:

@@ -73,11 +73,15 @@ def make_train_step(graphdef, tx, skip_nonfinite: bool = False):
         (loss, (ce, aux, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
         grad_norm = optax.tree.norm(grads)
         updates, new_opt_state = tx.update(grads, opt_state, params)
-        new = (optax.apply_updates(params, updates), new_rest, new_opt_state)
+        new_params = optax.apply_updates(params, updates)
+        # Checked before any save (a norm would overflow for large finite parameters, so element by element).
+        params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)]))
+        new = (new_params, new_rest, new_opt_state)
         if skip_nonfinite:
-            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
             new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, (params, rest, opt_state))
-        metrics = {"loss": loss, "ce": ce, "aux_loss": aux["loss"], "grad_norm": grad_norm}
+        metrics = {"loss": loss, "ce": ce, "aux_loss": aux["loss"], "grad_norm": grad_norm,
+                   "params_finite": params_finite.astype(jnp.float32)}
         return *new, {**metrics, **aux["stats"]}
 
     return train_step
@@ -144,7 +148,7 @@ def train(cfg: Config, workdir: Path, progress: bool = True, reconfigure: bool =
         tokens_per_step = tc.batch_size * cfg.data.seq_len
         bar = tqdm(total=tc.steps, initial=start, desc=workdir.name, disable=not (progress and writer), dynamic_ncols=True)
         batch = place(task.train_batch(tc.seed, start, tc.batch_size))
-        skipped = int(last.get("skipped_steps", 0))
+        skipped, in_a_row = int(last.get("skipped_steps", 0)), 0
         t0 = time.perf_counter()
         try:
             with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
@@ -155,10 +159,18 @@ def train(cfg: Config, workdir: Path, progress: bool = True, reconfigure: bool =
                         batch = place(task.train_batch(tc.seed, step + 1, tc.batch_size))
                     loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
                     done = step + 1
-                    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    if not (math.isfinite(loss) and math.isfinite(grad_norm) and float(metrics["params_finite"]) == 1.0):
                         if not tc.skip_nonfinite:
                             raise TrainingDiverged(_diverged_message(done, metrics, ckpt.latest_step(), workdir))
                         skipped += 1  # the step function left parameters and optimizer state unchanged
+                        in_a_row += 1
+                        if in_a_row >= tc.max_consecutive_skips:
+                            raise TrainingDiverged(
+                                f"{in_a_row} non-finite steps in a row up to step {done} (train.max_consecutive_skips="
+                                f"{tc.max_consecutive_skips}): stopped; parameters are those of the last finite step, "
+                                f"last checkpoint: {ckpt.latest_step() or 'none'} in {workdir / wd.CHECKPOINTS}")
+                    else:
+                        in_a_row = 0
                     bar.update(1)
                     evaluating = validate is not None and (done % tc.eval_every == 0 or done == tc.steps)
                     if done % tc.log_every == 0 or done == tc.steps or evaluating:
@@ -205,7 +217,8 @@ def make_validation(graphdef, task, cfg: Config):
 def _diverged_message(step: int, metrics: dict, kept: int | None, workdir: Path) -> str:
     """One line: the step, the non-finite quantity, the first layer whose statistics are non-finite."""
     values = {k: float(v) for k, v in metrics.items()}
-    what = "loss" if not math.isfinite(values["loss"]) else "gradient norm"
+    what = ("loss" if not math.isfinite(values["loss"]) else "gradient norm" if not math.isfinite(values["grad_norm"])
+            else "parameters after the update" if values.get("params_finite", 1.0) != 1.0 else "value")
     layers = sorted({k.rsplit("/", 1)[1] for k, v in values.items() if "/layer" in k and not math.isfinite(v)})
     where = f" (first non-finite statistics in {layers[0]})" if layers else ""
     return (

@@ -156,3 +156,30 @@ def test_torn_metrics_line_keeps_the_rows_after_it(tmp_path, capsys):
     assert "skipped 1 unreadable line(s) (first: line 3)" in capsys.readouterr().err
     train(resolve("smoke", [*TINY, "train.steps=8"]), tmp_path, progress=False)  # resume keeps them
     assert [r["step"] for r in wd.read_metrics(tmp_path)] == [1, 2, 4, 5, 6, 7, 8]
+
+
+def test_non_finite_parameters_stop_before_any_checkpoint(tmp_path):
+    """An update that makes parameters non-finite (lr 1e39 overflows float32) while loss and gradient
+    are finite: the run stops at that step and no checkpoint holds the bad parameters."""
+    cfg = resolve("smoke", [*TINY, "train.steps=6", "train.lr=1e39", "train.warmup_steps=0"])
+    with pytest.raises(TrainingDiverged, match="non-finite parameters after the update at step 1"):
+        train(cfg, tmp_path / "a", progress=False)
+    assert not (tmp_path / "a" / wd.CHECKPOINTS).exists() or not any((tmp_path / "a" / wd.CHECKPOINTS).iterdir())
+
+
+def test_skip_nonfinite_stops_after_consecutive_skips(tmp_path):
+    cfg = resolve("smoke", [*TINY, "train.steps=20", "train.lr=1e39", "train.warmup_steps=0",
+                            "train.skip_nonfinite=true", "train.max_consecutive_skips=3"])
+    with pytest.raises(TrainingDiverged, match=r"3 non-finite steps in a row up to step 3 \(train.max_consecutive_skips=3\)"):
+        train(cfg, tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.lr=nan", "train.lr='nan' is not a finite number"), ("train.lr=1e400", "is not a finite number"),
+    ("model.init_std=inf", "is not a finite number"), ("train.grad_clip=nan", "is not a finite number"),
+    ("train.seed=-1", "train.seed=-1 must be in [0, 2**32)"), ("train.seed=4294967296", "must be in [0, 2**32)"),
+    ("model.layers=gla*²", "bad repeat count"),
+])
+def test_non_finite_and_out_of_range_values_are_refused(override, fragment):
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        resolve("smoke", [override])

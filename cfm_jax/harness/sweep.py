@@ -30,7 +30,8 @@ def cell_workdir(runs_dir: Path, experiment: str, scale: str, cell: str) -> Path
 def parse_shard(text: str) -> tuple[int, int]:
     """'i/n' with 0 <= i < n."""
     i, _, n = text.partition("/")
-    if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+    digits = lambda x: x.isascii() and x.isdigit()
+    if not (digits(i) and digits(n) and 0 <= int(i) < int(n)):
         raise UserError(f"--shard {text!r} must be i/n with 0 <= i < n, e.g. 0/4")
     return int(i), int(n)
 
