@@ -1,17 +1,38 @@
 """Orbax checkpoints of the training state under workdir/checkpoints, keeping the last N.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a crash never
-leaves a half-written checkpoint as the latest.
+leaves a half-written checkpoint as the latest. Each saved step's SHA-256 over every array's bytes
+is kept in checkpoints/digests.json and checked on restore, so flipped bits in a data file are
+found; `restore_latest` then falls back to the newest intact step and says so on stderr.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from cfm_jax.errors import UserError
+
+DIGESTS = "digests.json"
+
+
+def digest(state) -> str | None:
+    """SHA-256 over every leaf's dtype, shape and bytes (None where a leaf lives on other hosts)."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(state):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return None
+        a = np.asarray(leaf)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
 
 
 class Checkpoints:
@@ -23,22 +44,60 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def _digests(self) -> dict:
+        try:
+            return json.loads((self.directory / DIGESTS).read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
     def save(self, step: int, state) -> None:
+        from cfm_jax.workdir import write_json
+
         self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
         self.manager.wait_until_finished()
+        if jax.process_index() == 0 and (d := digest(state)) is not None:
+            kept = {str(s) for s in self.manager.all_steps()}
+            write_json(self.directory / DIGESTS, {k: v for k, v in {**self._digests(), str(step): d}.items() if k in kept})
+
+    def restore_latest(self, like) -> tuple[int, object] | tuple[None, None]:
+        """(step, state) of the newest step that restores and matches its digest, falling back past
+        broken ones with one warning line each; (None, None) with no checkpoint; UserError if none is
+        intact."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        errors = []
+        for i, step in enumerate(steps):
+            try:
+                return step, self.restore(step, like)
+            except UserError as e:
+                errors.append(e)
+                if i + 1 < len(steps):
+                    print(f"warning: {e.args[0].split(';')[0]}; falling back to step {steps[i + 1]}", file=sys.stderr)
+        if errors:
+            raise errors[0]
+        return None, None
 
     def restore(self, step: int, like):
         """Restore `step` into the structure, dtypes, shapes and shardings of `like` (so a checkpoint
         saved under one mesh restores under another)."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        quiet = logging.getLogger("asyncio")  # orbax's reader tasks log their own traceback on failure
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
         try:
-            return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable data
             detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise UserError(
                 f"checkpoint step {step} in {self.directory} cannot be restored ({detail}); "
                 "remove that step directory to fall back to an earlier one, or use another --workdir"
             ) from None
+        finally:
+            quiet.setLevel(level)
+        expected = self._digests().get(str(step))
+        if expected is not None and digest(state) not in (None, expected):
+            raise UserError(f"checkpoint step {step} in {self.directory} cannot be restored (its data does not match "
+                            f"the digest saved with it: corrupted on disk); remove that step directory or use another --workdir")
+        return state
 
     def close(self) -> None:
         self.manager.close()

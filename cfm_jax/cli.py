@@ -31,6 +31,12 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_BAD_INPUT)
 
 
+def _workdir(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("--workdir must name a directory, not ''")
+    return Path(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     from cfm_jax.config import SCALES
 
@@ -38,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train (or resume) one run in a workdir")
-    t.add_argument("--workdir", required=True, type=Path, help="run directory (created; resumed if present)")
+    t.add_argument("--workdir", required=True, type=_workdir, help="run directory (created; resumed if present)")
     t.add_argument("--scale", default="cpu", choices=list(SCALES), help="size preset applied before overrides")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--distributed", action="store_true",
@@ -48,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.d_model=128 train.steps=200")
 
     e = sub.add_parser("eval", help="evaluate a workdir's latest checkpoint into eval.json")
-    e.add_argument("--workdir", required=True, type=Path)
+    e.add_argument("--workdir", required=True, type=_workdir)
     e.add_argument("--analysis", default="", metavar="LIST",
                    help="comma list of neuron analyses (extra forward passes): cett, dynamic, bricks, or all")
 

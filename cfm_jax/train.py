@@ -126,13 +126,12 @@ def train(cfg: Config, workdir: Path, progress: bool = True, reconfigure: bool =
         if not reconfigure:
             wd.check_compatible(workdir, cfg)  # again, now that no other writer can change it
         ckpt = Checkpoints(workdir / wd.CHECKPOINTS, tc.keep_checkpoints)
-        start = ckpt.latest_step() or 0
-        if start:
-            try:
-                state = ckpt.restore(start, state)
-            except UserError:
-                ckpt.close()
-                raise
+        try:
+            start, restored = ckpt.restore_latest(state)
+        except UserError:
+            ckpt.close()
+            raise
+        start, state = (start, restored) if start else (0, state)
         if writer:
             wd.save_config(workdir, cfg)
         rows = wd.truncate_metrics(workdir, start) if writer else wd.read_metrics(workdir)
@@ -232,12 +231,13 @@ def restore_model(workdir: Path, cfg: Config, vocab_size: int):
     """The trained model at the workdir's latest checkpoint, plus that step."""
     graphdef, state, _, _ = init_state(cfg, vocab_size)
     ckpt = Checkpoints(Path(workdir) / wd.CHECKPOINTS, cfg.train.keep_checkpoints)
-    step = ckpt.latest_step()
-    if step is None:
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise UserError(f"workdir {str(workdir)!r} has no checkpoint yet (run `cfm-jax train` first)")
+        state = ckpt.restore(step, state)  # the latest only: evaluating an older step would mislabel eval.json
+    finally:
         ckpt.close()
-        raise UserError(f"workdir {str(workdir)!r} has no checkpoint yet (run `cfm-jax train` first)")
-    state = ckpt.restore(step, state)
-    ckpt.close()
     model = nnx.merge(graphdef, state["params"], state["rest"])
     model.eval()
     return model, step

@@ -51,11 +51,18 @@ def write_atomic(path: Path, text: str) -> None:
     """Write via a temp file + rename, so readers never see a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are shared files like any other
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, obj) -> None:
@@ -77,6 +84,10 @@ def load_config(workdir: Path) -> Config:
 def check_compatible(workdir: Path, cfg: Config) -> None:
     """Refuse to resume a workdir whose saved config differs in anything but RESUMABLE_KEYS."""
     if not (Path(workdir) / CONFIG).exists():
+        ckpts = Path(workdir) / CHECKPOINTS
+        if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):
+            raise UserError(f"workdir {str(workdir)!r} holds checkpoints but no {CONFIG}, so which config they belong "
+                            "to is unknown; restore its config.json or use another --workdir")
         return
     saved = load_config(workdir)
     changes = [d for d in config_lib.diff(saved, cfg) if not d.startswith(tuple(k + ":" for k in RESUMABLE_KEYS))]

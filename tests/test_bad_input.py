@@ -71,6 +71,10 @@ CASES = {
     "report over a table with runs missing": (
         lambda w, t: ["report", "quickstart", "--scale", "smoke", "--runs-dir", str(t / "runs"), "--results-dir", str(t / "results")],
         "refusing to replace"),
+    "empty workdir": (lambda w, t: ["train", "--workdir", "", "--scale", "smoke", *TINY], "--workdir must name a directory"),
+    "checkpoints without config.json": (lambda w, t: TRAIN(t / "noconfig"), "holds checkpoints but no config.json"),
+    "cell name leaving the runs dir": (lambda w, t: ["sweep", str(t / "dotdot.py"), "--runs-dir", str(t / "runs")], "bad cell name '..'"),
+    "unicode shard": (lambda w, t: ["sweep", "quickstart", "--shard", "²/3", "--runs-dir", str(t / "runs")], "must be i/n"),
     "bench with no suite": (lambda w, t: ["bench", "--suite", ",", "--out", str(t / "results")], "--suite names no suite"),
 }
 
@@ -96,6 +100,9 @@ def setup(tmp_path_factory):
     (t / "nocells.py").write_text("X = 1\n")
     (t / "badcells.py").write_text("def cells(scale):\n    return []\n")
     (t / "badoverride.py").write_text("def cells(scale):\n    return {'a': ['model.ffn=nope']}\n")
+    (t / "dotdot.py").write_text("def cells(scale):\n    return {'..': []}\n")
+    shutil.copytree(workdir, t / "noconfig")
+    (t / "noconfig" / "config.json").unlink()
     (t / "results").mkdir()
     (t / "results" / "quickstart_smoke.md").write_text("a finished table\n")  # what a bad command must not overwrite
     (t / "results" / "bench_smoke.md").write_text("a finished bench\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 
@@ -183,3 +184,47 @@ def test_skip_nonfinite_stops_after_consecutive_skips(tmp_path):
 def test_non_finite_and_out_of_range_values_are_refused(override, fragment):
     with pytest.raises(UserError, match=re.escape(fragment)):
         resolve("smoke", [override])
+
+
+def test_corrupted_checkpoint_is_found_and_restore_falls_back(tmp_path, capsys):
+    """Flipped bytes anywhere in the newest step's largest data file, and a step whose data no longer
+    match the digest saved with it: restoring that step is refused, and restore_latest falls back to
+    the step before, saying so."""
+    from cfm_jax.checkpoint import DIGESTS, Checkpoints
+    from cfm_jax.train import init_state
+
+    cfg = resolve("smoke", [*TINY, "train.steps=10"])
+    train(cfg, tmp_path / "run", progress=False)
+    _, like, _, _ = init_state(cfg, 256)
+    root = tmp_path / "run" / wd.CHECKPOINTS
+    biggest = max((p for p in (root / "10").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    clean = biggest.read_bytes()
+    for fraction in (0.1, 0.3, 0.5, 0.7, 0.9, 0.99):
+        data = bytearray(clean)
+        data[int(len(data) * fraction)] ^= 0x10
+        biggest.write_bytes(bytes(data))
+        ckpt = Checkpoints(root, 3)
+        try:
+            with pytest.raises(UserError, match="checkpoint step 10 .* cannot be restored"):
+                ckpt.restore(10, like)
+            step, _ = ckpt.restore_latest(like)
+        finally:
+            ckpt.close()
+        assert step == 5 and "falling back to step 5" in capsys.readouterr().err
+    biggest.write_bytes(clean)
+    digests = __import__("json").loads((root / DIGESTS).read_text())
+    assert set(digests) == {"5", "10"}  # one per kept step
+    (root / DIGESTS).write_text(__import__("json").dumps({**digests, "10": "0" * 64}))
+    ckpt = Checkpoints(root, 3)
+    try:
+        with pytest.raises(UserError, match="does not match the digest saved with it"):
+            ckpt.restore(10, like)
+    finally:
+        ckpt.close()
+
+
+def test_written_files_follow_the_umask_not_0600(tmp_path):
+    wd.write_json(tmp_path / "x.json", {"a": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~mask

@@ -35,7 +35,7 @@ from cfm_jax.config import Config, resolve
 from cfm_jax.errors import UserError
 from cfm_jax.harness.stats import Comparison
 
-CELL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+CELL_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # no leading dot: '..' would leave the runs dir
 
 
 def experiments_dir() -> Path:
@@ -68,7 +68,7 @@ class Experiment:
             raise UserError(f"experiment {self.name!r}: cells() must return a non-empty dict name -> [overrides]")
         for name, overrides in cells.items():
             if not isinstance(name, str) or not CELL_NAME.match(name):
-                raise UserError(f"experiment {self.name!r}: bad cell name {name!r} (letters, digits, _ . - only)")
+                raise UserError(f"experiment {self.name!r}: bad cell name {name!r} (letters, digits, _ . - only, not starting with .)")
             if not isinstance(overrides, (list, tuple)) or not all(isinstance(o, str) for o in overrides):
                 raise UserError(f"experiment {self.name!r}: cell {name!r} must map to a list of 'key=value' strings")
         return {name: list(overrides) for name, overrides in cells.items()}
