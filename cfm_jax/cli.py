@@ -13,6 +13,7 @@ stderr and exits with code 2, before anything in a workdir is touched.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -93,7 +94,12 @@ def _run(args: argparse.Namespace) -> int:
         if args.distributed:
             import jax
 
-            jax.distributed.initialize()
+            try:
+                jax.distributed.initialize()
+            except Exception as e:  # noqa: BLE001 - jax raises several types for a missing cluster
+                raise UserError(f"--distributed: jax.distributed.initialize() failed ({str(e).splitlines()[0][:200]}); "
+                                "run it under a cluster launcher (SLURM, ...) or set JAX_COORDINATOR_ADDRESS, "
+                                "JAX_NUM_PROCESSES and JAX_PROCESS_ID") from None
 
         last = train(resolve(args.scale, args.overrides), args.workdir, progress=not args.no_progress,
                      reconfigure=args.reconfigure)
@@ -157,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as e:  # a workdir that is a file, a read-only or full disk: one line, not a traceback
+        where = f" ({e.filename})" if e.filename else ""
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        print(f"error: {e.strerror or e}{where}" + ("; the last complete checkpoint is kept, rerun to resume "
+                                                    "once there is space" if full else ""), file=sys.stderr)
+        return EXIT_FAILED if full else EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

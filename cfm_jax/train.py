@@ -95,6 +95,35 @@ def with_training_step(graphdef, params, rest, step):
     return nnx.state(model, nnx.Not(nnx.Param))
 
 
+BYTES_PER_PARAM = 16  # float32 parameters, gradients and AdamW's two moments
+
+
+def available_memory() -> int | None:
+    """Bytes the OS can still give this process (MemAvailable), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(cfg: Config, vocab_size: int) -> None:
+    """Refuse, before anything is allocated, a model whose parameters, gradients and optimizer
+    state alone exceed the host memory available (on a CPU backend; accelerators report OOM
+    themselves). The count comes from an abstract model (nnx.eval_shape), so it is exact and free."""
+    if jax.default_backend() != "cpu" or (free := available_memory()) is None:
+        return
+    abstract = nnx.eval_shape(lambda: build_model(cfg.model, vocab_size, 0))
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    need = BYTES_PER_PARAM * n // max(1, jax.device_count())
+    if need > free:
+        raise UserError(f"model of {n:,} parameters needs about {need / 2**30:.1f} GiB for parameters, gradients and "
+                        f"optimizer state, more than the {free / 2**30:.1f} GiB available; make it smaller "
+                        "(model.d_model, model.n_layers, d_ff)")
+
+
 def init_state(cfg: Config, vocab_size: int):
     """(graphdef, state, tx, schedule) with state = {"params", "rest", "opt_state"}."""
     model = build_model(cfg.model, vocab_size, cfg.train.seed)
@@ -116,6 +145,7 @@ def train(cfg: Config, workdir: Path, progress: bool = True, reconfigure: bool =
     task = make_task(cfg.data)
     tc = cfg.train
     mesh = make_mesh(tc.mesh)
+    check_memory(cfg, task.vocab_size)
     graphdef, state, tx, schedule = init_state(cfg, task.vocab_size)
     if mesh is not None:
         check_batch(tc.batch_size, mesh)

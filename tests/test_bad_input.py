@@ -75,6 +75,9 @@ CASES = {
     "checkpoints without config.json": (lambda w, t: TRAIN(t / "noconfig"), "holds checkpoints but no config.json"),
     "cell name leaving the runs dir": (lambda w, t: ["sweep", str(t / "dotdot.py"), "--runs-dir", str(t / "runs")], "bad cell name '..'"),
     "unicode shard": (lambda w, t: ["sweep", "quickstart", "--shard", "²/3", "--runs-dir", str(t / "runs")], "must be i/n"),
+    "model too big for memory": (lambda w, t: TRAIN(t / "fresh", "model.d_model=65536"), "more than the"),
+    "workdir is a file": (lambda w, t: TRAIN(t / "binary" / "blob.bin"), "blob.bin"),
+    "distributed without a cluster": (lambda w, t: [*TRAIN(t / "fresh"), "--distributed"], "--distributed: jax.distributed.initialize() failed"),
     "bench with no suite": (lambda w, t: ["bench", "--suite", ",", "--out", str(t / "results")], "--suite names no suite"),
 }
 
