@@ -27,6 +27,7 @@ from baselines.scan_utils import check_scan, check_threshold, gla_chunked, gla_s
 from cfm_jax.errors import UserError
 from cfm_jax.layers.attention import FP32_BYTES
 from cfm_jax.layers.common import Linear, linear, make_aux, normal_init, output_init
+from cfm_jax.layers.short_conv import ShortConv
 from cfm_jax.registry import LayerContext, SlotConfig, register
 
 
@@ -42,6 +43,7 @@ class GLAConfig(SlotConfig):
     chunk_size: int = 32  # tokens per chunk of the training form (any length works; tail is padded)
     sub_chunk: int = 8  # tokens per intra-chunk block (per_dim gate); must divide chunk_size
     scan: str = "auto"  # within a chunk: "matmul", "sequential", or "auto" (sequential for small head states)
+    conv_size: int = 0  # taps of a causal depthwise conv (+ SiLU) on q, k, v (fla's use_short_conv: 4); 0 = none
 
     def key_dim(self, d_model: int) -> int:
         return int(self.expand_k * d_model)
@@ -69,12 +71,15 @@ class GLAConfig(SlotConfig):
                 f"model.mixer.sub_chunk={self.sub_chunk} must be >= 1 and divide chunk_size={self.chunk_size}"
             )
         check_scan(self.scan)
+        if self.conv_size < 0:
+            raise UserError(f"model.mixer.conv_size={self.conv_size} must be >= 0 (0 = no short conv)")
 
     def param_count(self, d_model: int) -> int:
         """Parameters of one layer: q, k, v, g projections, the gate, the norm weight, o_proj."""
         K, V, H = self.key_dim(d_model), self.value_dim(d_model), self.n_heads
         gate = d_model * self.gate_low_rank + (self.gate_low_rank + 1) * K if self.gate == "per_dim" else (d_model + 1) * H
-        return 2 * d_model * K + 2 * d_model * V + gate + V // H + V * d_model
+        conv = (self.conv_size + 1) * (2 * K + V) if self.conv_size else 0
+        return 2 * d_model * K + 2 * d_model * V + gate + V // H + V * d_model + conv
 
 
 @register("mixer", "gla", GLAConfig)
@@ -92,6 +97,7 @@ class GLA(nnx.Module):
             self.gate_up = Linear(d, H, kernel_init=init, rngs=rngs)
         self.norm_weight = nnx.Param(jnp.asarray(np.ones(self.dv, np.float32)))  # shared by heads, as fla's gated RMSNorm
         self.o_proj = linear(V, d, output_init(ctx), rngs)
+        self.conv = ShortConv(2 * K + V, cfg.conv_size, rngs=rngs) if cfg.conv_size else None
 
     def _log_decay(self, x: jax.Array) -> jax.Array:
         """x: (..., d_model) -> log alpha (..., H, d_k or 1) fp32, <= 0."""
@@ -99,11 +105,15 @@ class GLA(nnx.Module):
         logits = self.gate_up(h).astype(jnp.float32)
         return (jax.nn.log_sigmoid(logits) / self.cfg.gate_logit_normalizer).reshape(*x.shape[:-1], self.n_heads, -1)
 
-    def _qkv(self, x: jax.Array):
-        """x: (..., d_model) -> q, k (..., H, d_k) with q scaled by d_k^-1/2; v (..., H, d_v)."""
-        split = lambda a, n: a.reshape(*x.shape[:-1], self.n_heads, n)
-        q = split(self.q_proj(x), self.dk) * self.dk**-0.5
-        return q, split(self.k_proj(x), self.dk), split(self.v_proj(x), self.dv)
+    def _project(self, x: jax.Array) -> jax.Array:
+        """x: (..., d_model) -> q, k, v projections side by side (..., 2 K + V)."""
+        return jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
+
+    def _qkv(self, qkv: jax.Array):
+        """(..., 2 K + V) -> q, k (..., H, d_k) with q scaled by d_k^-1/2; v (..., H, d_v)."""
+        K = self.n_heads * self.dk
+        split = lambda a, n: a.reshape(*qkv.shape[:-1], self.n_heads, n)
+        return split(qkv[..., :K], self.dk) * self.dk**-0.5, split(qkv[..., K:2 * K], self.dk), split(qkv[..., 2 * K:], self.dv)
 
     def _output(self, o: jax.Array, x: jax.Array) -> jax.Array:
         """o: (..., H, d_v) fp32 -> per-head RMSNorm, silu output gate, o_proj -> (..., d_model)."""
@@ -113,7 +123,8 @@ class GLA(nnx.Module):
 
     def __call__(self, x: jax.Array):
         """x: (batch, seq, d_model) -> (y: (batch, seq, d_model), aux with the memory horizon)."""
-        q, k, v = self._qkv(x)
+        qkv = self._project(x)
+        q, k, v = self._qkv(self.conv(qkv) if self.conv is not None else qkv)
         la = self._log_decay(x)
         o, _ = gla_chunked(q, k, v, la, chunk=self.cfg.chunk_size, sub_chunk=self.cfg.sub_chunk,
                            scan=self.cfg.scan)
@@ -122,27 +133,34 @@ class GLA(nnx.Module):
     # --- decoding ---
 
     def init_state(self, batch: int, max_len: int) -> dict:
-        """S: (batch, H, d_k, d_v) fp32; max_len unused (the state does not grow)."""
-        return {"S": jnp.zeros((batch, self.n_heads, self.dk, self.dv))}
+        """S: (batch, H, d_k, d_v) fp32 (+ the conv's last inputs); max_len unused (the state does not grow)."""
+        state = {"S": jnp.zeros((batch, self.n_heads, self.dk, self.dv))}
+        if self.conv is not None:
+            state["conv"] = self.conv.init_state(batch)
+        return state
 
     def step(self, x: jax.Array, state: dict):
         """One token. x: (batch, d_model) -> (y: (batch, d_model), new state)."""
-        q, k, v = (a.astype(jnp.float32) for a in self._qkv(x))
+        qkv, new = self._project(x), {}
+        if self.conv is not None:
+            qkv, new["conv"] = self.conv.step(qkv, state["conv"])
+        q, k, v = (a.astype(jnp.float32) for a in self._qkv(qkv))
         o, S = gla_step(state["S"], q, k, v, self._log_decay(x))
-        return self._output(o, x), {"S": S}
+        return self._output(o, x), {"S": S, **new}
 
     # --- accounting ---
 
     def state_bytes(self, context_len: int) -> int:
-        """Per sequence (fp32), independent of context_len: H d_k d_v."""
-        return self.n_heads * self.dk * self.dv * FP32_BYTES
+        """Per sequence (fp32), independent of context_len: H d_k d_v (+ the conv's last inputs)."""
+        return self.n_heads * self.dk * self.dv * FP32_BYTES + (self.conv.state_bytes() if self.conv is not None else 0)
 
     def flops_per_token(self, context_len: int) -> int:
         """Forward FLOPs per token (2 per multiply-add) of the recurrent form; independent of context_len.
         Projections plus 5 H d_k d_v for the state: decay and add k v^T (3), read q . S (2)."""
         d, H, K, V = self.d_model, self.n_heads, self.n_heads * self.dk, self.n_heads * self.dv
         gate = 2 * (d * self.cfg.gate_low_rank + self.cfg.gate_low_rank * K) if self.cfg.gate == "per_dim" else 2 * d * H
-        return 2 * d * (2 * K + 2 * V) + gate + 2 * V * d + 5 * H * self.dk * self.dv
+        conv = 2 * self.cfg.conv_size * (2 * K + V)
+        return 2 * d * (2 * K + 2 * V) + gate + 2 * V * d + 5 * H * self.dk * self.dv + conv
 
     def decay_stats(self, x: jax.Array | None = None) -> jax.Array:
         """Mean log-decay per token of each decay channel, (H * d_k,) or (H,) for per_head, <= 0,

@@ -22,6 +22,7 @@ from flax import nnx
 from cfm_jax.errors import UserError
 from cfm_jax.layers.attention import FP32_BYTES
 from cfm_jax.layers.common import RMSNorm, linear, make_aux, normal_init, output_init
+from cfm_jax.layers.short_conv import ShortConv
 from cfm_jax.registry import LayerContext, SlotConfig, register
 
 FeatureMap = Literal["elu1", "identity", "taylor"]
@@ -39,6 +40,7 @@ class LinearAttentionConfig(SlotConfig):
     # none = raw o_t
     normalize: Literal["sum", "rms", "none"] = "sum"
     chunk_size: int = 64  # tokens per chunk of the training form (any length works; tail is padded)
+    conv_size: int = 0  # taps of a causal depthwise conv (+ SiLU) on q, k, v before the feature map; 0 = none
 
     def key_dim(self, d_model: int) -> int:
         return self.d_key or d_model // self.n_heads
@@ -54,7 +56,8 @@ class LinearAttentionConfig(SlotConfig):
     def param_count(self, d_model: int) -> int:
         hd, dk = d_model // self.n_heads, self.key_dim(d_model)
         norm = hd if self.normalize == "rms" else 0
-        return d_model * self.n_heads * (2 * dk + hd) + self.n_heads * hd * d_model + norm
+        conv = (self.conv_size + 1) * self.n_heads * (2 * dk + hd) if self.conv_size else 0
+        return d_model * self.n_heads * (2 * dk + hd) + self.n_heads * hd * d_model + norm + conv
 
     def validate(self, d_model: int) -> None:
         if self.n_heads < 1 or d_model % self.n_heads:
@@ -63,6 +66,8 @@ class LinearAttentionConfig(SlotConfig):
             raise UserError(f"model.mixer.d_key={self.d_key} must be >= 1 (0 = head_dim)")
         if self.chunk_size < 1:
             raise UserError(f"model.mixer.chunk_size={self.chunk_size} must be >= 1")
+        if self.conv_size < 0:
+            raise UserError(f"model.mixer.conv_size={self.conv_size} must be >= 0 (0 = no short conv)")
         if self.normalize == "sum" and self.feature_map == "identity":
             raise UserError("model.mixer.normalize=sum needs a positive feature map (elu1, taylor), not identity")
 
@@ -138,18 +143,24 @@ class LinearAttention(nnx.Module):
         self.v_proj = linear(d, self.n_heads * self.head_dim, init, rngs)
         self.o_proj = linear(self.n_heads * self.head_dim, d, output_init(ctx), rngs)
         self.out_norm = RMSNorm(self.head_dim, rngs=rngs) if cfg.normalize == "rms" else None
+        channels = self.n_heads * (2 * self.d_key + self.head_dim)
+        self.conv = ShortConv(channels, cfg.conv_size, rngs=rngs) if cfg.conv_size else None
 
-    def _features(self, x: jax.Array):
-        """x: (B, L, d_model) -> phi(q), phi(k): (B, L, H, F) fp32; v: (B, L, H, value_dim) fp32."""
-        b, s, _ = x.shape
-        q = self.q_proj(x).reshape(b, s, self.n_heads, self.d_key).astype(jnp.float32)
-        k = self.k_proj(x).reshape(b, s, self.n_heads, self.d_key).astype(jnp.float32)
-        v = self.v_proj(x).reshape(b, s, self.n_heads, self.head_dim).astype(jnp.float32)
+    def _project(self, x: jax.Array) -> jax.Array:
+        """x: (..., d_model) -> q, k, v projections side by side: (..., H (2 d_key + head_dim))."""
+        return jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
+
+    def _features(self, qkv: jax.Array):
+        """qkv: (..., H (2 d_key + head_dim)) -> phi(q), phi(k): (..., H, F) fp32; v: (..., H, value_dim) fp32."""
+        lead, h, dk = qkv.shape[:-1], self.n_heads, self.d_key
+        q = qkv[..., :h * dk].reshape(*lead, h, dk).astype(jnp.float32)
+        k = qkv[..., h * dk:2 * h * dk].reshape(*lead, h, dk).astype(jnp.float32)
+        v = qkv[..., 2 * h * dk:].reshape(*lead, h, self.head_dim).astype(jnp.float32)
         q, k = feature_map(q, self.cfg.feature_map), feature_map(k, self.cfg.feature_map)
         if self.cfg.feature_map != "taylor":  # taylor carries its own 1/sqrt(d) scaling
             q = q * self.d_key**-0.5
         if self.cfg.normalize == "sum":  # the ones column accumulates the normalizer sum phi(k)
-            v = jnp.concatenate([v, jnp.ones((b, s, self.n_heads, 1), jnp.float32)], axis=-1)
+            v = jnp.concatenate([v, jnp.ones((*lead, h, 1), jnp.float32)], axis=-1)
         return q, k, v
 
     def _readout(self, o: jax.Array, dtype) -> jax.Array:
@@ -162,30 +173,60 @@ class LinearAttention(nnx.Module):
 
     def __call__(self, x: jax.Array):
         """x: (batch, seq, d_model) -> (y: (batch, seq, d_model), aux)."""
-        o, _ = chunked_linear_attention(*self._features(x), self.cfg.chunk_size)
+        qkv = self._project(x)
+        if self.conv is not None:
+            qkv = self.conv(qkv)
+        o, _ = chunked_linear_attention(*self._features(qkv), self.cfg.chunk_size)
         return self._readout(o, x.dtype), make_aux()
 
     # --- decoding ---
 
     def init_state(self, batch: int, max_len: int) -> dict:
-        """Recurrent state S: (batch, heads, feature_dim, value_dim) fp32; independent of max_len."""
-        return {"S": jnp.zeros((batch, self.n_heads, self.feature_dim, self.value_dim), jnp.float32)}
+        """Recurrent state S: (batch, heads, feature_dim, value_dim) fp32 (+ the conv's last inputs);
+        independent of max_len."""
+        state = {"S": jnp.zeros((batch, self.n_heads, self.feature_dim, self.value_dim), jnp.float32)}
+        if self.conv is not None:
+            state["conv"] = self.conv.init_state(batch)
+        return state
 
     def step(self, x: jax.Array, state: dict):
         """One token. x: (batch, d_model) -> (y: (batch, d_model), new state)."""
-        q, k, v = (t[:, 0] for t in self._features(x[:, None, :]))
-        s, o = recurrent_step(state["S"], q, k, v)
-        return self._readout(o, x.dtype), {"S": s}
+        qkv, new = self._project(x), {}
+        if self.conv is not None:
+            qkv, new["conv"] = self.conv.step(qkv, state["conv"])
+        s, o = recurrent_step(state["S"], *self._features(qkv))
+        return self._readout(o, x.dtype), {"S": s, **new}
 
     # --- accounting ---
 
     def state_bytes(self, context_len: int) -> int:
-        """Recurrent state bytes per sequence (fp32): heads * feature_dim * value_dim, any context."""
-        return self.n_heads * self.feature_dim * self.value_dim * FP32_BYTES
+        """Recurrent state bytes per sequence (fp32): heads * feature_dim * value_dim (+ the conv's
+        last inputs), any context."""
+        conv = self.conv.state_bytes() if self.conv is not None else 0
+        return self.n_heads * self.feature_dim * self.value_dim * FP32_BYTES + conv
 
     def flops_per_token(self, context_len: int) -> int:
         """Forward FLOPs of one decoding token: projections + state update + readout (no context term)."""
         d = self.q_proj.in_features
         projections = 2 * d * self.n_heads * (2 * self.d_key + self.head_dim) + 2 * self.n_heads * self.head_dim * d
         taylor = 2 * self.n_heads * self.d_key**2 if self.cfg.feature_map == "taylor" else 0  # q and k outer products
-        return projections + taylor + 2 * 2 * self.n_heads * self.feature_dim * self.value_dim
+        conv = 2 * self.cfg.conv_size * self.n_heads * (2 * self.d_key + self.head_dim)
+        return projections + taylor + conv + 2 * 2 * self.n_heads * self.feature_dim * self.value_dim
+
+
+@dataclass(frozen=True)
+class BasedConfig(LinearAttentionConfig):
+    """Based's linear attention (Arora et al. 2024): a 2nd-order Taylor feature map on 16-dim queries
+    and keys (feature dim 1 + 16 + 256), normalized by phi(q) . sum phi(k), after a short causal conv.
+    The Based architecture pairs it with small sliding-window attention layers: `model.layers=based`
+    (the preset) alternates this kind, `based_linear`, with `sliding_window` (window set by
+    model.mixers.sliding_window.window, Based uses 64)."""
+
+    d_key: int = 16
+    feature_map: FeatureMap = "taylor"
+    conv_size: int = 3
+
+
+@register("mixer", "based_linear", BasedConfig)
+class Based(LinearAttention):
+    """`linear_attention` with Based's defaults (BasedConfig); same forms, state and references."""

@@ -205,6 +205,9 @@ LAYER_PRESETS: dict[str, tuple[str, ...]] = {
     "minimax": ("linear_attention",) * 7 + ("attention",),
     # Samba (Ren et al. 2024, arXiv 2406.07522): Mamba and sliding-window attention layers alternate.
     "samba": ("mamba", "sliding_window"),
+    # Based (Arora et al. 2024, arXiv 2402.18668): Taylor linear attention with a short conv, and
+    # small sliding-window attention layers (sliding_window defaults to a 64-token window, as Based).
+    "based": ("based_linear", "sliding_window"),
 }
 
 

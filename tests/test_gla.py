@@ -70,11 +70,12 @@ def build(d_model: int = 32, **overrides) -> GLA:
     return GLA(cfg, LayerContext(d_model, 2, 0, 0.1), rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("scan", ["matmul", "sequential"])
+@pytest.mark.parametrize("scan, conv_size", [("matmul", 0), ("sequential", 0), ("sequential", 4)])
 @pytest.mark.parametrize("gate", ["per_dim", "per_head"])
-def test_decode_matches_forward(gate, scan):
-    """Token-by-token `step` == the chunked forward over several chunks and a partial one."""
-    module = build(gate=gate, scan=scan)
+def test_decode_matches_forward(gate, scan, conv_size):
+    """Token-by-token `step` == the chunked forward over several chunks and a partial one (with the
+    short conv, its last inputs carried in the state)."""
+    module = build(gate=gate, scan=scan, conv_size=conv_size)
     x = jax.random.normal(jax.random.key(1), (2, 37, 32))
     y, _ = nnx.jit(lambda m, x: m(x))(module, x)
     step = nnx.jit(lambda m, xt, s: m.step(xt, s))
@@ -96,10 +97,11 @@ def test_bf16_long_sequence_is_finite():
     assert S.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(o))) and bool(jnp.all(jnp.isfinite(S)))
 
 
-@pytest.mark.parametrize("gate", ["per_dim", "per_head"])
-def test_accounting(gate):
-    module = build(d_model=32, gate=gate, n_heads=4)
-    assert module.state_bytes(16) == module.state_bytes(10_000) == 4 * 4 * 8 * 4  # H d_k d_v, fp32 (d_k = 16 / 4, d_v = 32 / 4)
+@pytest.mark.parametrize("gate, conv_size", [("per_dim", 0), ("per_head", 0), ("per_dim", 4)])
+def test_accounting(gate, conv_size):
+    module = build(d_model=32, gate=gate, n_heads=4, conv_size=conv_size)
+    conv = 3 * (2 * 16 + 32) * 4 if conv_size else 0  # last 3 inputs of q, k, v (2 K + V channels)
+    assert module.state_bytes(16) == module.state_bytes(10_000) == 4 * 4 * 8 * 4 + conv  # H d_k d_v, fp32 (d_k = 16 / 4, d_v = 32 / 4)
     assert module.flops_per_token(16) == module.flops_per_token(10_000) > 0
     n_params = sum(p.size for p in jax.tree.leaves(nnx.state(module, nnx.Param)))
     assert module.cfg.param_count(32) == n_params

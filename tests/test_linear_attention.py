@@ -75,6 +75,7 @@ def build(d_model: int = 32, **fields) -> LinearAttention:
     dict(feature_map="elu1", normalize="sum", chunk_size=4),
     dict(feature_map="taylor", normalize="rms", d_key=3, chunk_size=8),
     dict(feature_map="identity", normalize="none", n_heads=2, chunk_size=5),
+    dict(feature_map="taylor", d_key=4, conv_size=3, chunk_size=8),  # Based's block: conv state carried too
 ])
 def test_decode_matches_forward(fields):
     module = build(**fields)
@@ -100,12 +101,14 @@ def test_bf16_long_sequence_stays_finite():
 
 @pytest.mark.parametrize("fields", [
     dict(), dict(normalize="rms"), dict(feature_map="taylor", d_key=4, normalize="none"), dict(n_heads=2, d_key=6),
+    dict(conv_size=4),
 ])
 def test_accounting(fields):
     cfg = LinearAttentionConfig(**fields)
     module = build(**fields)
+    conv_state = (cfg.conv_size - 1) * cfg.n_heads * (2 * cfg.key_dim(32) + 32 // cfg.n_heads) * 4 if cfg.conv_size else 0
     assert module.state_bytes(16) == module.state_bytes(10**6) == (
-        cfg.n_heads * cfg.feature_dim(32) * cfg.value_dim(32) * 4
+        cfg.n_heads * cfg.feature_dim(32) * cfg.value_dim(32) * 4 + conv_state
     )
     assert cfg.param_count(32) == sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
     assert module.flops_per_token(16) == module.flops_per_token(10**6) > 0
@@ -118,8 +121,22 @@ def test_accounting(fields):
     ("model.mixer.d_key=-1", "model.mixer.d_key=-1 must be >= 1"),
     ("model.mixer.feature_map=relu", "allowed: elu1, identity, taylor"),
     ("model.mixer.feature_map=identity", "normalize=sum needs a positive feature map"),
+    ("model.mixer.conv_size=-1", "model.mixer.conv_size=-1 must be >= 0"),
 ])
 def test_bad_config_is_one_line_error(override, fragment):
     with pytest.raises(UserError) as info:
         resolve("smoke", ["model.mixer=linear_attention", override])
     assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_based_preset_builds_taylor_linear_attention_with_conv_and_a_window():
+    from cfm_jax.config import resolve
+
+    cfg = resolve("smoke", ["model.layers=based", "model.n_layers=2"])
+    assert cfg.model.layers == ("based_linear", "sliding_window")
+    based = [m for m in cfg.model.mixers if m.kind == "based_linear"] or [cfg.model.mixer]
+    from cfm_jax.registry import default_config
+
+    d = default_config("mixer", "based_linear")
+    assert (d.feature_map, d.d_key, d.conv_size, d.normalize) == ("taylor", 16, 3, "sum")
+    assert based
