@@ -140,6 +140,10 @@ class DataConfig:
     vocab_size: int = 8192  # synthetic tasks: token vocabulary (text is always 256 bytes)
     num_kv_pairs: int = 8  # mqar: key-value pairs per sequence
     power_a: float = 0.01  # mqar: query gap distribution p(g) ~ g^(a-1) (Zoology's default)
+    # mqar: tokens between pairs and queries. zoology = uniform over the whole vocabulary (Zoology's
+    # random_non_queries: ~one spurious key per sequence at a small vocabulary); nonkey = uniform over
+    # the non-key tokens (0 and the value range), so a key token appears only where it is bound or queried
+    mqar_filler: Literal["zoology", "nonkey"] = "zoology"
     num_needles: int = 4  # niah_multikey / niah_multiquery: needles (distinct keys) in the haystack
     num_values: int = 4  # niah_multivalue: values stored under the one key
     num_queries: int = 4  # niah_multiquery: needles queried

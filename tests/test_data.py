@@ -29,6 +29,25 @@ def test_mqar_structure():
     assert np.all((inputs >= 0) & (inputs < V))
 
 
+@pytest.mark.parametrize("filler", ["zoology", "nonkey"])
+def test_mqar_filler_never_adds_a_key_under_nonkey(filler):
+    """nonkey: every key token in a sequence sits at a pair or a query position; zoology's filler
+    (the whole vocabulary) puts stray keys elsewhere, about one per sequence at V = 64."""
+    V, L, kv = 64, 128, 4
+    inputs, labels = mqar_batch(np.random.default_rng(0), 256, L, V, kv, filler=filler)
+    stray = 0
+    for x, y in zip(inputs, labels):
+        bound = set(range(0, 2 * kv, 2)) | set(np.flatnonzero(y != IGNORE))
+        is_key = (x >= 1) & (x < V // 2)
+        stray += int(np.sum(is_key & ~np.isin(np.arange(L), list(bound))))
+    if filler == "nonkey":
+        assert stray == 0
+        fill = inputs[:, 2 * kv:][labels[:, 2 * kv:] == IGNORE]
+        assert np.any(fill == 0) and np.any(fill >= V // 2)  # both non-key ranges are drawn
+    else:
+        assert stray / len(inputs) > 10  # ~ (L - 3 kv) * (V/2 - 1) / V stray keys per sequence
+
+
 def test_mqar_query_gaps_follow_power_law():
     """With a = 0.01 most queries sit close to the start of the query region (short gaps)."""
     _, labels = mqar_batch(np.random.default_rng(1), 256, 512, 1024, 8, power_a=0.01)

@@ -3,7 +3,9 @@
 A sequence opens with `num_kv_pairs` key-value pairs (k1 v1 k2 v2 ...; keys drawn without replacement
 from [1, V/2), values from [V/2, V)); every key is then queried once, at a gap drawn from the power
 law p(g) ~ g^(a-1); the token after a query key must be its value. Only those answer positions are
-labelled. Other positions hold random tokens (Zoology's `random_non_queries`).
+labelled. Other positions hold random tokens: from the whole vocabulary (filler="zoology", Zoology's
+`random_non_queries`) or from the non-key tokens only (filler="nonkey": 0 and the value range), so
+that no key token appears where it is neither bound nor queried.
 
     inputs, labels = mqar_batch(np.random.default_rng(0), batch=4, seq_len=64, vocab_size=256,
                                 num_kv_pairs=4)
@@ -37,8 +39,12 @@ def _distinct(rng: np.random.Generator, batch: int, low: int, high: int, k: int)
     return np.argsort(rng.random((batch, high - low)), axis=1)[:, :k] + low
 
 
+FILLERS = ("zoology", "nonkey")
+
+
 def mqar_batch(
-    rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int, num_kv_pairs: int, power_a: float = 0.01
+    rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int, num_kv_pairs: int, power_a: float = 0.01,
+    filler: str = "zoology",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Returns inputs, labels: (batch, seq_len) int32; labels are IGNORE except at answer positions."""
     check_mqar(seq_len, vocab_size, num_kv_pairs, power_a)
@@ -61,8 +67,14 @@ def mqar_batch(
     targets = np.full((batch, seq_len + 1), IGNORE, np.int64)
     np.put_along_axis(targets, 2 * gaps + context + 1, values, axis=1)
     inputs, labels = examples[:, :-1], targets[:, 1:]
-    filler = rng.integers(0, vocab_size, inputs.shape)
-    inputs = np.where(inputs == 0, filler, inputs)
+    if filler == "zoology":
+        fill = rng.integers(0, vocab_size, inputs.shape)
+    elif filler == "nonkey":  # uniform over {0} and [half, vocab): index 0 -> token 0, i -> half + i - 1
+        fill = rng.integers(0, vocab_size - half + 1, inputs.shape)
+        fill = np.where(fill == 0, 0, half + fill - 1)
+    else:
+        raise ValueError(f"filler={filler!r}; allowed: {', '.join(FILLERS)}")
+    inputs = np.where(inputs == 0, fill, inputs)
     return inputs.astype(np.int32), labels.astype(np.int32)
 
 
@@ -80,7 +92,7 @@ class MQARTask(Task):
 
     def _batch(self, rng, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
         c = self.cfg
-        inputs, labels = mqar_batch(rng, batch_size, seq_len, c.vocab_size, c.num_kv_pairs, c.power_a)
+        inputs, labels = mqar_batch(rng, batch_size, seq_len, c.vocab_size, c.num_kv_pairs, c.power_a, c.mqar_filler)
         return {"inputs": inputs, "labels": labels}
 
     def train_batch(self, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
