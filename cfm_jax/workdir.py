@@ -18,6 +18,7 @@ from cfm_jax.config import Config
 from cfm_jax.errors import UserError
 
 CONFIG, METRICS, EVAL, CHECKPOINTS = "config.json", "metrics.jsonl", "eval.json", "checkpoints"
+DIVERGED = "diverged.json"  # written by `cfm-jax sweep` when a cell's training stopped on a non-finite value
 LOCK = ".lock"  # held by the process training in the workdir (see locked)
 # Fields that may change between invocations on one workdir without changing what is trained so far.
 RESUMABLE_KEYS = (

@@ -165,3 +165,45 @@ def test_record_of_another_config_is_not_used_and_partial_tables_are_refused(tmp
     report(experiment, "smoke", runs, results, force=True)
     text = (results / "synthetic_smoke.md").read_text()
     assert "| good | 0 |" in text and "5 of 5 runs missing" in text and not changed.exists()
+
+
+LR_EXPERIMENT = '''"""LR grid: two cells, three learning rates, the middle one best for 'a' and the largest diverging."""
+SEEDS = 2
+LR_GRID = [1e-3, 1e-2, 1e30]
+SELECT = ("val/loss", "min")
+COLUMNS = ["val/loss"]
+
+
+def cells(scale):
+    base = ["model.d_model=32", "data.seq_len=32", "train.batch_size=4", "train.steps=3", "data.eval_batches=1",
+            "train.warmup_steps=0", "train.log_every=1"]
+    return {"a": base, "b": base + ["model.ffn.activation=relu"]}
+'''
+
+
+def test_lr_grid_tunes_then_runs_seeds_at_the_picked_lr(tmp_path, capsys):
+    """Tuning runs first (seed 0 at every grid lr; the 1e30 one diverges and counts as the worst), then
+    each cell's remaining seeds at the lr with the lowest validation loss; the table shows the picks and
+    the report regenerates from records as any other."""
+    from cfm_jax.harness.sweep import sweep
+
+    path = tmp_path / "lrx.py"
+    path.write_text(LR_EXPERIMENT)
+    experiment = load_experiment(str(path))
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    assert sweep(experiment, "smoke", runs, progress=False) == []  # the diverged tuning runs are not failures
+    err = capsys.readouterr().err
+    assert err.count("a tuning run diverged") == 2
+    done = sorted(p.name for p in (runs / "lrx" / "smoke").iterdir())
+    tuning = {f"{c}.lr{lr}.s0" for c in "ab" for lr in ("0.001", "0.01", "1e+30")}
+    assert tuning <= set(done) and len(done) == 8  # + one more seed per cell, at its picked lr
+    md_path, _ = report(experiment, "smoke", runs, results)
+    text = md_path.read_text()
+    assert "## Learning rates" in text and "| lr 0.001 | lr 0.01 | lr 1e+30 | picked |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| a |") and "not run / diverged" in line)
+    picked = row.split("|")[-2].strip()
+    assert f"a.lr{picked}.s1" in done
+    first = {p.name: p.read_bytes() for p in results.iterdir() if p.is_file()}
+    shutil.rmtree(runs)
+    report(experiment, "smoke", runs, results)
+    assert {p.name: p.read_bytes() for p in results.iterdir() if p.is_file()} == first

@@ -8,6 +8,8 @@ An experiment file has a docstring (command, expected runtime, expected result) 
     SEEDS = 5                                         # optional: each cell run with train.seed=0..4
     SOLVED = 0.9                                      # optional: accuracy at which a seed counts as solved
     COMPARISONS = [Comparison("a", "b", "val/loss", "less", "claim")]  # optional (or COMPARISONS(scale))
+    LR_GRID = [1e-3, 3e-3, 1e-2]                      # optional (or LR_GRID(scale)): tune each cell's lr
+    SELECT = ("len64/accuracy", "max")                # with LR_GRID: the validation value that picks it
     def plot(table, path): ...                        # optional: draw the aggregated table to a .png
     def reading(table, tests) -> str: ...             # optional: plain-language reading of the numbers
 
@@ -21,6 +23,11 @@ results to `reading(table, tests)`, which may state a difference only where its 
 values of eval.json by path: the `metrics` entries directly ("val/loss", "len256/accuracy"), other
 values as "section/key/..." ("stats/ffn/activation_ratio", "cett/sparsity_at_cett_ppl1",
 "state_bytes/512").
+
+With LR_GRID, each cell first runs once per learning rate at seed 0 (NAME.lrV.s0, the tuning runs);
+the lr whose tuning run has the best SELECT value (Zoology's protocol: best by validation accuracy) is
+picked, and the cell's seeds run at it (NAME.lrV.s1 ...; its tuning run is seed 0). The table shows
+each cell at its picked lr, and a tuning table shows every lr's value.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ from cfm_jax.config import Config, resolve
 from cfm_jax.errors import UserError
 from cfm_jax.harness.stats import Comparison
 
+SEED_RUN = re.compile(r"\.s\d+$")  # NAME.sK: seed K of cell NAME
+LR_RUN = re.compile(r"\.lr[0-9.e+-]+$")  # NAME.lrV: NAME at learning rate V
 CELL_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # no leading dot: '..' would leave the runs dir
 
 
@@ -57,6 +66,33 @@ class Experiment:
     reading_fn: Callable | None = None  # reading(table, tests) -> str in the file
     solved_at: float = 0.9  # SOLVED in the file
     comparisons: tuple | Callable = ()  # COMPARISONS, or COMPARISONS(scale)
+    lr_grid: tuple | Callable = ()  # LR_GRID, or LR_GRID(scale)
+    select: tuple | Callable = ()  # SELECT = (metric, "max" | "min"), or SELECT(scale)
+
+    def lr_grid_for(self, scale: str) -> list[float]:
+        grid = self.lr_grid(scale) if callable(self.lr_grid) else self.lr_grid
+        if not isinstance(grid, (list, tuple)) or not all(isinstance(v, (int, float)) and v > 0 for v in grid):
+            raise UserError(f"experiment {self.name!r}: LR_GRID must be a list of learning rates > 0, not {grid!r}")
+        return [float(v) for v in grid]
+
+    def select_for(self, scale: str) -> tuple[str, str]:
+        sel = self.select(scale) if callable(self.select) else self.select
+        if not (isinstance(sel, (list, tuple)) and len(sel) == 2 and isinstance(sel[0], str) and sel[1] in ("max", "min")):
+            raise UserError(f"experiment {self.name!r}: SELECT must be (metric, 'max' or 'min') with LR_GRID, not {sel!r}")
+        return sel[0], sel[1]
+
+    @staticmethod
+    def lr_name(base: str, lr: float, seed: int) -> str:
+        return f"{base}.lr{lr:g}.s{seed}"
+
+    def base_of(self, run: str) -> str:
+        """The base cell of a run name: NAME, NAME.sK or NAME.lrV.sK -> NAME."""
+        return LR_RUN.sub("", SEED_RUN.sub("", run))
+
+    def tuning_runs(self, scale: str) -> dict[str, list[str]]:
+        """With LR_GRID: every base cell at every grid lr, seed 0."""
+        return {self.lr_name(name, lr, 0): [*o, f"train.lr={lr:g}", "train.seed=0"]
+                for name, o in self.base_cells(scale).items() for lr in self.lr_grid_for(scale)}
 
     def base_cells(self, scale: str) -> dict[str, list[str]]:
         """The cells as the file defines them, before seed expansion."""
@@ -92,17 +128,24 @@ class Experiment:
                                     f"its cells at scale {scale!r}: {', '.join(base)}")
         return found
 
-    def cells(self, scale: str) -> dict[str, list[str]]:
-        """Every run: base cells, each expanded to NAME.sK with train.seed=K when SEEDS > 1."""
+    def cells(self, scale: str, picks: dict[str, float] | None = None) -> dict[str, list[str]]:
+        """Every run: base cells, each expanded to NAME.sK with train.seed=K when SEEDS > 1. With LR_GRID:
+        the tuning runs, and for each base cell in `picks` (base -> picked lr) its seeds at that lr."""
         base = self.base_cells(scale)
+        if self.lr_grid:
+            runs = self.tuning_runs(scale)
+            for name, lr in (picks or {}).items():
+                runs.update({self.lr_name(name, lr, k): [*base[name], f"train.lr={lr:g}", f"train.seed={k}"]
+                             for k in range(self.seeds)})
+            return runs
         if self.seeds <= 1:
             return base
         return {f"{name}.s{k}": [*o, f"train.seed={k}"] for name, o in base.items() for k in range(self.seeds)}
 
-    def configs(self, scale: str) -> dict[str, Config]:
-        """Resolve every cell (so a bad cell fails before anything trains)."""
+    def configs(self, scale: str, picks: dict[str, float] | None = None) -> dict[str, Config]:
+        """Resolve every run (so a bad cell fails before anything trains)."""
         out = {}
-        for name, overrides in self.cells(scale).items():
+        for name, overrides in self.cells(scale, picks).items():
             try:
                 out[name] = resolve(scale, overrides)
             except UserError as e:
@@ -147,8 +190,12 @@ def load_experiment(name_or_path: str) -> Experiment:
     comparisons = getattr(module, "COMPARISONS", ())
     if not callable(comparisons) and not isinstance(comparisons, (list, tuple)):
         raise UserError(f"experiment file {str(path)!r}: COMPARISONS must be a list of stats.Comparison or a function of the scale")
+    lr_grid, select = getattr(module, "LR_GRID", ()), getattr(module, "SELECT", ())
+    if lr_grid and not select:
+        raise UserError(f"experiment file {str(path)!r}: LR_GRID needs SELECT = (metric, 'max' or 'min') to pick the lr")
     hooks = {name: getattr(module, name, None) for name in ("plot", "reading")}
     return Experiment(path.stem, path, cells_fn, columns if callable(columns) else tuple(columns),
                       (module.__doc__ or "").strip(), tuple(analyses),
                       seeds, hooks["plot"], hooks["reading"], float(solved),
-                      comparisons if callable(comparisons) else tuple(comparisons))
+                      comparisons if callable(comparisons) else tuple(comparisons),
+                      lr_grid if callable(lr_grid) else tuple(lr_grid), select)

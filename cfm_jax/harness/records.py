@@ -27,8 +27,24 @@ MAX_TRAIN_ROWS = 60  # training rows kept per run (all validation rows are kept)
 CURVE_KEYS = ("step", "tokens", "seconds", "loss", "ce", "aux_loss", "lr", "grad_norm")
 
 
+def cell_workdir(runs_dir: Path, experiment: str, scale: str, cell: str) -> Path:
+    return Path(runs_dir) / experiment / scale / cell
+
+
 def record_dir(results_dir: Path, experiment: str, scale: str, cell: str) -> Path:
     return Path(results_dir) / RECORDS / experiment / scale / cell
+
+
+def finder(experiment: str, scale: str, runs_dir: Path, results_dir: Path | None):
+    """find(run, cfg) -> the local workdir or else the committed record holding a finished or
+    diverged run of cfg, or None (results_dir None: local workdirs only)."""
+    def find(run: str, cfg: Config) -> Path | None:
+        dirs = [cell_workdir(runs_dir, experiment, scale, run)]
+        if results_dir is not None:
+            dirs.append(record_dir(results_dir, experiment, scale, run))
+        return next((d for d in dirs if finished(d, cfg) or diverged(d, cfg)), None)
+
+    return find
 
 
 def read_json(path: Path) -> dict | None:
@@ -56,6 +72,12 @@ def finished(run_dir: Path, cfg: Config) -> bool:
     return (run_dir / wd.EVAL).exists() and config_matches(read_json(run_dir / wd.CONFIG), cfg)
 
 
+def diverged(run_dir: Path, cfg: Config) -> bool:
+    """A run of `cfg` in run_dir stopped on a non-finite value (sweep wrote wd.DIVERGED)."""
+    run_dir = Path(run_dir)
+    return (run_dir / wd.DIVERGED).exists() and config_matches(read_json(run_dir / wd.CONFIG), cfg)
+
+
 def downsample(rows: list[dict], max_train_rows: int = MAX_TRAIN_ROWS) -> list[dict]:
     """Rows for curves: every validation row ("eval/..." keys) and at most max_train_rows training
     rows evenly spaced (first and last kept), each with CURVE_KEYS and eval keys only. Idempotent."""
@@ -69,9 +91,12 @@ def downsample(rows: list[dict], max_train_rows: int = MAX_TRAIN_ROWS) -> list[d
 
 
 def export(workdir: Path, dest: Path) -> None:
-    """Copy a finished workdir's record (config.json, eval.json, down-sampled metrics) to dest."""
+    """Copy a finished (or diverged) workdir's record (config.json, eval.json or diverged.json,
+    down-sampled metrics) to dest."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in (wd.CONFIG, wd.EVAL):
+    for name in (wd.CONFIG, wd.EVAL, wd.DIVERGED):
+        if not (workdir / name).exists():
+            continue
         if (workdir / name).read_bytes() != ((dest / name).read_bytes() if (dest / name).exists() else None):
             shutil.copyfile(workdir / name, dest / ".tmp")
             (dest / ".tmp").replace(dest / name)

@@ -22,9 +22,9 @@ from pathlib import Path
 from cfm_jax import provenance
 from cfm_jax import workdir as wd
 from cfm_jax.errors import UserError
-from cfm_jax.harness import records, stats
+from cfm_jax.harness import lr_grid, records, stats
 from cfm_jax.harness.experiments import Experiment
-from cfm_jax.harness.sweep import cell_workdir
+from cfm_jax.harness.records import cell_workdir
 
 BASE_COLUMNS = ("params_total", "params_non_embedding", "step")
 SEED_SUFFIX = re.compile(r"\.s(\d+)$")  # NAME.sK: seed K of cell NAME
@@ -62,33 +62,52 @@ def flatten_result(result: dict) -> dict:
     return flat
 
 
-def collect_runs(experiment: Experiment, scale: str, runs_dir: Path, results_dir: Path) -> list[dict]:
-    """One row per run: {"cell", "base", "seed", flattened eval.json..., "command", "source"} or a
-    status. Private keys: "_metrics" (down-sampled rows for the curves), "_config" (config.json)."""
+def collect_runs(experiment: Experiment, scale: str, runs_dir: Path, results_dir: Path,
+                 picks: dict[str, float] | None = None) -> list[dict]:
+    """One row per run: {"cell", "base", "seed", flattened eval.json..., "command"} or a status.
+    Private keys: "_metrics" (down-sampled rows for the curves), "_config" (config.json), "_workdir"."""
     rows = []
     bases = experiment.base_cells(scale)
-    configs = experiment.configs(scale)
-    for cell, overrides in experiment.cells(scale).items():
+    configs = experiment.configs(scale, picks)
+    for cell, overrides in experiment.cells(scale, picks).items():
         workdir = cell_workdir(runs_dir, experiment.name, scale, cell)
         record = records.record_dir(results_dir, experiment.name, scale, cell)
         m = SEED_SUFFIX.search(cell)
-        base = cell if cell in bases else SEED_SUFFIX.sub("", cell)
+        base = cell if cell in bases else experiment.base_of(cell)
         row = {"cell": cell, "base": base, "seed": int(m.group(1)) if m and cell not in bases else 0}
         source = next((d for d in (workdir, record) if records.finished(d, configs[cell])), None)
+        stopped = next((d for d in (workdir, record) if records.diverged(d, configs[cell])), None)
         if source is not None:
             row.update(flatten_result(records.read_json(source / wd.EVAL)))
-            row["source"] = "runs" if source == workdir else "record"
-            row["_config"] = records.read_json(source / wd.CONFIG)
             row["_eval_prov"] = records.read_json(source / wd.EVAL).get("provenance", {})
-            row["_metrics"] = records.downsample(wd.read_metrics(source))
-            row["_workdir"] = source
+        elif stopped is not None:
+            row["status"] = "diverged"
         elif (workdir / wd.EVAL).exists() or (record / wd.EVAL).exists():
             row["status"] = "stale (config changed since it ran)"
         else:
             row["status"] = "not run" if not workdir.exists() else "unfinished"
+        if source or stopped:
+            found = source or stopped
+            row["source"] = "runs" if found == workdir else "record"
+            row["_config"] = records.read_json(found / wd.CONFIG)
+            row["_metrics"] = records.downsample(wd.read_metrics(found))
+            row["_workdir"] = found
         row["command"] = cell_command(workdir, scale, overrides)
         rows.append(row)
     return rows
+
+
+def lr_table(experiment: Experiment, scale: str, picked: dict[str, dict]) -> str:
+    """Markdown: each cell's SELECT value at every grid lr (seed 0) and the lr picked."""
+    metric, mode = experiment.select_for(scale)
+    grid = experiment.lr_grid_for(scale)
+    lines = [f"| cell | {' | '.join(f'lr {lr:g}' for lr in grid)} | picked |", "|" + "---|" * (len(grid) + 2)]
+    for base, p in picked.items():
+        cells = ["not run / diverged" if p["scores"][lr] is None else _short(p["scores"][lr]) for lr in grid]
+        pick = "pending" if p["lr"] is None else f"{p['lr']:g}"
+        lines.append(f"| {base} | {' | '.join(cells)} | {pick} |")
+    return (f"Learning rate per cell: each grid value trained once (seed 0); the one with the {'highest' if mode == 'max' else 'lowest'} "
+            f"`{metric}` is picked and the cell's seeds run at it.\n\n" + "\n".join(lines) + "\n")
 
 
 def _numeric(values) -> bool:
@@ -107,8 +126,11 @@ def aggregate(rows: list[dict], columns: list[str], solved_at: float | None = No
         group = [r for r in rows if r["base"] == base]
         done = [r for r in group if "status" not in r]
         out = {"cell": base, "seeds": len(done), "command": group[0]["command"]}
-        if len(done) < len(group):
-            out["status"] = f"{len(group) - len(done)} of {len(group)} runs missing"
+        diverged = sum(r.get("status") == "diverged" for r in group)
+        if len(done) + diverged < len(group):
+            out["status"] = f"{len(group) - len(done) - diverged} of {len(group)} runs missing"
+        if diverged:
+            out["status"] = ", ".join(filter(None, [out.get("status"), f"{diverged} of {len(group)} runs diverged (left out)"]))
         for col in columns:
             values = [r.get(col) for r in done if r.get(col) is not None]
             if _numeric(values):
@@ -146,6 +168,20 @@ def run_comparisons(experiment: Experiment, scale: str, rows: list[dict]) -> lis
     for result, c in zip(out, experiment.comparisons_for(scale)):
         result["verdict"] = stats.verdict(result, c.expect) if result["n"] else "not run"
         result["text"] = stats.wording(result, c) if result["n"] else f"{c.a} vs {c.b} on {c.label}: not run"
+    return out
+
+
+def _final_rows(experiment: Experiment, scale: str, all_rows: list[dict], picked: dict[str, dict]) -> list[dict]:
+    """With LR_GRID: each base cell's seeds at its picked lr; a cell not picked yet is one
+    placeholder row (status) so the table still lists it."""
+    by_name = {r["cell"]: r for r in all_rows}
+    out = []
+    for base, p in picked.items():
+        if p["lr"] is None:
+            out.append({"cell": base, "base": base, "seed": 0, "status": "lr not picked yet (tuning runs unfinished)",
+                        "command": by_name[experiment.lr_name(base, experiment.lr_grid_for(scale)[0], 0)]["command"]})
+            continue
+        out += [by_name[experiment.lr_name(base, p["lr"], k)] for k in range(experiment.seeds)]
     return out
 
 
@@ -259,12 +295,17 @@ def report(experiment: Experiment, scale: str, runs_dir: Path, results_dir: Path
     records; returns (md path, markdown table). Refuses (UserError) to replace an existing table with
     one that has runs missing, unless `force`."""
     results_dir = Path(results_dir)
-    rows = collect_runs(experiment, scale, runs_dir, results_dir)
+    picked = picks = None
+    if experiment.lr_grid:
+        picked = lr_grid.pick_lrs(experiment, scale, records.finder(experiment.name, scale, runs_dir, results_dir))
+        picks = lr_grid.picks_only(picked)
+    all_rows = collect_runs(experiment, scale, runs_dir, results_dir, picks)
+    rows = all_rows if not picks and not experiment.lr_grid else _final_rows(experiment, scale, all_rows, picked)
     stem = results_stem(experiment.name, scale)
     md_path = results_dir / f"{stem}.md"
-    missing = [r["cell"] for r in rows if "status" in r]
+    missing = [r["cell"] for r in rows if "status" in r and r["status"] != "diverged"]
     if missing and md_path.exists() and not force:
-        first = next(r for r in rows if "status" in r)
+        first = next(r for r in rows if r["cell"] in missing)
         raise UserError(f"{len(missing)} of {len(rows)} runs of {experiment.name!r} at scale {scale!r} are not finished "
                         f"in {Path(runs_dir) / experiment.name / scale} nor in the committed records (e.g. {first['cell']}: "
                         f"{first['status']}); refusing to replace {md_path} with a partial table (--force writes it anyway)")
@@ -273,7 +314,10 @@ def report(experiment: Experiment, scale: str, runs_dir: Path, results_dir: Path
     columns = [c for c in (*BASE_COLUMNS, *metric_columns) if c not in ("cell",)]
     table = aggregate(rows, columns, experiment.solved_at)
     tests = run_comparisons(experiment, scale, rows)
-    md_columns = ["cell", "seeds", *columns, *(["status"] if any("status" in t for t in table) else []), "command"]
+    if picked is not None:
+        for row in table:
+            row["lr"] = picked.get(row["cell"], {}).get("lr")
+    md_columns = ["cell", "seeds", *(["lr"] if picked is not None else []), *columns, *(["status"] if any("status" in t for t in table) else []), "command"]
     markdown = to_markdown(md_columns, table, experiment.solved_at)
     title = experiment.doc.splitlines()[0] if experiment.doc else experiment.name
     prov_line, warning = provenance_line(rows)
@@ -294,6 +338,8 @@ def report(experiment: Experiment, scale: str, runs_dir: Path, results_dir: Path
         HOW_TO_READ + "\n",
         markdown,
     ]
+    if picked is not None:
+        parts.append("## Learning rates\n\n" + lr_table(experiment, scale, picked))
     if tests:
         parts.append("## Comparisons\n\n" + comparisons_markdown(tests))
     if experiment.plot_fn is not None and finished:
@@ -311,9 +357,9 @@ def report(experiment: Experiment, scale: str, runs_dir: Path, results_dir: Path
     if experiment.reading_fn is not None and finished:
         parts.append("## Reading\n\n" + _call_hook(experiment, "reading", experiment.reading_fn, table, tests).strip() + "\n")
     wd.write_atomic(md_path, "\n".join(parts))
-    csv_columns = ["cell", "seed", *columns, *(["status"] if any("status" in r for r in rows) else []), "command"]
-    wd.write_atomic(results_dir / f"{stem}.csv", to_csv(csv_columns, rows))
-    for r in rows:
+    csv_columns = ["cell", "seed", *columns, *(["status"] if any("status" in r for r in all_rows) else []), "command"]
+    wd.write_atomic(results_dir / f"{stem}.csv", to_csv(csv_columns, all_rows))
+    for r in all_rows:
         if r.get("source") == "runs":
             records.export(r["_workdir"], records.record_dir(results_dir, experiment.name, scale, r["cell"]))
     return md_path, markdown

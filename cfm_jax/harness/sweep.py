@@ -18,13 +18,10 @@ from pathlib import Path
 from cfm_jax import workdir as wd
 from cfm_jax.config import Config
 from cfm_jax.errors import TrainingDiverged, UserError
-from cfm_jax.harness import records
+from cfm_jax.harness import lr_grid, records
+from cfm_jax.harness.records import cell_workdir  # noqa: F401 - re-exported: callers import it from here
 from cfm_jax.harness.experiments import Experiment
 from cfm_jax.host_memory import keep_freed_memory
-
-
-def cell_workdir(runs_dir: Path, experiment: str, scale: str, cell: str) -> Path:
-    return Path(runs_dir) / experiment / scale / cell
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -37,13 +34,15 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def run_cell(cfg: Config, workdir: Path, analyses: tuple[str, ...], progress: bool) -> str | None:
-    """Train + evaluate one cell; returns an error line if training diverged."""
+    """Train + evaluate one cell; returns an error line if training diverged (also written to the
+    workdir as diverged.json, so the sweep and a learning-rate pick count the run as done)."""
     from cfm_jax.harness.evaluate import evaluate
     from cfm_jax.train import train
 
     try:
         train(cfg, workdir, progress=progress)
     except TrainingDiverged as e:
+        wd.write_json(Path(workdir) / wd.DIVERGED, {"error": str(e)})
         return str(e)
     evaluate(workdir, analyses)
     return None
@@ -52,21 +51,50 @@ def run_cell(cfg: Config, workdir: Path, analyses: tuple[str, ...], progress: bo
 def sweep(experiment: Experiment, scale: str, runs_dir: Path, progress: bool = True, workers: int = 1,
           shard: tuple[int, int] = (0, 1), results_dir: Path | None = None, retrain: bool = False) -> list[str]:
     """Run every unfinished cell of this shard; returns the names of cells that failed (diverged).
-    results_dir: where committed run records are looked up (None: none are)."""
+    results_dir: where committed run records are looked up (None: none are). With LR_GRID, the
+    tuning runs go first; each cell's seeds follow once all its tuning runs are done."""
     if workers < 1:
         raise UserError(f"--workers {workers} must be >= 1")
-    configs = experiment.configs(scale)  # every cell resolves before anything runs
+    find = records.finder(experiment.name, scale, runs_dir, None if retrain else results_dir)
+    failed: list[str] = []
+    while True:
+        picks = None
+        if experiment.lr_grid:
+            picked = lr_grid.pick_lrs(experiment, scale, find)
+            picks = lr_grid.picks_only(picked)
+            waiting = [b for b, p in picked.items() if p["lr"] is None]
+            if waiting:
+                print(f"learning rate not picked yet for {len(waiting)} cell(s) (tuning runs unfinished): "
+                      f"{', '.join(waiting[:5])}{' ...' if len(waiting) > 5 else ''}", file=sys.stderr)
+        configs = experiment.configs(scale, picks)  # every run resolves before anything runs
+        todo = _unfinished(experiment, scale, runs_dir, configs, shard, find)
+        if not todo:
+            return failed
+        for cell in _run_all(experiment, configs, todo, progress, workers):
+            if experiment.lr_grid and cell in experiment.tuning_runs(scale):
+                print(f"{cell}: a tuning run diverged; its learning rate counts as the worst", file=sys.stderr)
+            else:
+                failed.append(cell)
+        if not experiment.lr_grid:
+            return failed
+
+
+def _unfinished(experiment, scale, runs_dir, configs, shard, find) -> list[tuple[str, Path]]:
     names = list(configs)[shard[0]::shard[1]]
     todo = []
     for i, cell in enumerate(names, 1):
-        workdir = cell_workdir(runs_dir, experiment.name, scale, cell)
-        record = records.record_dir(results_dir, experiment.name, scale, cell) if results_dir else None
-        if (workdir / wd.EVAL).exists():
+        workdir = records.cell_workdir(runs_dir, experiment.name, scale, cell)
+        found = find(cell, configs[cell])
+        if (workdir / wd.EVAL).exists() or (workdir / wd.DIVERGED).exists():
             print(f"[{i}/{len(names)}] {cell}: done, skipped", file=sys.stderr)
-        elif record is not None and not retrain and records.finished(record, configs[cell]):
-            print(f"[{i}/{len(names)}] {cell}: committed record matches, skipped ({record})", file=sys.stderr)
+        elif found is not None:
+            print(f"[{i}/{len(names)}] {cell}: committed record matches, skipped ({found})", file=sys.stderr)
         else:
             todo.append((cell, workdir))
+    return todo
+
+
+def _run_all(experiment, configs, todo, progress: bool, workers: int) -> list[str]:
     failed = []
     if workers == 1:
         for i, (cell, workdir) in enumerate(todo, 1):
