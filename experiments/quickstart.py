@@ -36,7 +36,7 @@ def cells(scale: str) -> dict[str, list[str]]:
 
 def reading(table, tests=()):
     rows = {r["cell"]: r for r in table}
-    steps = next((r["step"] for r in table if r.get("step") is not None), None)
+    steps = next((int(r["step"]) for r in table if r.get("step") is not None), None)
     out = [f"On text, after {steps} steps: {t['text']}." for t in tests]
     if "text-relu" in rows and rows["text-relu"].get("params_total") is not None:
         out.append(f"The two text models differ by {int(rows['text-relu']['params_total'] - rows['text-swiglu']['params_total']):+d} "

@@ -88,3 +88,22 @@ def test_long_context_reading_tests_the_claims_from_the_numbers():
     assert "(hybrid_gla above gla): 0.60 vs 0.10: agrees" in text
     assert "hybrid over recurrence disagrees" in text  # rwkv 1.00 beats the hybrid's 0.60
     assert reading.__globals__["chance"]("niah_single", 64) == 1 / 16  # one of the 16 value tokens
+
+
+def test_committed_quickstart_table_regenerates_from_its_records(tmp_path, monkeypatch):
+    """What a fresh clone can do without training: `cfm-jax report quickstart --scale smoke` rebuilds
+    the committed md and csv byte for byte from the committed run records (and draws the plots)."""
+    from pathlib import Path
+
+    committed = Path(__file__).resolve().parents[1] / "experiments" / "results"
+    results = tmp_path / "results"
+    (results / "runs").mkdir(parents=True)
+    shutil.copytree(committed / "runs" / "quickstart" / "smoke", results / "runs" / "quickstart" / "smoke")
+    names = ("quickstart_smoke.md", "quickstart_smoke.csv")
+    for name in names:
+        shutil.copyfile(committed / name, results / name)
+    monkeypatch.chdir(tmp_path)  # no runs/ here: only the records count
+    report(load_experiment("quickstart"), "smoke", Path("runs"), results)
+    for name in names:
+        assert (results / name).read_bytes() == (committed / name).read_bytes(), name
+    assert (results / "quickstart_smoke_curves.png").stat().st_size > 0

@@ -46,13 +46,14 @@ def grouped_lines(table: list[dict], x: Callable[[dict], float | None], y: Calla
     plt.close(fig)
 
 
-def _curve_panels(rows: list[dict]) -> list[tuple[str, str]]:
-    """(metrics key, axis label) to draw: training loss, then the first validation loss and accuracy logged."""
+def _curve_panels(rows: list[dict], max_sets: int = 2) -> list[tuple[str, str]]:
+    """(metrics key, axis label) to draw: training loss, then validation loss and accuracy of the
+    first `max_sets` evaluation sets logged (text: "val"; synthetic tasks: "lenL")."""
     keys = list(dict.fromkeys(k for r in rows for m in r.get("_metrics", ()) for k in m if k.startswith("eval/")))
+    sets = list(dict.fromkeys(k.split("/")[1] for k in keys))[:max_sets]
     panels = [("loss", "training loss (nats, one batch)")]
-    panels += [(k, f"validation {k.split('/')[-1]} ({k.split('/')[1]})") for k in keys if k.endswith("/loss")][:1]
-    panels += [(k, f"validation accuracy ({k.split('/')[1]})") for k in keys if k.endswith("/accuracy")
-               and not k.endswith("sequence_accuracy")][:1]
+    for name in sets:
+        panels += [(f"eval/{name}/{m}", f"validation {m} ({name})") for m in ("loss", "accuracy") if f"eval/{name}/{m}" in keys]
     return panels
 
 
@@ -69,10 +70,12 @@ def learning_curves(rows: list[dict], path: Path, title: str) -> bool:
     runs = [r for r in rows if r.get("_metrics")]
     if not runs:
         return False
+    from matplotlib.ticker import EngFormatter
+
     panels = _curve_panels(runs)
     cells = list(dict.fromkeys(r["base"] for r in runs))
     colors = plt.get_cmap("tab20" if len(cells) > 10 else "tab10")
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels) + 1.5, 3.8), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
         for i, cell in enumerate(cells):
             seeds = [{m["tokens"]: m[key] for m in r["_metrics"] if m.get(key) is not None and "tokens" in m}
@@ -82,13 +85,15 @@ def learning_curves(rows: list[dict], path: Path, title: str) -> bool:
                 continue
             values = np.array([[s[t] for t in common] for s in seeds], dtype=float)
             color = colors(i % colors.N)
-            ax.plot(common, values.mean(axis=0), color=color, label=cell, lw=1.2)
+            ax.plot(common, values.mean(axis=0), color=color, label=cell if ax is axes[0][0] else None, lw=1.2)
             if len(seeds) > 1:
                 ax.fill_between(common, values.min(axis=0), values.max(axis=0), color=color, alpha=0.2, lw=0)
-        ax.set(xlabel="training tokens", ylabel=label, title=title)
+        ax.set(xlabel="training tokens", ylabel=label)
+        ax.xaxis.set_major_formatter(EngFormatter())
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
+    fig.suptitle(title)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=7, loc="center right")
+    fig.tight_layout(rect=(0, 0, 1 - 1.4 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return True
