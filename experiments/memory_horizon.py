@@ -80,9 +80,16 @@ def reading(table, tests=()):
         h = f"{horizon:.0f} tokens" if horizon is not None else "none (no learned decay)"
         solved = [r.get(f"len{L}_depth{d}/accuracy_solved") for d in DEPTHS]
         n = r.get("seeds")
+        verdict = ""
+        if not any(solved):
+            verdict = (" No seed solved the task at any depth: it did not learn it in this budget, so its "
+                       "forgetting is not tested here.")
+        elif min(solved) < n:
+            verdict = (f" Its seeds split: {max(solved)} of {n} solve the task and the others do not, "
+                       "so its means describe no single run.")
         parts.append(f"- {r['cell']}: mean accuracy far (depth 0, ~{L} tokens back) {acc[0]:.2f}, near (depth 100) "
                      f"{acc[-1]:.2f}; seeds solving it (≥ 0.9) far {solved[0]}/{n}, near {solved[-1]}/{n}; "
-                     f"horizon from learned decays {h}.")
+                     f"horizon from learned decays {h}.{verdict}")
     found = [t for t in tests if t["verdict"] == "as expected"]
     against = [t for t in tests if t["verdict"] == "opposite"]
     parts += ["", "Declared comparisons (Holm-adjusted over this table):"]
