@@ -68,16 +68,40 @@ def test_efficiency_accounting_uses_measured_activity():
     from cfm_jax.layers.model import efficiency
 
     dense = LanguageModel(resolve("smoke", ["model.d_model=32"]).model, vocab_size=20, rngs=nnx.Rngs(0))
-    e = efficiency(dense, {}, context_len=100)
+    e = efficiency(dense, {}, train_len=64, context_len=100)
     counts = param_counts(dense)
     assert e["params_active_per_token"] == counts["params_non_embedding"]
+    assert e["ffn_flops_per_token"] == 2 * sum(b.ffn.active_params_per_token() for b in dense.blocks)
+    assert e["mixer_flops_per_token"] == sum(b.mixer.flops_per_token(32) for b in dense.blocks)  # at train_len / 2
+    assert e["flops_per_token"] == e["ffn_flops_per_token"] + e["mixer_flops_per_token"] + 2 * 32 * 20
     assert e["weight_bytes"]["bf16"] == 2 * counts["params_total"]
     assert e["inference_memory_100_bytes"] == 4 * counts["params_total"] + sum(b.mixer.state_bytes(100) for b in dense.blocks)
     sparse = LanguageModel(resolve("smoke", ["model.d_model=32", "model.ffn=neuron_sparse"]).model, 20, rngs=nnx.Rngs(0))
     stats = {"ffn/activation_ratio/layer0": 0.5, "ffn/activation_ratio/layer1": 0.0}
     d, f = 32, 128  # relu: up (selector, always read) + down (read for active neurons only)
     expected = param_counts(sparse)["params_non_embedding"] - 2 * 2 * d * f + 2 * d * f + 0.5 * d * f
-    assert efficiency(sparse, stats)["params_active_per_token"] == expected
+    e = efficiency(sparse, stats, train_len=64)
+    assert e["params_active_per_token"] == expected and e["ffn_flops_per_token"] == 2 * (2 * d * f + 0.5 * d * f)
+
+
+def test_gated_neuron_ffn_counts_up_rows_by_its_gate():
+    """dReLU on a constructed input: gates open for neurons 0 and 1, relu(up) for 0 and 2, so only
+    neuron 0 has a nonzero activation (ratio 1/4) but a sparse kernel reads the up rows of 0 and 1
+    (gate ratio 1/2): active weights = gate in full + 1/2 of up + 1/4 of down."""
+    from cfm_jax.layers.model import ffn_active_params
+    from cfm_jax.layers.neuron_sparse import NeuronSparseConfig, NeuronSparseFFN
+    from cfm_jax.registry import LayerContext
+
+    ffn = NeuronSparseFFN(NeuronSparseConfig(activation="drelu", d_ff=4), LayerContext(2, 1, 0, 0.1), rngs=nnx.Rngs(0))
+    ffn.gate.kernel.value = jnp.array([[1.0, 1.0, -1.0, -1.0], [0.0, 0.0, 0.0, 0.0]])
+    ffn.up.kernel.value = jnp.array([[1.0, -1.0, 1.0, -1.0], [0.0, 0.0, 0.0, 0.0]])
+    _, aux = ffn(jnp.array([[[1.0, 0.0]]]))
+    stats = {k: float(v) for k, v in aux["stats"].items()}
+    assert stats["activation_ratio"] == 0.25 and stats["gate_ratio"] == 0.5
+    assert ffn_active_params(ffn, stats) == 2 * 4 + 0.5 * 2 * 4 + 0.25 * 2 * 4 == 14
+    relu = NeuronSparseFFN(NeuronSparseConfig(activation="relu", d_ff=4), LayerContext(2, 1, 0, 0.1), rngs=nnx.Rngs(0))
+    assert ffn_active_params(relu, {"activation_ratio": 0.25}) == 8 + 2  # up in full + 1 of 4 down rows
+    assert ffn_active_params(relu, {"active_params_per_token": 7.0}) == 7.0  # a measured count (MoE) wins
 
 
 @pytest.mark.parametrize("shape", [(1, 7, 16), (3, 5, 16), (2, 3, 4, 16), (16,)])

@@ -105,7 +105,7 @@ def evaluate(workdir: Path, analyses: tuple[str, ...] = ()) -> dict:
         "sets": sets,
         "metrics": {f"{s}/{k}": v for s, entry in sets.items() for k, v in entry.items() if k != "tokens"},
         "stats": stats,
-        **efficiency(model, stats),
+        **efficiency(model, stats, cfg.data.seq_len),
         "state_bytes": {str(n): state_bytes(model, n) for n in sorted({cfg.data.seq_len, *lengths})},
         "eval_seconds": round(time.perf_counter() - t0, 3),
         "device": f"{jax.default_backend()}: {jax.devices()[0].device_kind}",

@@ -102,29 +102,42 @@ def forward_flops_per_token(model: LanguageModel, context_len: int) -> float:
     return float(total)
 
 
-def efficiency(model: LanguageModel, stats: dict, context_len: int = 4096) -> dict:
-    """Parameters active per token (measured where the FFN reports it), weight bytes, inference memory.
+def ffn_active_params(ffn, layer_stats: dict) -> float:
+    """One rule for every FFN: the weights a sparse kernel must read per token, from that layer's
+    measured statistics. MoE: its measured router + routed + shared expert weights; a neuron FFN: its
+    `active_params_per_token` at the measured activation (and gate) ratio; otherwise every weight."""
+    if "active_params_per_token" in layer_stats:
+        return float(layer_stats["active_params_per_token"])
+    accepts = inspect.signature(ffn.active_params_per_token).parameters
+    return float(ffn.active_params_per_token(**{k: layer_stats[k] for k in ("activation_ratio", "gate_ratio")
+                                                  if k in accepts and k in layer_stats}))
 
-    Active parameters per token = non-embedding parameters outside the FFNs + each FFN's active
-    parameters: MoE's measured `ffn/active_params_per_token/layerI`, the neuron-sparse FFN's weights
-    at its measured activation ratio, every weight for a dense FFN.
+
+def efficiency(model: LanguageModel, stats: dict, train_len: int, context_len: int = 4096) -> dict:
+    """Active parameters and FLOPs per token by one rule (ffn_active_params), weight bytes, memory.
+
+    params_active_per_token: non-embedding parameters outside the FFNs + each FFN's active weights.
+    ffn_flops_per_token: 2 x the FFNs' active weights (what a sparse kernel computes; dense FFNs: all).
+    mixer_flops_per_token: the mixers at the training length (context train_len / 2, the mean over a
+    causal sequence); head_flops_per_token: the output projection; flops_per_token: their sum.
+    inference_memory_{context_len}_bytes: fp32 weights + decoding state at that context.
     """
     counts = param_counts(model)
     ffn_total, ffn_active = 0, 0.0
     for i, block in enumerate(model.blocks):
         ffn_total += sum(x.size for x in jax.tree.leaves(nnx.state(block.ffn, nnx.Param)))
-        measured = stats.get(f"ffn/active_params_per_token/layer{i}")
-        ratio = stats.get(f"ffn/activation_ratio/layer{i}")
-        if measured is not None:
-            ffn_active += measured
-        elif ratio is not None and "activation_ratio" in inspect.signature(block.ffn.active_params_per_token).parameters:
-            ffn_active += block.ffn.active_params_per_token(ratio)
-        else:
-            ffn_active += block.ffn.active_params_per_token()
+        layer = {k.split("/")[1]: v for k, v in stats.items() if k.startswith("ffn/") and k.endswith(f"/layer{i}")}
+        ffn_active += ffn_active_params(block.ffn, layer)
+    mixer = sum(block.mixer.flops_per_token(max(1, train_len // 2)) for block in model.blocks)
+    head = 2 * model.cfg.d_model * model.vocab_size
     state = sum(block.mixer.state_bytes(context_len) for block in model.blocks)
     return {
         "params_active_per_token": float(counts["params_non_embedding"] - ffn_total + ffn_active),
-        "flops_per_token": forward_flops_per_token(model, context_len // 2),
+        "ffn_params_active_per_token": ffn_active,
+        "ffn_flops_per_token": 2 * ffn_active,
+        "mixer_flops_per_token": float(mixer),
+        "head_flops_per_token": float(head),
+        "flops_per_token": float(2 * ffn_active + mixer + head),
         "weight_bytes": {"fp32": 4 * counts["params_total"], "bf16": 2 * counts["params_total"],
                          "int8": counts["params_total"]},
         f"inference_memory_{context_len}_bytes": 4 * counts["params_total"] + int(state),

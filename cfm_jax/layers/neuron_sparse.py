@@ -107,25 +107,34 @@ class NeuronSparseFFN(nnx.Module):
 
     def hidden(self, x: jax.Array) -> jax.Array:
         """x: (..., d_model) -> activations a: (..., d_ff), exactly zero for inactive neurons."""
+        return self._hidden_and_selected(x)[0]
+
+    def _hidden_and_selected(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """(a, gate): a as `hidden`; for gated forms also the gate's activation relu(x W_g) (a sparse
+        kernel reads a neuron's up row wherever it is nonzero, even where the product a is zero)."""
         cfg, t = self.cfg, self.cfg.threshold
+        gate = fat_relu(self.gate(x), t) if cfg.activation in GATED else None
         if cfg.activation == "relu":
             a = fat_relu(self.up(x), t)
         elif cfg.activation == "relu2":
             a = fat_relu(self.up(x), t) ** 2
         elif cfg.activation == "reglu":
-            a = fat_relu(self.gate(x), t) * self.up(x)
+            a = gate * self.up(x)
         elif cfg.activation == "relu2_glu":
-            a = fat_relu(self.gate(x), t) ** 2 * self.up(x)
+            a = gate**2 * self.up(x)
         else:  # drelu
-            a = fat_relu(self.gate(x), t) * fat_relu(self.up(x), t)
-        return keep_top_k(a, cfg.top_k) if cfg.top_k else a
+            a = gate * fat_relu(self.up(x), t)
+        return (keep_top_k(a, cfg.top_k) if cfg.top_k else a), gate
 
     def __call__(self, x: jax.Array):
-        """x: (batch, seq, d_model) -> (y: (batch, seq, d_model), aux with L1 loss and sparsity stats)."""
-        a = self.hidden(x)
+        """x: (batch, seq, d_model) -> (y: (batch, seq, d_model), aux with L1 loss and sparsity stats).
+        Gated forms also report gate_ratio: the fraction of (token, neuron) pairs whose gate is open."""
+        a, gate = self._hidden_and_selected(x)
         coef = l1_coefficient(self.cfg, self.train_step[...])
         l1 = jnp.mean(jnp.abs(a))
         stats = activation_stats(a)
+        if gate is not None:
+            stats["gate_ratio"] = jnp.mean((jax.lax.stop_gradient(gate) != 0).astype(jnp.float32))
         if self.cfg.l1_coef > 0:
             stats.update(l1=l1, l1_coef=coef)
         return self.down(a), make_aux(coef * l1, **stats)
@@ -140,10 +149,11 @@ class NeuronSparseFFN(nnx.Module):
         """Dense-equivalent forward FLOPs (every neuron computed, as training does)."""
         return 2 * self.param_count()
 
-    def active_params_per_token(self, activation_ratio: float = 1.0) -> int:
-        """Weights a sparse kernel must read per token: the gate (or up) matrix in full, plus the
-        remaining matrices' rows/columns of active neurons. activation_ratio = 1 gives all weights."""
+    def active_params_per_token(self, activation_ratio: float = 1.0, gate_ratio: float = 1.0) -> int:
+        """Weights a sparse kernel must read per token: the selector in full (the gate matrix of a gated
+        form, else up), then for a gated form the up rows of every neuron whose gate is open
+        (gate_ratio), and the down rows of every neuron whose activation is nonzero (activation_ratio).
+        Both 1 give all weights."""
         d, f = self.up.in_features, self.up.out_features
-        selector = d * f  # the matrix whose ReLU decides which neurons are active
-        rest = self.param_count() - selector
-        return int(selector + round(rest * activation_ratio))
+        up_rows = d * f * gate_ratio if self.gate is not None else 0
+        return int(d * f + round(up_rows + d * f * activation_ratio))
