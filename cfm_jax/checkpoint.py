@@ -23,6 +23,28 @@ from cfm_jax.errors import UserError
 DIGESTS = "digests.json"
 
 
+class ShapeMismatch(UserError):
+    """The checkpoint is intact but holds arrays of other shapes than the model being restored."""
+
+
+def saved_shapes(step_dir: Path) -> list[tuple] | None:
+    """Shapes of every array saved in a step directory (sorted), from orbax's metadata; None if unreadable."""
+    checkpointer = ocp.StandardCheckpointer()
+    absl = logging.getLogger("absl")  # orbax logs a warning for the step-level metadata it does not need
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        meta = checkpointer.metadata(Path(step_dir) / "default")
+        meta = getattr(meta, "item_metadata", meta)
+        shapes = sorted(tuple(leaf.shape) for leaf in jax.tree.leaves(meta) if hasattr(leaf, "shape"))
+        return shapes or None  # an empty or metadata-less step: let the restore itself report it
+    except Exception:  # noqa: BLE001 - an unreadable step is reported by the restore itself
+        return None
+    finally:
+        absl.setLevel(level)
+        checkpointer.close()
+
+
 def digest(state) -> str | None:
     """SHA-256 over every leaf's dtype, shape and bytes (None where a leaf lives on other hosts)."""
     h = hashlib.sha256()
@@ -37,9 +59,15 @@ def digest(state) -> str | None:
 
 class Checkpoints:
     def __init__(self, directory: Path, keep: int):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        self.options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
         self.directory = Path(directory).absolute()
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.manager = ocp.CheckpointManager(self.directory, options=self.options)
+
+    def _reopen(self) -> None:
+        """A fresh manager: after a failed restore (an empty or broken step directory) orbax's
+        manager can refuse every later restore, intact steps included."""
+        self.manager.close()
+        self.manager = ocp.CheckpointManager(self.directory, options=self.options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -68,8 +96,11 @@ class Checkpoints:
         for i, step in enumerate(steps):
             try:
                 return step, self.restore(step, like)
+            except ShapeMismatch:
+                raise  # every step of a workdir has the same shapes: falling back cannot help
             except UserError as e:
                 errors.append(e)
+                self._reopen()
                 if i + 1 < len(steps):
                     print(f"warning: {e.args[0].split(';')[0]}; falling back to step {steps[i + 1]}", file=sys.stderr)
         if errors:
@@ -80,6 +111,14 @@ class Checkpoints:
         """Restore `step` into the structure, dtypes, shapes and shardings of `like` (so a checkpoint
         saved under one mesh restores under another)."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        saved = saved_shapes(self.directory / str(step))
+        wanted = sorted(tuple(x.shape) for x in jax.tree.leaves(abstract))
+        if saved is not None and saved != wanted:
+            example = next(((a, b) for a, b in zip(saved, wanted) if a != b), (len(saved), len(wanted)))
+            raise ShapeMismatch(
+                f"checkpoint step {step} in {self.directory} is intact but was saved by a model of other shapes "
+                f"(e.g. saved {example[0]} where this config has {example[1]}); this config does not fit it: "
+                "use the config it was trained with, or another --workdir")
         quiet = logging.getLogger("asyncio")  # orbax's reader tasks log their own traceback on failure
         level = quiet.level
         quiet.setLevel(logging.CRITICAL)

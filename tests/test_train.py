@@ -102,7 +102,7 @@ def test_reconfigure_continues_a_checkpoint_under_a_new_config(tmp_path):
     last = train(changed, tmp_path, progress=False, reconfigure=True)
     assert last["step"] == 8 and wd.load_config(tmp_path).train.lr == 5e-4
     wider = resolve("smoke", [*TINY, "train.steps=9", "model.d_model=64"])
-    with pytest.raises(UserError, match="cannot be restored"):  # shapes differ: refused, nothing lost
+    with pytest.raises(UserError, match="is intact but was saved by a model of other shapes"):  # refused, nothing lost
         train(wider, tmp_path, progress=False, reconfigure=True)
     assert wd.load_config(tmp_path).model.d_model == 32
 
@@ -236,3 +236,14 @@ def test_written_files_follow_the_umask_not_0600(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_resume_falls_back_past_an_empty_newest_step_directory(tmp_path, capsys):
+    """A step directory left empty (a crash before orbax wrote anything, or a user's mkdir): train
+    warns, resumes from the newest intact step and finishes."""
+    cfg = resolve("smoke", [*TINY, "train.steps=10"])
+    train(cfg, tmp_path, progress=False)
+    (tmp_path / wd.CHECKPOINTS / "20").mkdir()
+    last = train(resolve("smoke", [*TINY, "train.steps=12"]), tmp_path, progress=False)
+    assert last["step"] == 12 and "step 20" in capsys.readouterr().err
+    assert losses(tmp_path)[12] == last["loss"]
