@@ -8,6 +8,7 @@ found; `restore_latest` then falls back to the newest intact step and says so on
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -81,8 +82,20 @@ class Checkpoints:
     def save(self, step: int, state) -> None:
         from cfm_jax.workdir import write_json
 
-        self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
-        self.manager.wait_until_finished()
+        quiet = logging.getLogger("asyncio")  # orbax's writer tasks log their own traceback on failure
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
+        try:
+            self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types for a failed write
+            text = str(e)
+            if "No space left" in text or "RESOURCE_EXHAUSTED" in text or getattr(e, "errno", None) == errno.ENOSPC:
+                raise OSError(errno.ENOSPC, f"no space left on device while saving checkpoint step {step}",
+                              str(self.directory)) from None
+            raise
+        finally:
+            quiet.setLevel(level)
         if jax.process_index() == 0 and (d := digest(state)) is not None:
             kept = {str(s) for s in self.manager.all_steps()}
             write_json(self.directory / DIGESTS, {k: v for k, v in {**self._digests(), str(step): d}.items() if k in kept})

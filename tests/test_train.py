@@ -247,3 +247,24 @@ def test_resume_falls_back_past_an_empty_newest_step_directory(tmp_path, capsys)
     last = train(resolve("smoke", [*TINY, "train.steps=12"]), tmp_path, progress=False)
     assert last["step"] == 12 and "step 20" in capsys.readouterr().err
     assert losses(tmp_path)[12] == last["loss"]
+
+
+def test_disk_full_during_a_save_is_one_error_line_and_exit_1(tmp_path):
+    """A 256 kB tmpfs fills up during the first checkpoint save: the run ends with exit 1 and one
+    `error:` line saying so (orbax's writer threads still print their own tracebacks around it)."""
+    import subprocess
+    import sys
+
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(tiny)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        out = subprocess.run([sys.executable, "-m", "cfm_jax.cli", "train", "--workdir", str(tiny / "run"), "--scale",
+                              "smoke", "--no-progress", *TINY, "train.steps=4"], capture_output=True, text=True, timeout=300)
+    finally:
+        subprocess.run(["umount", str(tiny)], capture_output=True)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert len(errors) == 1 and errors[0].startswith("error: no space left on device while saving checkpoint step")
+    assert "rerun to resume" in errors[0]
