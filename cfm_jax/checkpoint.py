@@ -8,11 +8,14 @@ found; `restore_latest` then falls back to the newest intact step and says so on
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -22,6 +25,23 @@ import orbax.checkpoint as ocp
 from cfm_jax.errors import UserError
 
 DIGESTS = "digests.json"
+
+
+@contextlib.contextmanager
+def orbax_stderr():
+    """Send what orbax's and tensorstore's threads write to stderr (fd 2) during a save or close to a
+    temporary file: on a failed write (a full disk) they print hundreds of lines of tracebacks of their
+    own; the failure itself reaches the user as one error line."""
+    sys.stderr.flush()
+    kept = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(kept, 2)
+            os.close(kept)
 
 
 class ShapeMismatch(UserError):
@@ -86,8 +106,9 @@ class Checkpoints:
         level = quiet.level
         quiet.setLevel(logging.CRITICAL)
         try:
-            self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
-            self.manager.wait_until_finished()
+            with orbax_stderr():
+                self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+                self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types for a failed write
             text = str(e)
             if "No space left" in text or "RESOURCE_EXHAUSTED" in text or getattr(e, "errno", None) == errno.ENOSPC:
@@ -152,4 +173,5 @@ class Checkpoints:
         return state
 
     def close(self) -> None:
-        self.manager.close()
+        with orbax_stderr():
+            self.manager.close()

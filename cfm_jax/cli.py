@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -81,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, default=None, help="default: experiments/results")
     b.add_argument("--update", action="store_true",
                    help="re-measure only these suites and keep the others from the existing bench json")
+    b.add_argument("--force", action="store_true", help="replace an existing bench file that holds other suites")
 
     sub.add_parser("list", help="registered ffn and mixer kinds, tasks, experiments")
     return p
@@ -135,6 +137,11 @@ def _run(args: argparse.Namespace) -> int:
         suites = bench.SUITES if args.suite == "all" else tuple(x.strip() for x in args.suite.split(",") if x.strip())
         command = f"cfm-jax bench --suite {args.suite} --scale {args.scale}" + (" --update" if args.update else "")
         out_dir = args.out or experiments_dir() / "results"
+        existing = bench.read(out_dir, args.scale)
+        dropped = sorted(set((existing or {}).get("measured_at", {})) - set(suites))
+        if dropped and not (args.update or args.force):
+            raise UserError(f"--suite {args.suite!r} would replace {bench._stem(args.scale)}.md in {out_dir}, which also "
+                            f"holds {', '.join(dropped)}; --update keeps them, --force replaces the file anyway")
         result = bench.run(suites, args.scale)
         if args.update:
             result = bench.merge(bench.read(out_dir, args.scale), result)
@@ -168,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         full = e.errno in (errno.ENOSPC, errno.EDQUOT)
         print(f"error: {e.strerror or e}{where}" + ("; the last complete checkpoint is kept, rerun to resume "
                                                     "once there is space" if full else ""), file=sys.stderr)
+        if full:  # orbax's writer threads may still print their failed writes' tracebacks while Python exits
+            sys.stderr.flush()
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
         return EXIT_FAILED if full else EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

@@ -78,6 +78,8 @@ CASES = {
     "model too big for memory": (lambda w, t: TRAIN(t / "fresh", "model.d_model=65536"), "more than the"),
     "workdir is a file": (lambda w, t: TRAIN(t / "binary" / "blob.bin"), "blob.bin"),
     "distributed without a cluster": (lambda w, t: [*TRAIN(t / "fresh"), "--distributed"], "--distributed: jax.distributed.initialize() failed"),
+    "bench over other suites": (lambda w, t: ["bench", "--suite", "moe", "--scale", "smoke", "--out", str(t / "results")],
+                                "would replace bench_smoke.md"),
     "bench with no suite": (lambda w, t: ["bench", "--suite", ",", "--out", str(t / "results")], "--suite names no suite"),
 }
 
@@ -109,6 +111,7 @@ def setup(tmp_path_factory):
     (t / "results").mkdir()
     (t / "results" / "quickstart_smoke.md").write_text("a finished table\n")  # what a bad command must not overwrite
     (t / "results" / "bench_smoke.md").write_text("a finished bench\n")
+    (t / "results" / "bench_smoke.json").write_text('{"scale": "smoke", "measured_at": {"train": "x", "moe": "y"}}\n')
     return workdir, t
 
 
