@@ -91,6 +91,7 @@ def test_eval_with_all_analyses(sparse_run, capsys):
     assert set(bricks["prune_loss_ratio"]) == {"text", "mqar", "copy", "random"}
 
 
+@pytest.mark.slow  # default tier kept near 10 min on 2 cores; `make test-slow` runs it
 def test_bricks_at_expert_granularity_for_moe(tmp_path):
     workdir = tmp_path / "moe"
     cfg = resolve("smoke", ["model.ffn=moe", "model.d_model=32", "data.seq_len=64", "train.batch_size=4",

@@ -15,6 +15,7 @@ from cfm_jax import bench
 from cfm_jax.cli import main
 
 
+@pytest.mark.slow  # default tier kept near 10 min on 2 cores; `make test-slow` runs it
 def test_bench_smoke_suites_write_md_and_json(tmp_path, capsys):
     assert main(["bench", "--suite", "ceilings,sparse_decode,moe", "--scale", "smoke", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "bench_smoke.json").read_text())
@@ -92,6 +93,7 @@ def test_torch_gather_ffn_checks_its_output_before_timing():
         gather_ffn_seconds(up, down, x, active[1:], 0.3, reps=2)
 
 
+@pytest.mark.slow  # default tier kept near 10 min on 2 cores; `make test-slow` runs it
 def test_update_keeps_other_suites_and_says_when_each_was_measured(tmp_path, capsys):
     assert main(["bench", "--suite", "moe", "--scale", "smoke", "--out", str(tmp_path)]) == 0
     first = json.loads((tmp_path / "bench_smoke.json").read_text())

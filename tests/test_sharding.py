@@ -44,6 +44,7 @@ def test_expert_parallel_training_step_equals_single_device():
     assert any("expert" in spec for spec in r["specs"])
 
 
+@pytest.mark.slow  # default tier kept near 10 min on 2 cores; `make test-slow` runs it
 def test_checkpoint_saved_on_one_mesh_resumes_on_another(tmp_path):
     r = run_check("resume", str(tmp_path))
     assert len(r["single"]) == len(r["moved"]) == 6

@@ -181,6 +181,7 @@ def cells(scale):
 '''
 
 
+@pytest.mark.slow  # default tier kept near 10 min on 2 cores; `make test-slow` runs it
 def test_lr_grid_tunes_then_runs_seeds_at_the_picked_lr(tmp_path, capsys):
     """Tuning runs first (seed 0 at every grid lr; the 1e30 one diverges and counts as the worst), then
     each cell's remaining seeds at the lr with the lowest validation loss; the table shows the picks and

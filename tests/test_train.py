@@ -249,6 +249,7 @@ def test_resume_falls_back_past_an_empty_newest_step_directory(tmp_path, capsys)
     assert losses(tmp_path)[12] == last["loss"]
 
 
+@pytest.mark.slow  # default tier kept near 10 min on 2 cores; `make test-slow` runs it
 def test_disk_full_during_a_save_is_one_error_line_and_exit_1(tmp_path):
     """A 256 kB tmpfs fills up during the first checkpoint save: the run ends with exit 1 and one
     `error:` line saying so; what orbax's writer threads print goes to a discarded temporary file."""
