@@ -53,12 +53,16 @@ def test_sweep_skips_finished_cells_and_reports_one_row_per_cell(tmp_path, capsy
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["memory_horizon", "moe_balance"])
 def test_experiment_smoke_sweep_and_report(tmp_path, name):
-    """A long-context and an efficiency experiment at smoke scale, end to end: md + csv + png + reading."""
+    """A long-context and an efficiency experiment at smoke scale, end to end: md (with intervals and
+    the declared comparisons' table) + csv + png + curves + reading + run records."""
     experiment = load_experiment(name)
     assert sweep(experiment, "smoke", tmp_path / "runs", progress=False, workers=2) == []
     md_path, _ = report(experiment, "smoke", tmp_path / "runs", tmp_path / "results")
     text = md_path.read_text()
-    assert "## Reading" in text and f"cfm-jax sweep {name} --scale smoke" in text and "±" in text
+    assert "## Reading" in text and f"cfm-jax report {name} --scale smoke" in text and "## Comparisons" in text
+    assert " [" in text and "n = 5 seeds per cell" in text  # mean [95 % interval]
+    assert (tmp_path / "results" / f"{name}_smoke_curves.png").stat().st_size > 0
+    assert len(list((tmp_path / "results" / "runs" / name / "smoke").iterdir())) == len(experiment.cells("smoke"))
     rows = list(csv.DictReader((tmp_path / "results" / f"{name}_smoke.csv").open()))
     assert len(rows) == len(experiment.cells("smoke")) and "status" not in rows[0]  # every run finished
     assert all(r["step"] == "20" or r["step"] == "30" for r in rows)
