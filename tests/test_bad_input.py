@@ -138,3 +138,30 @@ def test_bad_input(setup, capsys, name):
     assert {p: v for p, v in after.items() if "runs" not in p.parts} == {p: v for p, v in before.items() if "runs" not in p.parts}
     assert not (t / "runs").exists() or not any((t / "runs").rglob("*.json"))
     assert not (t / "fresh").exists(), "a failed start creates no workdir"
+
+
+@pytest.mark.parametrize("kind", ["immutable", "read-only"])
+def test_unwritable_workdir_is_one_line(tmp_path, capsys, kind):
+    """An immutable directory (chattr +i binds root too) or a read-only file system: one error line,
+    exit 2. Skipped where the directory cannot be made so (not root, no chattr, no tmpfs)."""
+    import subprocess
+
+    target = tmp_path / "w"
+    target.mkdir()
+    if kind == "immutable":
+        setup, undo, workdir = ["chattr", "+i", str(target)], ["chattr", "-i", str(target)], target
+    else:
+        setup, undo, workdir = ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(target)], ["umount", str(target)], target / "run"
+    try:
+        made = subprocess.run(setup, capture_output=True).returncode == 0
+    except FileNotFoundError:
+        made = False
+    if not made:
+        pytest.skip(f"cannot make a {kind} directory here")
+    try:
+        code = main(TRAIN(workdir))
+    finally:
+        subprocess.run(undo, capture_output=True)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert ("Operation not permitted" if kind == "immutable" else "Read-only file system") in err
