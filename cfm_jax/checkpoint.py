@@ -27,6 +27,12 @@ from cfm_jax.errors import UserError
 DIGESTS = "digests.json"
 
 
+def _stamp() -> str:
+    import time
+
+    return time.strftime("%Y%m%dT%H%M%S")
+
+
 @contextlib.contextmanager
 def orbax_stderr():
     """Send what orbax's and tensorstore's threads write to stderr (fd 2) during a save or close to a
@@ -123,13 +129,19 @@ class Checkpoints:
 
     def restore_latest(self, like) -> tuple[int, object] | tuple[None, None]:
         """(step, state) of the newest step that restores and matches its digest, falling back past
-        broken ones with one warning line each; (None, None) with no checkpoint; UserError if none is
-        intact."""
+        broken ones with one warning line each (they are renamed checkpoints/rejected-STEP-TIME, kept
+        for inspection, so the run can save those steps again); (None, None) with no checkpoint;
+        UserError if none is intact."""
         steps = sorted(self.manager.all_steps(), reverse=True)
         errors = []
         for i, step in enumerate(steps):
             try:
-                return step, self.restore(step, like)
+                state = self.restore(step, like)
+                for bad in steps[:i]:  # aside, so training can save these step numbers again
+                    (self.directory / str(bad)).rename(self.directory / f"rejected-{bad}-{_stamp()}")
+                if i:
+                    self._reopen()
+                return step, state
             except ShapeMismatch:
                 raise  # every step of a workdir has the same shapes: falling back cannot help
             except UserError as e:

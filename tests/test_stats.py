@@ -50,6 +50,41 @@ def test_paired_t_matches_scipy_and_handles_constant_differences():
     assert stats.paired_t_p([0.1, 0.1, 0.1]) == 0.0 and stats.paired_t_p([0.0, 0.0]) == 1.0
 
 
+def test_non_finite_values_give_no_p_value():
+    """A NaN seed must not read as a significant difference (the exact test once returned p = 0)."""
+    assert math.isnan(stats.compare([math.nan, 0.95, 0.2], [0.1, 0.1, 0.1], bimodal=True)["p"])
+    assert math.isnan(stats.compare([math.nan, 0.95, 0.2], [0.1, 0.1, 0.1])["p"])
+
+
+def test_record_matching_requires_the_same_step_count_and_export_leaves_no_stale_result(tmp_path):
+    from cfm_jax.harness import records
+
+    cfg = resolve("smoke", ["model.d_model=32", "train.steps=6"])
+    run = tmp_path / "run"
+    run.mkdir()
+    wd.save_config(run, cfg)
+    config_json = __import__("json").loads((run / wd.CONFIG).read_text())
+    assert records.config_matches(config_json, cfg)
+    assert records.config_matches(config_json, resolve("smoke", ["model.d_model=32", "train.steps=6", "train.log_every=3"]))
+    assert not records.config_matches(config_json, resolve("smoke", ["model.d_model=32", "train.steps=12"]))
+    dest = tmp_path / "record"
+    dest.mkdir()
+    (dest / wd.EVAL).write_text('{"metrics": {"val/loss": 1.0}}')  # an earlier config's result
+    wd.write_json(run / wd.DIVERGED, {"error": "non-finite loss"})
+    records.export(run, dest)
+    assert not (dest / wd.EVAL).exists() and (dest / wd.DIVERGED).exists()
+    assert not records.finished(dest, cfg) and records.diverged(dest, cfg)
+
+
+def test_cells_named_like_lr_runs_stay_apart_without_a_grid(tmp_path):
+    from cfm_jax.harness.report import collect_runs
+
+    path = tmp_path / "lrnames.py"
+    path.write_text("SEEDS = 2\ndef cells(scale):\n    return {'attn.lr1e-3': ['train.lr=1e-3'], 'attn.lr3e-3': ['train.lr=3e-3']}\n")
+    rows = collect_runs(load_experiment(str(path)), "smoke", tmp_path / "runs", tmp_path / "results")
+    assert [r["base"] for r in rows] == ["attn.lr1e-3"] * 2 + ["attn.lr3e-3"] * 2
+
+
 def test_holm_known_answer():
     assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     out = stats.holm([0.2, math.nan])

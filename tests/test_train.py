@@ -216,6 +216,8 @@ def test_corrupted_checkpoint_is_found_and_restore_falls_back(tmp_path, capsys):
                 refused += 1
                 step, _ = ckpt.restore_latest(like)
                 assert step == 5 and "falling back to step 5" in capsys.readouterr().err
+                rejected = next(p for p in root.iterdir() if p.name.startswith("rejected-10-"))
+                rejected.rename(root / "10")  # moved aside by the fallback; back for the next flip
             else:
                 assert digest(state) == saved["10"]  # an unused byte: nothing changed
         finally:
@@ -247,6 +249,9 @@ def test_resume_falls_back_past_an_empty_newest_step_directory(tmp_path, capsys)
     last = train(resolve("smoke", [*TINY, "train.steps=12"]), tmp_path, progress=False)
     assert last["step"] == 12 and "step 20" in capsys.readouterr().err
     assert losses(tmp_path)[12] == last["loss"]
+    # The rejected step was moved aside (kept for inspection), so training can save step 20 again.
+    assert any(p.name.startswith("rejected-20-") for p in (tmp_path / wd.CHECKPOINTS).iterdir())
+    assert train(resolve("smoke", [*TINY, "train.steps=20"]), tmp_path, progress=False)["step"] == 20
 
 
 @pytest.mark.slow  # default tier kept near 10 min on 2 cores; `make test-slow` runs it

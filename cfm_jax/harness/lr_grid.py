@@ -40,7 +40,7 @@ def pick_lrs(experiment: Experiment, scale: str, find: Callable[[str, object], P
         best = None
         if finished and done:  # ties go to the smaller lr (the grid's order otherwise)
             best = (max if mode == "max" else min)(done, key=lambda lr: (scores[lr], -lr if mode == "max" else lr))
-        out[base] = {"scores": scores, "lr": best}
+        out[base] = {"scores": scores, "lr": best, "all_diverged": finished and not done}
     return out
 
 

@@ -55,15 +55,17 @@ def read_json(path: Path) -> dict | None:
 
 
 def config_matches(config_json: dict | None, cfg: Config) -> bool:
-    """The run's config.json holds `cfg` (apart from wd.RESUMABLE_KEYS)."""
+    """The run's config.json holds `cfg` (apart from the resumable keys that leave results unchanged:
+    logging, checkpointing, mesh; train.steps must match)."""
     if not config_json or "config" not in config_json:
         return False
     try:
         saved = config_lib.from_dict(config_json["config"])
     except (ValueError, KeyError, TypeError):
         return False
-    resumable = tuple(k + ":" for k in wd.RESUMABLE_KEYS)
-    return not [d for d in config_lib.diff(saved, cfg) if not d.startswith(resumable)]
+    # Keys a resume may change that do not change a finished run's result; train.steps does.
+    ignored = tuple(k + ":" for k in wd.RESUMABLE_KEYS if k != "train.steps")
+    return not [d for d in config_lib.diff(saved, cfg) if not d.startswith(ignored)]
 
 
 def finished(run_dir: Path, cfg: Config) -> bool:
@@ -96,6 +98,7 @@ def export(workdir: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for name in (wd.CONFIG, wd.EVAL, wd.DIVERGED):
         if not (workdir / name).exists():
+            (dest / name).unlink(missing_ok=True)  # a record of an earlier config must not survive in part
             continue
         if (workdir / name).read_bytes() != ((dest / name).read_bytes() if (dest / name).exists() else None):
             shutil.copyfile(workdir / name, dest / ".tmp")

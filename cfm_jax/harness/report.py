@@ -73,7 +73,7 @@ def collect_runs(experiment: Experiment, scale: str, runs_dir: Path, results_dir
         workdir = cell_workdir(runs_dir, experiment.name, scale, cell)
         record = records.record_dir(results_dir, experiment.name, scale, cell)
         m = SEED_SUFFIX.search(cell)
-        base = cell if cell in bases else experiment.base_of(cell)
+        base = cell if cell in bases else experiment.base_of(cell) if experiment.lr_grid else SEED_SUFFIX.sub("", cell)
         row = {"cell": cell, "base": base, "seed": int(m.group(1)) if m and cell not in bases else 0}
         source = next((d for d in (workdir, record) if records.finished(d, configs[cell])), None)
         stopped = next((d for d in (workdir, record) if records.diverged(d, configs[cell])), None)
@@ -155,7 +155,8 @@ def run_comparisons(experiment: Experiment, scale: str, rows: list[dict]) -> lis
     for c in experiment.comparisons_for(scale):
         side = [{r["seed"]: r.get(col) for r in rows if r["base"] == cell and "status" not in r}
                 for cell, col in zip((c.a, c.b), c.columns)]
-        seeds = sorted(s for s in side[0] if s in side[1] and _numeric([side[0][s], side[1][s]]))
+        seeds = sorted(s for s in side[0] if s in side[1] and _numeric([side[0][s], side[1][s]])
+                       and all(math.isfinite(v) for v in (side[0][s], side[1][s])))
         a, b = [side[0][s] for s in seeds], [side[1][s] for s in seeds]
         solved = experiment.solved_at if all(is_accuracy(col) for col in c.columns) else None
         bimodal = stats.is_bimodal(a, solved) or stats.is_bimodal(b, solved)
@@ -178,7 +179,8 @@ def _final_rows(experiment: Experiment, scale: str, all_rows: list[dict], picked
     out = []
     for base, p in picked.items():
         if p["lr"] is None:
-            out.append({"cell": base, "base": base, "seed": 0, "status": "lr not picked yet (tuning runs unfinished)",
+            status = "every grid lr diverged" if p.get("all_diverged") else "lr not picked yet (tuning runs unfinished)"
+            out.append({"cell": base, "base": base, "seed": 0, "status": status,
                         "command": by_name[experiment.lr_name(base, experiment.lr_grid_for(scale)[0], 0)]["command"]})
             continue
         out += [by_name[experiment.lr_name(base, p["lr"], k)] for k in range(experiment.seeds)]
@@ -303,7 +305,7 @@ def report(experiment: Experiment, scale: str, runs_dir: Path, results_dir: Path
     rows = all_rows if not picks and not experiment.lr_grid else _final_rows(experiment, scale, all_rows, picked)
     stem = results_stem(experiment.name, scale)
     md_path = results_dir / f"{stem}.md"
-    missing = [r["cell"] for r in rows if "status" in r and r["status"] != "diverged"]
+    missing = [r["cell"] for r in rows if "status" in r and r["status"] not in ("diverged", "every grid lr diverged")]
     if missing and md_path.exists() and not force:
         first = next(r for r in rows if r["cell"] in missing)
         raise UserError(f"{len(missing)} of {len(rows)} runs of {experiment.name!r} at scale {scale!r} are not finished "

@@ -100,7 +100,7 @@ def sign_flip_p(diffs: list[float]) -> float:
     """Exact two-sided sign-flip permutation p-value of mean(diffs) = 0: the share of the 2^n sign
     patterns whose |mean| reaches the observed one (the observed pattern included)."""
     d = np.asarray(diffs, dtype=float)
-    if len(d) == 0:
+    if len(d) == 0 or not np.all(np.isfinite(d)):
         return math.nan
     observed = abs(d.mean())
     tol = 1e-12 * max(1.0, np.abs(d).max())
@@ -112,7 +112,7 @@ def paired_t_p(diffs: list[float]) -> float:
     """Two-sided paired t-test p-value of mean(diffs) = 0. All-equal differences: 1.0 when they are
     all zero, else 0.0 (a constant nonzero difference; the t statistic is infinite)."""
     d = np.asarray(diffs, dtype=float)
-    if len(d) < 2:
+    if len(d) < 2 or not np.all(np.isfinite(d)):
         return math.nan
     if np.allclose(d, d[0], rtol=0, atol=1e-12 * max(1.0, np.abs(d).max())):
         return 1.0 if abs(d[0]) <= 1e-12 else 0.0

@@ -62,7 +62,7 @@ def sweep(experiment: Experiment, scale: str, runs_dir: Path, progress: bool = T
         if experiment.lr_grid:
             picked = lr_grid.pick_lrs(experiment, scale, find)
             picks = lr_grid.picks_only(picked)
-            waiting = [b for b, p in picked.items() if p["lr"] is None]
+            waiting = [b for b, p in picked.items() if p["lr"] is None and not p.get("all_diverged")]
             if waiting:
                 print(f"learning rate not picked yet for {len(waiting)} cell(s) (tuning runs unfinished): "
                       f"{', '.join(waiting[:5])}{' ...' if len(waiting) > 5 else ''}", file=sys.stderr)
@@ -80,12 +80,16 @@ def sweep(experiment: Experiment, scale: str, runs_dir: Path, progress: bool = T
 
 
 def _unfinished(experiment, scale, runs_dir, configs, shard, find) -> list[tuple[str, Path]]:
-    names = list(configs)[shard[0]::shard[1]]
+    if experiment.lr_grid:  # by base cell: the run list grows as learning rates are picked
+        bases = list(experiment.base_cells(scale))
+        names = [n for n in configs if bases.index(experiment.base_of(n)) % shard[1] == shard[0]]
+    else:
+        names = list(configs)[shard[0]::shard[1]]
     todo = []
     for i, cell in enumerate(names, 1):
         workdir = records.cell_workdir(runs_dir, experiment.name, scale, cell)
         found = find(cell, configs[cell])
-        if (workdir / wd.EVAL).exists() or (workdir / wd.DIVERGED).exists():
+        if found == workdir:
             print(f"[{i}/{len(names)}] {cell}: done, skipped", file=sys.stderr)
         elif found is not None:
             print(f"[{i}/{len(names)}] {cell}: committed record matches, skipped ({found})", file=sys.stderr)
