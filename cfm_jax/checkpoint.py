@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -27,10 +28,18 @@ from cfm_jax.errors import UserError
 DIGESTS = "digests.json"
 
 
-def _stamp() -> str:
-    import time
-
-    return time.strftime("%Y%m%dT%H%M%S")
+@contextlib.contextmanager
+def quiet_logger(name: str, level: int = logging.CRITICAL):
+    """Raise a library logger's level for a block: orbax's asyncio tasks log their own tracebacks on
+    a failed read or write (reported here as one error line), and orbax's absl logs a warning when it
+    reads a step's metadata that is not needed."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 @contextlib.contextmanager
@@ -57,18 +66,15 @@ class ShapeMismatch(UserError):
 def saved_shapes(step_dir: Path) -> list[tuple] | None:
     """Shapes of every array saved in a step directory (sorted), from orbax's metadata; None if unreadable."""
     checkpointer = ocp.StandardCheckpointer()
-    absl = logging.getLogger("absl")  # orbax logs a warning for the step-level metadata it does not need
-    level = absl.level
-    absl.setLevel(logging.ERROR)
     try:
-        meta = checkpointer.metadata(Path(step_dir) / "default")
+        with quiet_logger("absl", logging.ERROR):
+            meta = checkpointer.metadata(Path(step_dir) / "default")
         meta = getattr(meta, "item_metadata", meta)
         shapes = sorted(tuple(leaf.shape) for leaf in jax.tree.leaves(meta) if hasattr(leaf, "shape"))
         return shapes or None  # an empty or metadata-less step: let the restore itself report it
     except Exception:  # noqa: BLE001 - an unreadable step is reported by the restore itself
         return None
     finally:
-        absl.setLevel(level)
         checkpointer.close()
 
 
@@ -108,11 +114,8 @@ class Checkpoints:
     def save(self, step: int, state) -> None:
         from cfm_jax.workdir import write_json
 
-        quiet = logging.getLogger("asyncio")  # orbax's writer tasks log their own traceback on failure
-        level = quiet.level
-        quiet.setLevel(logging.CRITICAL)
         try:
-            with orbax_stderr():
+            with quiet_logger("asyncio"), orbax_stderr():
                 self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
                 self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types for a failed write
@@ -121,8 +124,6 @@ class Checkpoints:
                 raise OSError(errno.ENOSPC, f"no space left on device while saving checkpoint step {step}",
                               str(self.directory)) from None
             raise
-        finally:
-            quiet.setLevel(level)
         if jax.process_index() == 0 and (d := digest(state)) is not None:
             kept = {str(s) for s in self.manager.all_steps()}
             write_json(self.directory / DIGESTS, {k: v for k, v in {**self._digests(), str(step): d}.items() if k in kept})
@@ -138,7 +139,7 @@ class Checkpoints:
             try:
                 state = self.restore(step, like)
                 for bad in steps[:i]:  # aside, so training can save these step numbers again
-                    (self.directory / str(bad)).rename(self.directory / f"rejected-{bad}-{_stamp()}")
+                    (self.directory / str(bad)).rename(self.directory / f"rejected-{bad}-{time.strftime('%Y%m%dT%H%M%S')}")
                 if i:
                     self._reopen()
                 return step, state
@@ -165,19 +166,15 @@ class Checkpoints:
                 f"checkpoint step {step} in {self.directory} is intact but was saved by a model of other shapes "
                 f"(e.g. saved {example[0]} where this config has {example[1]}); this config does not fit it: "
                 "use the config it was trained with, or another --workdir")
-        quiet = logging.getLogger("asyncio")  # orbax's reader tasks log their own traceback on failure
-        level = quiet.level
-        quiet.setLevel(logging.CRITICAL)
         try:
-            state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            with quiet_logger("asyncio"):
+                state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable data
             detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise UserError(
                 f"checkpoint step {step} in {self.directory} cannot be restored ({detail}); "
                 "remove that step directory to fall back to an earlier one, or use another --workdir"
             ) from None
-        finally:
-            quiet.setLevel(level)
         expected = self._digests().get(str(step))
         if expected is not None and digest(state) not in (None, expected):
             raise UserError(f"checkpoint step {step} in {self.directory} cannot be restored (its data does not match "

@@ -19,10 +19,10 @@ from cfm_jax.harness.experiments import Experiment
 
 
 def metric_of(run_dir: Path, metric: str) -> float | None:
-    from cfm_jax.harness.report import flatten_result
+    from cfm_jax.harness.report import _numeric, flatten_result
 
     value = flatten_result(records.read_json(Path(run_dir) / wd.EVAL) or {}).get(metric)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return float(value) if _numeric([value]) else None
 
 
 def pick_lrs(experiment: Experiment, scale: str, find: Callable[[str, object], Path | None]) -> dict[str, dict]:
@@ -30,13 +30,10 @@ def pick_lrs(experiment: Experiment, scale: str, find: Callable[[str, object], P
     configs = experiment.configs(scale)  # the tuning runs
     out = {}
     for base in experiment.base_cells(scale):
-        scores = {}
-        for lr in experiment.lr_grid_for(scale):
-            name = experiment.lr_name(base, lr, 0)
-            run = find(name, configs[name])
-            scores[lr] = metric_of(run, metric) if run is not None else None
+        runs = {lr: find(name := experiment.lr_name(base, lr, 0), configs[name]) for lr in experiment.lr_grid_for(scale)}
+        scores = {lr: metric_of(run, metric) if run is not None else None for lr, run in runs.items()}
         done = [lr for lr, v in scores.items() if v is not None and math.isfinite(v)]
-        finished = all(find(experiment.lr_name(base, lr, 0), configs[experiment.lr_name(base, lr, 0)]) for lr in scores)
+        finished = all(run is not None for run in runs.values())
         best = None
         if finished and done:  # ties go to the smaller lr (the grid's order otherwise)
             best = (max if mode == "max" else min)(done, key=lambda lr: (scores[lr], -lr if mode == "max" else lr))

@@ -13,7 +13,6 @@ file never silently reuses runs of another config.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -68,16 +67,18 @@ def config_matches(config_json: dict | None, cfg: Config) -> bool:
     return not [d for d in config_lib.diff(saved, cfg) if not d.startswith(ignored)]
 
 
+def _holds(run_dir: Path, marker: str, cfg: Config) -> bool:
+    return (Path(run_dir) / marker).exists() and config_matches(read_json(Path(run_dir) / wd.CONFIG), cfg)
+
+
 def finished(run_dir: Path, cfg: Config) -> bool:
     """A finished run of `cfg` lives in run_dir (a workdir or a record): eval.json and a matching config."""
-    run_dir = Path(run_dir)
-    return (run_dir / wd.EVAL).exists() and config_matches(read_json(run_dir / wd.CONFIG), cfg)
+    return _holds(run_dir, wd.EVAL, cfg)
 
 
 def diverged(run_dir: Path, cfg: Config) -> bool:
     """A run of `cfg` in run_dir stopped on a non-finite value (sweep wrote wd.DIVERGED)."""
-    run_dir = Path(run_dir)
-    return (run_dir / wd.DIVERGED).exists() and config_matches(read_json(run_dir / wd.CONFIG), cfg)
+    return _holds(run_dir, wd.DIVERGED, cfg)
 
 
 def downsample(rows: list[dict], max_train_rows: int = MAX_TRAIN_ROWS) -> list[dict]:
@@ -100,10 +101,11 @@ def export(workdir: Path, dest: Path) -> None:
         if not (workdir / name).exists():
             (dest / name).unlink(missing_ok=True)  # a record of an earlier config must not survive in part
             continue
-        if (workdir / name).read_bytes() != ((dest / name).read_bytes() if (dest / name).exists() else None):
-            shutil.copyfile(workdir / name, dest / ".tmp")
-            (dest / ".tmp").replace(dest / name)
-    rows = downsample(wd.read_metrics(workdir))
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    if not (dest / wd.METRICS).exists() or (dest / wd.METRICS).read_text() != text:
-        wd.write_atomic(dest / wd.METRICS, text)
+        _write_if_changed(dest / name, (workdir / name).read_text())
+    _write_if_changed(dest / wd.METRICS, "".join(json.dumps(r) + "\n" for r in downsample(wd.read_metrics(workdir))))
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Atomic write, skipped when the file already holds `text` (records stay untouched on a rerun)."""
+    if not path.exists() or path.read_text() != text:
+        wd.write_atomic(path, text)

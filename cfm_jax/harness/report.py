@@ -78,8 +78,9 @@ def collect_runs(experiment: Experiment, scale: str, runs_dir: Path, results_dir
         source = next((d for d in (workdir, record) if records.finished(d, configs[cell])), None)
         stopped = next((d for d in (workdir, record) if records.diverged(d, configs[cell])), None)
         if source is not None:
-            row.update(flatten_result(records.read_json(source / wd.EVAL)))
-            row["_eval_prov"] = records.read_json(source / wd.EVAL).get("provenance", {})
+            result = records.read_json(source / wd.EVAL)
+            row.update(flatten_result(result))
+            row["_eval_prov"] = result.get("provenance", {})
         elif stopped is not None:
             row["status"] = "diverged"
         elif (workdir / wd.EVAL).exists() or (record / wd.EVAL).exists():
@@ -151,8 +152,8 @@ def aggregate(rows: list[dict], columns: list[str], solved_at: float | None = No
 def run_comparisons(experiment: Experiment, scale: str, rows: list[dict]) -> list[dict]:
     """Each declared comparison tested on the seeds both cells finished; Holm-adjusted over the table.
     Returns one dict per comparison: its fields, stats.compare's result, p_holm, verdict, text."""
-    out = []
-    for c in experiment.comparisons_for(scale):
+    out, declared = [], experiment.comparisons_for(scale)
+    for c in declared:
         side = [{r["seed"]: r.get(col) for r in rows if r["base"] == cell and "status" not in r}
                 for cell, col in zip((c.a, c.b), c.columns)]
         seeds = sorted(s for s in side[0] if s in side[1] and _numeric([side[0][s], side[1][s]])
@@ -166,7 +167,7 @@ def run_comparisons(experiment: Experiment, scale: str, rows: list[dict]) -> lis
         out.append({"a": c.a, "b": c.b, "column": c.label, "expect": c.expect, "claim": c.claim, **result})
     for result, p in zip(out, stats.holm([r["p"] for r in out])):
         result["p_holm"] = p
-    for result, c in zip(out, experiment.comparisons_for(scale)):
+    for result, c in zip(out, declared):
         result["verdict"] = stats.verdict(result, c.expect) if result["n"] else "not run"
         result["text"] = stats.wording(result, c) if result["n"] else f"{c.a} vs {c.b} on {c.label}: not run"
     return out
@@ -302,7 +303,7 @@ def report(experiment: Experiment, scale: str, runs_dir: Path, results_dir: Path
         picked = lr_grid.pick_lrs(experiment, scale, records.finder(experiment.name, scale, runs_dir, results_dir))
         picks = lr_grid.picks_only(picked)
     all_rows = collect_runs(experiment, scale, runs_dir, results_dir, picks)
-    rows = all_rows if not picks and not experiment.lr_grid else _final_rows(experiment, scale, all_rows, picked)
+    rows = _final_rows(experiment, scale, all_rows, picked) if experiment.lr_grid else all_rows
     stem = results_stem(experiment.name, scale)
     md_path = results_dir / f"{stem}.md"
     missing = [r["cell"] for r in rows if "status" in r and r["status"] not in ("diverged", "every grid lr diverged")]
