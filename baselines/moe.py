@@ -1,4 +1,4 @@
-"""FFN `moe`: a mixture of SwiGLU experts behind a float32 router (Switch / Mixtral / DeepSeekMoE).
+"""FFN `moe`: a mixture of SwiGLU (or ReGLU, or ReLU: `expert_activation`) experts behind a float32 router (Switch / Mixtral / DeepSeekMoE).
 
     cfm-jax train --workdir W --scale smoke model.ffn=moe model.ffn.routing=topp model.ffn.n_shared=1
 
@@ -32,6 +32,9 @@ class MoEConfig(SlotConfig):
     # Hidden width of each routed and each shared expert; 0 = the dense SwiGLU default width divided
     # by (top_k + n_shared), rounded up to a multiple of 8 (about the dense FFN's active FLOPs).
     d_expert: int = 0
+    # Each expert: swiglu silu(x W_g) * (x W_u); reglu relu(x W_g) * (x W_u); relu relu(x W_u) (two
+    # matrices). reglu/relu make the MoE the like-for-like rival of neuron_sparse's reglu/relu forms.
+    expert_activation: Literal["swiglu", "reglu", "relu"] = "swiglu"
     n_shared: int = 0  # always-on shared experts (DeepSeekMoE), added to the routed output
     routing: Literal["topk", "topp"] = "topk"  # fixed k per token, or dynamic k (top-p)
     top_k: int = 2  # topk: experts per token (also the k in the default d_expert)
@@ -53,10 +56,14 @@ class MoEConfig(SlotConfig):
         """K: selection slots per token (the most experts one token can use)."""
         return self.top_k if self.routing == "topk" else self.max_k
 
+    def gated(self) -> bool:
+        return self.expert_activation != "relu"
+
     def width(self, d_model: int) -> int:
         if self.d_expert:
             return self.d_expert
-        dense = -(-(8 * d_model // 3) // 8) * 8  # the dense SwiGLU default
+        # The dense default of the same form (SwiGLU/ReGLU 8d/3, ReLU 4d), split over k + shared experts.
+        dense = -(-(8 * d_model // 3) // 8) * 8 if self.gated() else 4 * d_model
         return -(-dense // (self.top_k + self.n_shared) // 8) * 8
 
     def validate_mesh(self, axes: dict[str, int]) -> None:
@@ -97,11 +104,11 @@ class MoE(nnx.Module):
         d, f, e = ctx.d_model, cfg.width(ctx.d_model), cfg.n_experts
         init, out_init = normal_init(ctx.init_std), output_init(ctx)
         self.router = nnx.Param(init(rngs.params(), (d, e), jnp.float32))
-        self.w_gate = nnx.Param(init(rngs.params(), (e, d, f)))
+        self.w_gate = nnx.Param(init(rngs.params(), (e, d, f))) if cfg.gated() else None
         self.w_up = nnx.Param(init(rngs.params(), (e, d, f)))
         self.w_down = nnx.Param(out_init(rngs.params(), (e, f, d)))
-        if cfg.n_shared:  # n_shared experts of width f = one SwiGLU of width n_shared * f
-            self.shared_gate = linear(d, cfg.n_shared * f, init, rngs)
+        if cfg.n_shared:  # n_shared experts of width f = one expert of width n_shared * f
+            self.shared_gate = linear(d, cfg.n_shared * f, init, rngs) if cfg.gated() else None
             self.shared_up = linear(d, cfg.n_shared * f, init, rngs)
             self.shared_down = linear(cfg.n_shared * f, d, out_init, rngs)
         self.bias = RouterBias(jnp.zeros((e,), jnp.float32)) if cfg.bias_update_rate > 0 else None
@@ -110,7 +117,9 @@ class MoE(nnx.Module):
         parallel.check_mesh(cfg)
 
     def experts(self) -> dispatch.Experts:
-        return dispatch.Experts(self.w_gate[...], self.w_up[...], self.w_down[...])
+        up = self.w_up[...]
+        gate = self.w_gate[...] if self.w_gate is not None else jnp.zeros((*up.shape[:2], 0), up.dtype)
+        return dispatch.Experts(gate, up, self.w_down[...], self.cfg.expert_activation)
 
     def route(self, x: jax.Array) -> tuple[routing.Routing, jax.Array]:
         """x: (N, d_model) -> (the routing of each token, float32 router logits (N, E))."""
@@ -160,8 +169,10 @@ class MoE(nnx.Module):
         return y.reshape(b, s, d).astype(x.dtype), make_aux(loss, **stats)
 
     def shared_experts(self, tokens: jax.Array) -> jax.Array:
-        """The always-on experts as one SwiGLU: tokens (N, d_model) -> (N, d_model)."""
-        return self.shared_down(jax.nn.silu(self.shared_gate(tokens)) * self.shared_up(tokens))
+        """The always-on experts as one expert of their total width: tokens (N, d_model) -> (N, d_model)."""
+        up = self.shared_up(tokens)
+        gate = self.shared_gate(tokens) if self.shared_gate is not None else up[..., :0]
+        return self.shared_down(dispatch.hidden(gate, up, self.cfg.expert_activation))
 
     def expert_forward(self, x: jax.Array, hook) -> jax.Array:
         """Analysis only (bricks at expert granularity): x (batch, seq, d_model) -> y (batch, seq, d_model)
@@ -182,7 +193,8 @@ class MoE(nnx.Module):
     # --- accounting ---
 
     def params_per_expert(self) -> int:
-        return 3 * self.w_gate.shape[1] * self.w_gate.shape[2]
+        _, d, f = self.w_up.shape
+        return (3 if self.cfg.gated() else 2) * d * f
 
     def param_count(self) -> int:
         """Router + routed + shared expert parameters."""

@@ -1,4 +1,8 @@
-"""MoE dispatch: send each token to its chosen experts, run the stacked SwiGLU experts, combine.
+"""MoE dispatch: send each token to its chosen experts, run the stacked experts, combine.
+
+Experts are SwiGLU (default), ReGLU (relu(x W_g) * (x W_u)) or plain ReLU (relu(x W_u), no gate:
+`gate` is then a zero-width (E, d, 0) array, so every path below runs unchanged); `Experts.act` names
+which, as static pytree metadata.
 
 Fast paths, all index gathers into per-expert row buffers followed by matmuls (on XLA:CPU this
 beat one-hot einsum dispatch 4-8x and `ragged_dot` 10x+, REFERENCE.md section 2):
@@ -22,9 +26,10 @@ K selection slots per token, G token groups of T tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,15 +37,45 @@ import jax.numpy as jnp
 from cfm_jax.kernels.cblas import backend, grouped_matmul, product
 
 
-class Experts(NamedTuple):
-    gate: jax.Array  # (E, d, f)
+ACTIVATIONS = ("swiglu", "reglu", "relu")
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["gate", "up", "down"], meta_fields=["act"])
+@dataclasses.dataclass(frozen=True)
+class Experts:
+    gate: jax.Array  # (E, d, f); (E, d, 0) for act="relu"
     up: jax.Array  # (E, d, f)
     down: jax.Array  # (E, f, d)
+    act: str = "swiglu"  # one of ACTIVATIONS
+
+    def replace(self, gate, up, down) -> "Experts":
+        return Experts(gate, up, down, self.act)
+
+
+def hidden(g: jax.Array, u: jax.Array, act: str) -> jax.Array:
+    """The expert's activations from its pre-activations g = x W_g (width 0 for relu), u = x W_u."""
+    if act == "swiglu":
+        return jax.nn.silu(g) * u
+    if act == "reglu":
+        return jax.nn.relu(g) * u
+    return jax.nn.relu(u)
+
+
+def hidden_vjp(g: jax.Array, u: jax.Array, dh: jax.Array, act: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(dg, du, h) for h = hidden(g, u, act) and its cotangent dh (hand-written for the blocked loops)."""
+    if act == "swiglu":
+        sig = jax.nn.sigmoid(g)
+        s = g * sig
+        return dh * u * sig * (1 + g * (1 - sig)), dh * s, s * u
+    if act == "reglu":
+        s = jax.nn.relu(g)
+        return jnp.where(g > 0, dh * u, 0), dh * s, s * u
+    return g, jnp.where(u > 0, dh, 0), jax.nn.relu(u)  # g is (..., 0): its cotangent is empty too
 
 
 def expert_ffn(xb: jax.Array, w: Experts) -> jax.Array:
-    """Batched SwiGLU: xb (E, M, d) rows of expert e -> (E, M, d)."""
-    h = jax.nn.silu(jnp.einsum("emd,edf->emf", xb, w.gate)) * jnp.einsum("emd,edf->emf", xb, w.up)
+    """Batched experts: xb (E, M, d) rows of expert e -> (E, M, d)."""
+    h = hidden(jnp.einsum("emd,edf->emf", xb, w.gate), jnp.einsum("emd,edf->emf", xb, w.up), w.act)
     return jnp.einsum("emf,efd->emd", h, w.down)
 
 
@@ -133,8 +168,8 @@ def blocked_ffn_reference(xb: jax.Array, block_expert: jax.Array, w: Experts) ->
     """Every block times its expert's gathered weights. xb: (n_blocks, b, d); block_expert:
     (n_blocks,) -> (n_blocks, b, d). Obviously right, but it copies a (d, f) weight triple per block
     (and scatter-adds one per block in the backward pass)."""
-    h = jax.nn.silu(jnp.einsum("nbd,ndf->nbf", xb, w.gate[block_expert]))
-    h = h * jnp.einsum("nbd,ndf->nbf", xb, w.up[block_expert])
+    h = hidden(jnp.einsum("nbd,ndf->nbf", xb, w.gate[block_expert]),
+               jnp.einsum("nbd,ndf->nbf", xb, w.up[block_expert]), w.act)
     return jnp.einsum("nbf,nfd->nbd", h, w.down[block_expert])
 
 
@@ -152,7 +187,7 @@ def blocked_ffn(xb: jax.Array, first: jax.Array, count: jax.Array, w: Experts) -
     An outer loop over experts slices each expert's weights once and an inner loop runs its blocks,
     so no weights are copied per block; the backward pass (hand-written, the loops have data-dependent
     trip counts) accumulates each expert's weight gradients in place the same way, with the forward
-    pass's SwiGLU pre-activations kept as residuals: 9 block matmuls in all, a dense FFN's count."""
+    pass's pre-activations kept as residuals: 9 block matmuls in all (6 for relu), a dense FFN's count."""
     return _blocked_ffn_fwd(xb, first, count, w)[0]
 
 
@@ -163,9 +198,8 @@ def _expert_weights(w: Experts, e: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _blocked_ffn_fwd(xb, first, count, w):
     n_blocks, b, _ = xb.shape
-    f = w.gate.shape[2]
-    dtype = jnp.result_type(xb, w.gate)
-    zeros_h = jnp.zeros((n_blocks, b, f), dtype)
+    fg, f = w.gate.shape[2], w.up.shape[2]
+    dtype = jnp.result_type(xb, w.up)
 
     def expert(e, carry):
         w_in, wd = _expert_weights(w, e)
@@ -173,20 +207,20 @@ def _blocked_ffn_fwd(xb, first, count, w):
         def block(i, carry):
             y, g, u = carry
             gu = product(xb[i], w_in)
-            gi, ui = gu[:, :f], gu[:, f:]
-            return y.at[i].set(product(jax.nn.silu(gi) * ui, wd)), g.at[i].set(gi), u.at[i].set(ui)
+            gi, ui = gu[:, :fg], gu[:, fg:]
+            return y.at[i].set(product(hidden(gi, ui, w.act), wd)), g.at[i].set(gi), u.at[i].set(ui)
 
         return _blocks_of(first, count, e, block, carry)
 
-    carry = (jnp.zeros(xb.shape, dtype), zeros_h, zeros_h)
+    carry = (jnp.zeros(xb.shape, dtype), jnp.zeros((n_blocks, b, fg), dtype), jnp.zeros((n_blocks, b, f), dtype))
     y, g, u = jax.lax.fori_loop(0, w.gate.shape[0], expert, carry)
     return y, (xb, first, count, w, g, u)
 
 
 def _blocked_ffn_bwd(residuals, dy):
-    """Per block, with s = silu(g), h = s * u, y = h W_down: dh = dy W_down^T, du = dh * s,
-    dg = dh * u * silu'(g); dx = dg W_gate^T + du W_up^T; dW_gate += x^T dg, dW_up += x^T du,
-    dW_down += h^T dy. Weight gradients accumulate in float32 per expert."""
+    """Per block, with h = hidden(g, u), y = h W_down: dh = dy W_down^T, (dg, du) from `hidden_vjp`;
+    dx = dg W_gate^T + du W_up^T; dW_gate += x^T dg, dW_up += x^T du, dW_down += h^T dy. Weight
+    gradients accumulate in float32 (or wider) per expert."""
     xb, first, count, w, g, u = residuals
 
     def expert(e, carry):
@@ -196,21 +230,21 @@ def _blocked_ffn_bwd(residuals, dy):
         def block(i, carry):
             dxb, dw_in, dwd = carry
             x, gi, ui, dyi = xb[i], g[i], u[i], dy[i]
-            sig = jax.nn.sigmoid(gi)
-            s = gi * sig
-            dh = product(dyi, wd, trans_b=True)
-            dgu = jnp.concatenate([dh * ui * sig * (1 + gi * (1 - sig)), dh * s], axis=1)  # (b, 2f)
+            dgi, dui, h = hidden_vjp(gi, ui, product(dyi, wd, trans_b=True), w.act)
+            dgu = jnp.concatenate([dgi, dui], axis=1)  # (b, fg + f)
             return (dxb.at[i].set(product(dgu, w_in, trans_b=True).astype(dxb.dtype)),
-                    dw_in + product(x, dgu, trans_a=True), dwd + product(s * ui, dyi, trans_a=True))
+                    dw_in + product(x, dgu, trans_a=True), dwd + product(h, dyi, trans_a=True))
 
-        acc = (jnp.zeros(w_in.shape, jnp.float32), jnp.zeros(wd.shape, jnp.float32))
+        acc_dtype = jnp.promote_types(w_in.dtype, jnp.float32)  # float32 at least
+        acc = (jnp.zeros(w_in.shape, acc_dtype), jnp.zeros(wd.shape, acc_dtype))
         dxb, dw_in, dwd = _blocks_of(first, count, e, block, (dxb, *acc))
-        f = wd.shape[0]
-        dw = Experts(*(full.at[e].set(part.astype(full.dtype))
-                       for full, part in zip(dw, (dw_in[:, :f], dw_in[:, f:], dwd))))
+        fg = w.gate.shape[2]
+        parts = (dw_in[:, :fg], dw_in[:, fg:], dwd)
+        dw = dw.replace(*(full.at[e].set(part.astype(full.dtype))
+                          for full, part in zip((dw.gate, dw.up, dw.down), parts)))
         return dxb, dw
 
-    zeros_w = Experts(*(jnp.zeros_like(a) for a in w))
+    zeros_w = jax.tree.map(jnp.zeros_like, w)
     dxb, dw = jax.lax.fori_loop(0, w.gate.shape[0], expert, (jnp.zeros_like(xb), zeros_w))
     return dxb, None, None, dw
 
@@ -246,14 +280,14 @@ def grouped_dispatch(
     x: (N, d); experts, weights, valid: (N, K) -> (y: (N, d), kept = valid)."""
     n, d = x.shape
     k = experts.shape[1]
-    n_experts, f = w.gate.shape[0], w.gate.shape[2]
+    n_experts, fg = w.gate.shape[0], w.gate.shape[2]
     e = jnp.where(valid, experts, n_experts).reshape(-1)  # (A,); unused slots sort last, past every group
     order = jnp.argsort(e, stable=True).astype(jnp.int32)  # assignment held by each sorted row
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))
     sizes = jnp.bincount(e, length=n_experts + 1)[:n_experts].astype(jnp.int32)
     xs = take_rows(x, order // k, inverse, k)  # (A, d), assignment a = token * K + slot
     gu = grouped_matmul(xs, jnp.concatenate([w.gate, w.up], axis=2), sizes)  # (A, 2f)
-    ys = grouped_matmul(jax.nn.silu(gu[:, :f]) * gu[:, f:], w.down, sizes)  # (A, d), unused rows 0
+    ys = grouped_matmul(hidden(gu[:, :fg], gu[:, fg:], w.act), w.down, sizes)  # (A, d), unused rows 0
     y = take_rows(ys, inverse, order, 1) * weights.reshape(-1, 1).astype(ys.dtype)
     return y.reshape(n, k, d).sum(axis=1), valid
 
@@ -265,7 +299,7 @@ def dropless_dispatch(
     (cfm_jax.kernels.cblas) `grouped_dispatch`; otherwise fixed-size blocks (below), as XLA's
     `ragged_dot` runs as masked dense on CPU."""
     n, d = x.shape
-    if backend(x, w.gate, flops=2 * x.size * w.gate.shape[2] * experts.shape[1])[0] == "mkl":
+    if backend(x, w.up, flops=2 * x.size * w.up.shape[2] * experts.shape[1])[0] == "mkl":
         return grouped_dispatch(x, experts, weights, valid, w)
     k = experts.shape[1]
     n_experts = w.gate.shape[0]
@@ -306,11 +340,11 @@ def reference_keep(experts: jax.Array, valid: jax.Array, n_experts: int, groups:
 
 
 def moe_reference(x: jax.Array, experts: jax.Array, weights: jax.Array, kept: jax.Array, w: Experts) -> jax.Array:
-    """Per-expert loop: y = sum_e (sum of the token's kept weights on e) * SwiGLU_e(x), every expert
+    """Per-expert loop: y = sum_e (sum of the token's kept weights on e) * FFN_e(x), every expert
     run densely on every token. x: (N, d); experts, weights, kept: (N, K) -> (N, d)."""
     y = jnp.zeros_like(x)
     for j in range(w.gate.shape[0]):
         gate = jnp.sum(jnp.where((experts == j) & kept, weights, 0.0), axis=-1)  # (N,)
-        h = jax.nn.silu(x @ w.gate[j]) * (x @ w.up[j])
+        h = hidden(x @ w.gate[j], x @ w.up[j], w.act)
         y = y + gate[:, None] * (h @ w.down[j])
     return y

@@ -57,7 +57,7 @@ def expert_parallel_dispatch(x, r, w: dispatch.Experts, cfg, batch: int, seq: in
         cap = dispatch.capacity(groups[1], cfg.slots(), cfg.n_experts, cfg.capacity_factor)
 
     def local(x, experts, weights, valid, gate, up, down):
-        local_w = dispatch.Experts(gate, up, down)  # (E/P, ...) this device's experts
+        local_w = dispatch.Experts(gate, up, down, w.act)  # (E/P, ...) this device's experts
 
         def exchange_and_compute(xb):  # (E, G_local*C, d), rows for every expert
             xb = jax.lax.all_to_all(xb, AXIS, 0, 1, tiled=True)  # (E/P, P*G_local*C, d)

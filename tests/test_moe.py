@@ -29,12 +29,12 @@ call = nnx.jit(lambda module, x: module(x))
 route = jax.jit(R.route, static_argnames=("score", "mode", "k", "top_p", "renormalize"))
 
 
-def random_problem(mode: str, k: int, seed: int = 0, n: int = N, logit_bias=0.0):
+def random_problem(mode: str, k: int, seed: int = 0, n: int = N, logit_bias=0.0, act: str = "swiglu"):
     keys = jax.random.split(jax.random.key(seed), 5)
     x = jax.random.normal(keys[0], (n, D_MODEL))
     logits = 2.0 * jax.random.normal(keys[1], (n, E)) + logit_bias
-    shapes = [(E, D_MODEL, F), (E, D_MODEL, F), (E, F, D_MODEL)]
-    w = D.Experts(*(0.3 * jax.random.normal(kk, s) for kk, s in zip(keys[2:], shapes)))
+    shapes = [(E, D_MODEL, F if act != "relu" else 0), (E, D_MODEL, F), (E, F, D_MODEL)]
+    w = D.Experts(*(0.3 * jax.random.normal(kk, s) for kk, s in zip(keys[2:], shapes)), act)
     r = route(logits, None, score="softmax", mode=mode, k=k, top_p=0.6, renormalize=True)
     return x, r, w
 
@@ -76,8 +76,19 @@ def test_dispatch_matches_loop_reference(mode, k, path, groups, cap, matmul):
         _check_dispatch(mode, k, path, groups, cap)
 
 
-def _check_dispatch(mode, k, path, groups, cap):
-    x, r, w = random_problem(mode, k)
+@pytest.mark.parametrize("matmul", ["xla", "mkl"])
+@pytest.mark.parametrize("act", ["reglu", "relu"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]])
+def test_expert_activations_match_loop_reference(case, act, matmul):
+    """ReGLU and ReLU (zero-width gate) experts through the dropless and capacity paths."""
+    if case[2] == "capacity" and matmul == "mkl":
+        pytest.skip("capacity dispatch has no MKL-specific path")
+    with matmul_mode(matmul):
+        _check_dispatch(*case, act=act)
+
+
+def _check_dispatch(mode, k, path, groups, cap, act="swiglu"):
+    x, r, w = random_problem(mode, k, act=act)
     keep = jax.jit(D.reference_keep, static_argnums=(2, 3, 4))(r.experts, r.valid, E, groups, cap) if cap else r.valid
     if path == "dropless":
         run = lambda x, wt, w: D.dropless_dispatch(x, r.experts, wt, r.valid, w)
@@ -197,6 +208,26 @@ def test_module_stats_and_accounting():
     assert module.flops_per_token() == 2 * module.active_params_per_token()
 
 
+@pytest.mark.parametrize("act,matrices", [("reglu", 3), ("relu", 2)])
+def test_expert_activation_module_accounting_and_default_width(act, matrices):
+    """ReLU experts have no gate matrix (2 matrices, dense default width 4d split over k); ReGLU keeps
+    three (8d/3). Counts equal the parameters that exist; the module equals the loop reference."""
+    cfg = MoEConfig(n_experts=4, top_k=2, n_shared=1, expert_activation=act)
+    module = MoE(cfg, CTX, rngs=nnx.Rngs(0))
+    f = cfg.width(16)
+    assert f == (-(-(4 * 16) // 3 // 8) * 8 if act == "relu" else -(-48 // 3 // 8) * 8)
+    assert module.params_per_expert() == matrices * 16 * f
+    assert module.param_count() == sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+    x = jax.random.normal(jax.random.key(1), (2, 7, 16))
+    y, _ = call(module, x)
+    tokens = x.reshape(14, 16)
+    r, _ = module.route(tokens)
+    up = module.shared_up(tokens)
+    shared = jax.nn.relu(module.shared_gate(tokens)) * up if act == "reglu" else jax.nn.relu(up)
+    want = D.moe_reference(tokens, r.experts, r.weights, r.valid, module.experts()) + module.shared_down(shared)
+    np.testing.assert_allclose(y.reshape(14, 16), want, rtol=1e-5, atol=1e-6)
+
+
 def test_module_dispatch_paths_agree_with_loop():
     """The module end to end (router, shared expert, each dispatch) against the reference loop."""
     x = jax.random.normal(jax.random.key(1), (2, 7, 16))
@@ -312,6 +343,31 @@ def test_blocked_ffn_matches_gathered_weights_reference(matmul):
         _check_blocked_ffn()
 
 
+@pytest.mark.parametrize("act", ["reglu", "relu"])
+def test_blocked_ffn_other_activations_match_reference_float64(act):
+    """The hand-written backward for ReGLU and ReLU experts, in float64 (XLA products), where the
+    only difference from the gathered-weights reference is summation order."""
+    n_blocks, b, d, f = 7, 4, 6, 5
+    first, count = jnp.array([0, 2, 2, 5]), jnp.array([2, 0, 3, 1])
+    block_expert = jnp.array([0, 0, 2, 2, 2, 3, 3])
+    owned = (jnp.arange(n_blocks) < 6)[:, None, None]
+    with jax.enable_x64(True), cblas.forced("xla"):
+        ks = jax.random.split(jax.random.key(3), 5)
+        xb = jax.random.normal(ks[0], (n_blocks, b, d), jnp.float64)
+        shapes = [(4, d, f if act == "reglu" else 0), (4, d, f), (4, f, d)]
+        w = D.Experts(*(jax.random.normal(key, shape, jnp.float64) for key, shape in zip(ks[1:4], shapes)), act)
+        probe = jax.random.normal(ks[4], (n_blocks, b, d), jnp.float64)
+        grads = lambda fn: jax.grad(lambda xb, w: jnp.sum(jnp.sin(fn(xb, w)) * probe), argnums=(0, 1))(xb, w)
+        g_fast = grads(lambda xb, w: D.blocked_ffn(xb, first, count, w))
+        g_ref = grads(lambda xb, w: D.blocked_ffn_reference(xb, block_expert, w) * owned)
+        np.testing.assert_allclose(D.blocked_ffn(xb, first, count, w),
+                                   D.blocked_ffn_reference(xb, block_expert, w) * owned, rtol=1e-12, atol=1e-12)
+        leaves = jax.tree.leaves(g_fast)
+        assert len(leaves) == 4 and leaves[1].shape == shapes[0]
+        for a, b_ in zip(leaves, jax.tree.leaves(g_ref)):
+            np.testing.assert_allclose(a, b_, rtol=1e-10, atol=1e-12)
+
+
 def _check_blocked_ffn():
     n_blocks, b, d, f = 7, 4, 6, 5
     first, count = jnp.array([0, 2, 2, 5]), jnp.array([2, 0, 3, 1])  # expert 1 empty; block 6 unowned
@@ -335,7 +391,7 @@ def _check_blocked_ffn():
         ref_loss = lambda xb, w: jnp.sum(jnp.sin(D.blocked_ffn_reference(xb, block_expert, w) * owned) * f64(probe))
         l_ref, g_ref = jax.value_and_grad(ref_loss, argnums=(0, 1))(f64(xb), f64(w))
         g_ref = [np.asarray(g) for g in jax.tree.leaves(g_ref)]
-    bounds = _blocked_ffn_rounding_bound(*(np.asarray(a, np.float64) for a in (xb, *w, probe * owned)), np.asarray(block_expert))
+    bounds = _blocked_ffn_rounding_bound(*(np.asarray(a, np.float64) for a in (xb, w.gate, w.up, w.down, probe * owned)), np.asarray(block_expert))
     assert abs(float(l_fast) - float(l_ref)) <= 1e-5 * np.abs(np.asarray(probe)).sum()
     for got, want, bound in zip(jax.tree.leaves(g_fast), g_ref, bounds):
         err = np.abs(np.asarray(got, np.float64) - want)

@@ -62,7 +62,7 @@ def dynamic_analysis(model, task, data_cfg, batch_size: int, plot_path: Path | N
     """Per-token active count vs loss on the task's eval data, plus MQAR easy vs hard."""
     capture = make_capture_forward(model)
     unit, _ = analysis_units(model)
-    per_unit = 1 if unit == "neuron" else model.blocks[0].ffn.w_gate.shape[2]  # expert width
+    per_unit = 1 if unit == "neuron" else model.blocks[0].ffn.w_up.shape[2]  # expert width
     first_set = next(iter(task.eval_sets(batch_size).values()))
     out = {"unit": unit, "neurons_per_unit": per_unit,
            data_cfg.task: summarize(*counts_and_losses(capture, first_set, per_unit))}
