@@ -156,6 +156,7 @@ class DataConfig:
     content_vocab: int = 16  # selective_copying: distinct content tokens
     copy_min_len: int = 8  # copying: shortest training string
     copy_max_len: int = 50  # copying: longest training string (clipped to (seq_len - 1) // 2)
+    mix_weights: tuple[int, ...] = (2, 1, 1)  # mix: rows of text, mqar, copy per batch, in these shares
     effective_threshold: float = 0.856  # eval: RULER's effective length = longest length scoring >= this
     eval_batches: int = 8  # batches (of train.batch_size) per validation / accuracy measurement
     # Context lengths at which eval measures synthetic-task accuracy; () = seq_len, 2x and 4x.

@@ -89,6 +89,8 @@ def test_eval_with_all_analyses(sparse_run, capsys):
     assert bricks["skills"] == ["text", "mqar", "copy"]
     assert bricks["top5pct_overlap"]["text"]["text"] == 1.0
     assert set(bricks["prune_loss_ratio"]) == {"text", "mqar", "copy", "random"}
+    coact = bricks["coactivation_top2_of_8_share"]  # groups fitted on even batches, scored on odd ones
+    assert {"clustered", "clustered_fit", "random"} <= set(coact) and coact["clustered"] != coact["clustered_fit"]
 
 
 @pytest.mark.slow  # default tier kept near 10 min on 2 cores; `make test-slow` runs it

@@ -66,6 +66,30 @@ def test_mqar_batches_are_a_function_of_seed_and_step():
     assert sets["len256"][0]["inputs"].shape == (4, 256)
 
 
+def test_mix_task_rows_shares_determinism_and_eval_sets():
+    """data.task=mix: text, MQAR and copy rows in the declared shares, each row its generator's
+    format, a pure function of (seed, step); eval sets val (text), mqar, copy."""
+    cfg = resolve("smoke", ["data.task=mix", "data.seq_len=64", "data.num_kv_pairs=4", "data.mix_weights=2,1,1",
+                            "data.eval_batches=2"]).data
+    task = make_task(cfg)
+    text = make_task(resolve("smoke", ["data.task=text", "data.seq_len=64"]).data)
+    assert task.vocab_size == 256
+    batch = task.train_batch(3, 7, 10)  # 2:1:1 of 10 rows -> 5 text, 3 mqar, 2 copy (largest remainder)
+    np.testing.assert_array_equal(batch["inputs"][:5], text.train_batch(3, 7, 5)["inputs"])
+    assert np.all(batch["labels"][:5] != IGNORE)  # text: every position scored
+    scored = (batch["labels"] != IGNORE).sum(axis=1)
+    assert list(scored[5:8]) == [4, 4, 4]  # mqar: one answer per key-value pair
+    assert list(scored[8:]) == [31, 31] and np.all(batch["inputs"][8:, 31] == 0)  # copy: separator, then the copy
+    again = task.train_batch(3, 7, 10)
+    assert all(np.array_equal(batch[k], again[k]) for k in batch)
+    assert not np.array_equal(batch["inputs"][5:], task.train_batch(3, 8, 10)["inputs"][5:])
+    sets = task.eval_sets(4)
+    assert list(sets) == ["val", "mqar", "copy"] and all(len(v) == 2 for v in sets.values())
+    for bad in ("1,1", "0,0,0", "1,-1,1"):
+        with pytest.raises(UserError, match="data.mix_weights"):
+            resolve("smoke", ["data.task=mix", f"data.mix_weights={bad}"])
+
+
 def test_mqar_rejects_impossible_settings():
     with pytest.raises(UserError, match="needs seq_len >= 64"):
         mqar_batch(np.random.default_rng(0), 1, 40, 256, 16)

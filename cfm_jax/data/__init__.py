@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from cfm_jax.data.base import IGNORE, Task
 from cfm_jax.data.copying import CopyingTask, SelectiveCopyingTask
+from cfm_jax.data.mix import MixTask
 from cfm_jax.data.mqar import MQARTask
 from cfm_jax.data.needle import NIAHMultiKey, NIAHMultiQuery, NIAHMultiValue, NIAHSingle, PasskeyTask
 from cfm_jax.data.text import TextTask
@@ -17,7 +18,7 @@ from cfm_jax.errors import UserError
 TASKS: dict[str, type[Task]] = {
     cls.name: cls
     for cls in (TextTask, MQARTask, NIAHSingle, NIAHMultiKey, NIAHMultiValue, NIAHMultiQuery, PasskeyTask,
-                VariableTrackingTask, SelectiveCopyingTask, CopyingTask)
+                VariableTrackingTask, SelectiveCopyingTask, CopyingTask, MixTask)
 }
 
 

@@ -81,3 +81,14 @@ class CopyingTask(SyntheticTask):
         else:  # eval at another length: the string fills the context
             lengths = np.full(batch, n_max)
         return copying_batch(rng, batch, length, self.vocab_size, lengths)
+
+
+def repeat_copy_batch(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int) -> dict:
+    """[random string of length (seq_len-1)//2] [separator 0] [the string again]; the copy is scored.
+    The `copy` skill of the bricks analysis and of `data.task=mix`. -> inputs, labels (batch, seq_len)."""
+    n = (seq_len - 1) // 2
+    body = rng.integers(1, vocab_size, (batch, n))
+    tokens = np.concatenate([body, np.zeros((batch, 1), np.int64), body, np.zeros((batch, seq_len + 1 - 2 * n - 1), np.int64)], 1)
+    labels = np.full((batch, seq_len), IGNORE, np.int64)
+    labels[:, n: 2 * n] = tokens[:, n + 1: 2 * n + 1]  # after the separator, predict the copy
+    return {"inputs": tokens[:, :seq_len].astype(np.int32), "labels": labels.astype(np.int32)}

@@ -11,8 +11,9 @@ string, a separator, then the string again; the copy is scored).
 - Cross-pruning: loss on each skill after zeroing another skill's top-5 % neurons, as a ratio to the
   unpruned loss, next to pruning the same number of random neurons.
 - Co-activation clustering: neurons of each layer split into equal groups by balanced k-means on
-  their co-activation profiles; the share of a token's active neurons that falls in its top-2 groups,
-  against a random equal-size partition (what MoEfication exploits).
+  their co-activation profiles, fitted on half of each skill's batches; the share of a held-out
+  token's active neurons that falls in its top-2 groups, against a random equal-size partition (what
+  MoEfication exploits). `clustered_fit` is the same share on the fitted tokens (the in-sample number).
 
 For a MoE model the unit is the expert (the hook sees its combine weight per token): FuncScore,
 top-5 % overlap (at least one expert) and cross-pruning are computed the same way; clustering is
@@ -25,22 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from cfm_jax.data import IGNORE
+from cfm_jax.data.copying import repeat_copy_batch as copy_batch
 from cfm_jax.data.mqar import mqar_batch
 from cfm_jax.harness.neurons import analysis_units, make_capture_forward, make_masked_forward, mean_loss
 
 TOP_FRACTION = 0.05
 N_GROUPS = 8
 TOP_GROUPS = 2
-
-
-def copy_batch(rng: np.random.Generator, batch: int, seq_len: int, vocab_size: int) -> dict:
-    """[random string of length (seq_len-1)//2] [separator 0] [the string again]; copy scored."""
-    n = (seq_len - 1) // 2
-    body = rng.integers(1, vocab_size, (batch, n))
-    tokens = np.concatenate([body, np.zeros((batch, 1), np.int64), body, np.zeros((batch, seq_len + 1 - 2 * n - 1), np.int64)], 1)
-    labels = np.full((batch, seq_len), IGNORE, np.int64)
-    labels[:, n: 2 * n] = tokens[:, n + 1: 2 * n + 1]  # after the separator, predict the copy
-    return {"inputs": tokens[:, :seq_len].astype(np.int32), "labels": labels.astype(np.int32)}
 
 
 def skill_batches(task, data_cfg, vocab_size: int, batch_size: int) -> dict[str, list[dict]]:
@@ -145,16 +137,17 @@ def bricks_analysis(model, task, data_cfg, batch_size: int) -> dict:
     clustering = []
     groups = min(N_GROUPS, d_ff)
     for layer in range(n_layers if unit == "neuron" else 0):  # experts are already the groups
-        active = np.concatenate(tokens_active[layer]).astype(np.float32)
-        coact = active.T @ active  # (d_ff, d_ff) co-activation counts
-        learned = balanced_kmeans(coact, groups, seed=layer)
+        # Fit the groups on the even batches of every skill, score them on the odd (held-out) ones.
+        fit = np.concatenate(tokens_active[layer][0::2]).astype(np.float32)
+        held_out = np.concatenate(tokens_active[layer][1::2]).astype(np.float32)
+        learned = balanced_kmeans(fit.T @ fit, groups, seed=layer)  # on (d_ff, d_ff) co-activation counts
         random = np.random.default_rng(layer).permutation(np.arange(d_ff) % groups)
-        clustering.append({"layer": layer, "clustered": top_group_share(active, learned, groups, TOP_GROUPS),
-                           "random": top_group_share(active, random, groups, TOP_GROUPS)})
+        clustering.append({"layer": layer, "clustered": top_group_share(held_out, learned, groups, TOP_GROUPS),
+                           "clustered_fit": top_group_share(fit, learned, groups, TOP_GROUPS),
+                           "random": top_group_share(held_out, random, groups, TOP_GROUPS)})
 
-    coact = ({"clustered": float(np.mean([c["clustered"] for c in clustering])),
-              "random": float(np.mean([c["random"] for c in clustering])), "per_layer": clustering}
-             if clustering else None)
+    coact = ({key: float(np.mean([c[key] for c in clustering])) for key in ("clustered", "clustered_fit", "random")}
+             | {"per_layer": clustering} if clustering else None)
     return {
         "unit": unit, "units_per_layer": int(d_ff), "top_units_per_layer": int(k),
         "skills": names,
