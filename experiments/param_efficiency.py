@@ -1,171 +1,147 @@
-"""Parameter efficiency on byte-level text: dense vs neuron-sparse vs MoE FFNs at three sizes, with
-density (Densing Law) against the dense SwiGLU family.
+"""Parameter efficiency on byte-level text, like with like, across sizes and token budgets: dense
+SwiGLU, the neuron-sparse FFN in two forms (ReLU, ReGLU), and MoEs of the same two expert forms, each
+at equal TOTAL parameters (8 experts of width F/8, top-2) and at equal ACTIVE parameters (8 wider
+experts, top-2, sized to the neuron-sparse FFN's measured active weights), with density (Densing Law)
+against the dense SwiGLU family at each budget and a bootstrap interval over seeds.
 
-Command:  cfm-jax sweep param_efficiency --scale cpu && cfm-jax report param_efficiency --scale cpu
-Runtime:  smoke ~8 min (9 FFNs x 1 size + 3 reference widths, x 3 seeds, 20 steps); cpu: 9 FFNs x
-          3 sizes (d_model 64, 96, 128; 2 layers) + dense SwiGLU at 3 more widths for the density fit,
-          x 3 seeds at 300 steps of 2048 tokens, about 45 min on 2 cores with one --shard per core;
-          full: d_model 256-768 (+ 128, 384, 1024 for the fit), 4 layers, 5000 steps.
-Expected: (Sparsing Law, CFM) at matched total parameters the neuron-sparse FFNs reach the dense
-          models' bits per byte at a much lower activation ratio; MoE at matched ACTIVE parameters beats
-          dense of the same active size but is less parameter-efficient per total parameter.
+Cells `FAMILY-dD-sSTEPS` (2 layers; F = the dense default width of the form: ReLU 4d, gated 8d/3):
+  dense_swiglu                  the reference (also at extra widths, for the density fit only)
+  ns_relu, ns_reglu             neuron_sparse of width F (no penalty: the activation's own sparsity)
+  moe_relu, moe_reglu           8 experts of width F/8, top-2: equal total parameters to ns_*
+  moe_relu_wide, moe_reglu_wide 8 experts, top-2, each wide enough that the active weights equal the
+                                neuron-sparse FFN's (at NS_ACTIVE_RATIO): equal active parameters
 
-Matched comparisons: all FFNs at one size share d_model and depth. `dense_*` and `ns_*` have about the
-same TOTAL parameters (the gated forms are width-matched); the MoE rows have about the same ACTIVE
-parameters as dense (expert width = dense width / (k + shared)) and more total parameters. The
-`matched` column says which comparison a row belongs to.
+Command:  cfm-jax sweep param_efficiency --scale cpu --workers 2 && cfm-jax report param_efficiency --scale cpu
+Runtime:  smoke ~4 min; cpu: (7 FFNs x 3 sizes + 3 reference widths) x 2 budgets (400 and 1600 steps
+          of 2048 tokens) x 3 seeds = 144 runs, about 5.5 core-hours (2.8 h with two workers, estimated
+          from 0.09-0.2 s per step); continuable through the committed run records; full (accelerator):
+          d_model 256-768, 4 layers, 5000 / 20000 steps, roughly 40 H100-hours at float32 (not measured).
+Expected: (Sparsing Law, CFM) at equal total parameters the neuron-sparse FFN beats the MoE of its own
+          form; at equal active parameters it is no worse; per active parameter its density is higher.
+          The ordering should hold from the smaller budget to the 4x larger one.
 """
 
-from cfm_jax.harness.density import density, fit_loss_curve
+from cfm_jax.harness.density import bootstrap_densities, fit_loss_curve
 from cfm_jax.harness.plots import grouped_lines, parse_cell
+from cfm_jax.harness.stats import Comparison
 
-FFNS = {
-    "dense_swiglu": ["model.ffn=dense"],
-    "dense_relu": ["model.ffn=dense", "model.ffn.activation=relu"],
-    "ns_relu": ["model.ffn=neuron_sparse", "model.ffn.activation=relu"],
-    "ns_relu2": ["model.ffn=neuron_sparse", "model.ffn.activation=relu2"],
-    "ns_drelu": ["model.ffn=neuron_sparse", "model.ffn.activation=drelu"],
-    "ns_relu_l1": ["model.ffn=neuron_sparse", "model.ffn.activation=relu", "model.ffn.l1_coef=0.1",
-                   "model.ffn.l1_schedule=prosparse", "model.ffn.l1_stage_steps=50"],
-    "moe_topk": ["model.ffn=moe", "model.ffn.top_k=2"],
-    "moe_topp": ["model.ffn=moe", "model.ffn.routing=topp", "model.ffn.top_p=0.5"],
-    "moe_fine_shared": ["model.ffn=moe", "model.ffn.n_experts=16", "model.ffn.top_k=4", "model.ffn.n_shared=1"],
-}
-SIZES = {"smoke": dict(widths=(64,), steps=20, layers=4), "cpu": dict(widths=(64, 96, 128), steps=300, layers=2),
-         "full": dict(widths=(256, 512, 768), steps=5000, layers=4)}
+E, K = 8, 2
+NS_ACTIVE_RATIO = 0.3  # measured ns activation ratio at d 64 (sparsity_pareto); sizes the *_wide experts
+SIZES = {"smoke": dict(widths=(32,), budgets=(10, 40), layers=2),
+         "cpu": dict(widths=(64, 96, 128), budgets=(400, 1600), layers=2),
+         "full": dict(widths=(256, 512, 768), budgets=(5000, 20000), layers=4)}
 # Extra dense SwiGLU widths for the density fit only (3 parameters need more than 3 points to be tested).
-REFERENCE_WIDTHS = {"smoke": (32, 48, 96), "cpu": (48, 80, 160), "full": (128, 384, 1024)}
+REFERENCE_WIDTHS = {"smoke": (24, 48, 64), "cpu": (48, 80, 160), "full": (128, 384, 1024)}
 REFERENCE = "dense_swiglu"
 SEEDS = 3
-ANALYSES = ["cett"]
-COLUMNS = ["val/bits_per_byte", "val/loss", "params_active_per_token", "flops_per_token", "stats/ffn/activation_ratio",
-           "cett/sparsity_at_cett_ppl1", "inference_memory_4096_bytes"]
+COLUMNS = ["val/bits_per_byte", "val/loss", "ffn_params_active_per_token", "ffn_flops_per_token",
+           "mixer_flops_per_token", "stats/ffn/activation_ratio", "params_non_embedding", "params_active_per_token"]
+PAIRS = [("ns_relu", "moe_relu", "equal total parameters"), ("ns_relu", "moe_relu_wide", "equal active parameters"),
+         ("ns_reglu", "moe_reglu", "equal total parameters"), ("ns_reglu", "moe_reglu_wide", "equal active parameters")]
+
+
+def widths(d: int) -> dict[str, int]:
+    """FFN widths at d_model d: F of each form and the expert widths of each MoE family (see module doc;
+    *_wide: relu d F (1 + r) = K * 2 d w, reglu d F (1 + 2 r) = K * 3 d w)."""
+    relu, gated = 4 * d, -(-(8 * d // 3) // 8) * 8
+    r = NS_ACTIVE_RATIO
+    return {"relu": relu, "reglu": gated, "moe_relu": relu // E, "moe_reglu": max(1, round(gated / E)),
+            "moe_relu_wide": round(relu * (1 + r) / (2 * K)), "moe_reglu_wide": round(gated * (1 + 2 * r) / (3 * K))}
+
+
+def ffn(family: str, d: int) -> list[str]:
+    w = widths(d)
+    if family == REFERENCE:
+        return ["model.ffn=dense"]
+    if family.startswith("ns_"):
+        form = family[3:]
+        return ["model.ffn=neuron_sparse", f"model.ffn.activation={form}", f"model.ffn.d_ff={w[form]}"]
+    form = "reglu" if "reglu" in family else "relu"
+    return ["model.ffn=moe", f"model.ffn.expert_activation={form}", f"model.ffn.n_experts={E}",
+            f"model.ffn.top_k={K}", f"model.ffn.d_expert={w[family]}"]
+
+
+FAMILIES = [REFERENCE, "ns_relu", "moe_relu", "moe_relu_wide", "ns_reglu", "moe_reglu", "moe_reglu_wide"]
 
 
 def cells(scale):
     s = SIZES[scale]
-    models = [(name, d) for d in s["widths"] for name in FFNS] + [(REFERENCE, d) for d in REFERENCE_WIDTHS[scale]]
+    models = [(f, d) for d in s["widths"] for f in FAMILIES] + [(REFERENCE, d) for d in REFERENCE_WIDTHS[scale]]
     return {
-        f"{name}-d{d}": [*FFNS[name], "data.task=text", f"model.d_model={d}", f"model.n_layers={s['layers']}",
-                         f"train.steps={s['steps']}", "train.batch_size=16", "data.seq_len=128",
-                         "data.eval_batches=4", "train.checkpoint_every=1000"]
-        for name, d in models
+        f"{family}-d{d}-s{steps}": [*ffn(family, d), "data.task=text", f"model.d_model={d}", f"model.n_layers={s['layers']}",
+                                    f"train.steps={steps}", "train.batch_size=16", "data.seq_len=128", "data.eval_batches=4",
+                                    f"train.checkpoint_every={steps}", f"train.eval_every={max(1, steps // 8)}"]
+        for steps in s["budgets"] for family, d in models
     }
 
 
-def _with_density(table):
-    dense = [r for r in table if parse_cell(r["cell"])["kind"] == REFERENCE and r.get("val/loss") is not None]
-    fit = fit_loss_curve([r["params_non_embedding"] for r in dense], [r["val/loss"] for r in dense])
-    for r in table:
-        if r.get("val/loss") is None:
-            continue
-        r["density_total"] = density(fit, r["val/loss"], r["params_non_embedding"])
-        r["density_active"] = density(fit, r["val/loss"], r["params_active_per_token"])
-        r["matched"] = "active params" if parse_cell(r["cell"])["kind"].startswith("moe") else "total params"
-    return fit
+def COMPARISONS(scale):
+    s = SIZES[scale]
+    return [Comparison(f"{a}-d{d}-s{steps}", f"{b}-d{d}-s{steps}", "val/loss", "less",
+                       f"at {how}, {a} beats {b} (Sparsing Law / CFM)")
+            for steps in s["budgets"] for d in s["widths"] for a, b, how in PAIRS]
 
 
 def plot(table, path):
-    grouped_lines(table, x=lambda r: r.get("params_active_per_token"), y=lambda r: r.get("val/bits_per_byte"),
+    grouped_lines(table, x=lambda r: r.get("ffn_params_active_per_token"), y=lambda r: r.get("val/bits_per_byte"),
                   ystd=lambda r: r.get("val/bits_per_byte_std"), group=lambda r: parse_cell(r["cell"])["kind"],
-                  path=path, xlabel="active parameters per token", ylabel="validation bits per byte",
+                  panels=lambda r: f"{parse_cell(r['cell'])['s']} steps", path=path,
+                  xlabel="FFN active parameters per token (measured)", ylabel="validation bits per byte",
                   title="parameter efficiency", logx=True)
 
 
-def _by_size(table):
-    """{d_model: {ffn kind: row}} over the rows that finished."""
+def densities(table) -> dict:
+    """{budget: {"fit": dense fit, "seeds": S, "total": {cell: bootstrap entry, N = non-embedding
+    parameters}, "active": {cell: ..., N = active parameters per token}}} for budgets with >= 3
+    reference widths; seeds beyond the fewest any row has are left out so that seeds pair."""
     out = {}
-    for r in table:
-        if r.get("val/bits_per_byte") is not None:
-            p = parse_cell(r["cell"])
-            out.setdefault(int(p["d"]), {})[p["kind"]] = r
-    return out
-
-
-def _comparisons(sizes):
-    """Plain-language lines: per size, neuron-sparse vs dense at equal total parameters and MoE vs
-    dense at equal active parameters (bits per byte, lower is better)."""
-    lines = []
-    for d, rows in sorted(sizes.items()):
-        ref = rows.get(REFERENCE)
-        ns = {k: v for k, v in rows.items() if k.startswith("ns_")}
-        moe = {k: v for k, v in rows.items() if k.startswith("moe_")}
-        if ref is None or not (ns or moe):
+    for steps in sorted({int(parse_cell(r["cell"])["s"]) for r in table}):
+        rows = [r for r in table if int(parse_cell(r["cell"])["s"]) == steps and r.get("val/loss_values")]
+        ref = [r for r in rows if parse_cell(r["cell"])["kind"] == REFERENCE]
+        seeds = min((len(r["val/loss_values"]) for r in rows), default=0)
+        if len(ref) < 3 or seeds == 0:
             continue
-        bpb = lambda r: r["val/bits_per_byte"]
-        parts = []
-        if ns:
-            best = min(ns, key=lambda k: bpb(ns[k]))
-            ratio = ns[best].get("stats/ffn/activation_ratio")
-            parts.append(f"best neuron-sparse {best} {bpb(ns[best]):.3f} bits/byte at activation ratio "
-                         f"{ratio:.2f} vs dense SwiGLU {bpb(ref):.3f} (equal total parameters, "
-                         f"{bpb(ns[best]) - bpb(ref):+.3f})")
-        if moe:
-            best = min(moe, key=lambda k: bpb(moe[k]))
-            parts.append(f"best MoE {best} {bpb(moe[best]):.3f} (equal active parameters, "
-                         f"{bpb(moe[best]) - bpb(ref):+.3f} vs dense, with "
-                         f"{moe[best]['params_non_embedding'] / ref['params_non_embedding']:.1f}x its non-embedding parameters)")
-        lines.append(f"- d_model {d}: " + "; ".join(parts) + ".")
-    return lines
+        ref_sizes = [r["params_non_embedding"] for r in ref]
+        ref_losses = [r["val/loss_values"][:seeds] for r in ref]
+        total = {r["cell"]: (r["val/loss_values"][:seeds], r["params_non_embedding"]) for r in rows}
+        active = {r["cell"]: (r["val/loss_values"][:seeds], r["params_active_per_token"])
+                  for r in rows if r.get("params_active_per_token") is not None}
+        out[steps] = {"fit": fit_loss_curve(ref_sizes, [sum(v) / len(v) for v in ref_losses]), "seeds": seeds,
+                      "total": bootstrap_densities(ref_sizes, ref_losses, total, reps=500),
+                      "active": bootstrap_densities(ref_sizes, ref_losses, active, reps=500)}
+    return out
 
 
 def reading(table, tests=()):
-    fit = _with_density(table)
+    f = lambda v, fmt=".3f": "n/a" if v is None else format(v, fmt)
+    ci = lambda e: "" if not e or e.get("ci") is None else f" [{e['ci'][0]:.2f}, {e['ci'][1]:.2f}]"
+    dens = densities(table)
     lines = []
-    if fit.get("ok"):
-        lines.append(f"Dense SwiGLU reference fit over {fit['points']} widths: L(N) = {fit['a']:.3g} N^-{fit['alpha']:.3f} "
-                     f"+ {fit['l_inf']:.3f} (N = non-embedding parameters; relative RMS residual "
-                     f"{fit['rel_rms_residual']:.2%}). Density = N_hat / N, where N_hat is the reference size "
-                     "that reaches a row's loss; 1 = as efficient as the dense family.")
-    else:
-        lines.append(f"The dense reference fit FAILED ({fit.get('reason')}), so no density is reported.")
-    lines.append("")
-    lines.append("| cell | matched | bits/byte | activation ratio | density (N = non-embedding total) | density (N = active per token) |")
-    lines.append("|---|---|---|---|---|---|")
-    f = lambda v: "" if v is None else f"{v:.3g}"
+    for steps in sorted(dens):
+        fit = dens[steps]["fit"]
+        lines.append(f"Budget {steps} steps: dense SwiGLU reference fit over {fit.get('points', 0)} widths: "
+                     + (f"L(N) = {fit['a']:.3g} N^-{fit['alpha']:.3f} + {fit['l_inf']:.3f} (relative RMS residual "
+                        f"{fit['rel_rms_residual']:.2%})." if fit.get("ok") else f"FAILED ({fit.get('reason')}): no density."))
+    lines += ["", "| cell | bits/byte | FFN active params/token | FFN FLOPs/token | activation ratio | density (N = non-embedding) [95 % bootstrap] | density (N = active) [95 % bootstrap] |",
+              "|---|---|---|---|---|---|---|"]
     for r in table:
-        if r.get("val/bits_per_byte") is None:
-            continue
-        lines.append(f"| {r['cell']} | {r['matched']} | {f(r['val/bits_per_byte'])} | {f(r.get('stats/ffn/activation_ratio'))} | "
-                     f"{f(r['density_total'])} | {f(r['density_active'])} |")
-    lines.append("")
-    lines.append("`matched` names the comparison a row belongs to: ns_* and dense_relu against dense_swiglu at "
-                 "equal total (and non-embedding) parameters; moe_* against dense_swiglu at equal active "
-                 "parameters per token (more total parameters). Reference-only widths (dense_swiglu at widths "
-                 "without the other FFNs) serve the density fit.")
-    lines.append("")
-    sizes = _by_size(table)
-    lines += _comparisons(sizes)
-    lines += ["", *_summary(table, sizes)]
+        steps = int(parse_cell(r["cell"])["s"])
+        d = dens.get(steps, {})
+        tot, act = d.get("total", {}).get(r["cell"]), d.get("active", {}).get(r["cell"])
+        lines.append(f"| {r['cell']} | {f(r.get('val/bits_per_byte'))} | {f(r.get('ffn_params_active_per_token'), '.0f')} | "
+                     f"{f(r.get('ffn_flops_per_token'), '.0f')} | {f(r.get('stats/ffn/activation_ratio'))} | "
+                     f"{f(tot and tot['density'], '.2f')}{ci(tot)} | {f(act and act['density'], '.2f')}{ci(act)} |")
+    floor = {s: [e["density"] for c, e in d["total"].items() if c.startswith(REFERENCE) and e["density"] is not None]
+             for s, d in dens.items()}
+    for s, vals in sorted(floor.items()):
+        if vals:
+            lines.append(f"\nNoise floor at {s} steps: the dense reference rows' own densities span "
+                         f"{min(vals):.2f}-{max(vals):.2f} (1 = on the fitted curve); a density inside that span is "
+                         "not distinguishable from the dense family.")
+    found = [t for t in tests if t["verdict"] == "as expected"]
+    opposite = [t for t in tests if t["verdict"] == "opposite"]
+    lines += ["", "Declared comparisons (paired by seed, Holm-adjusted over this table):", *[f"- {t['text']}" for t in tests], "",
+              f"{len(found)} of {len(tests)} expected differences are found and {len(opposite)} go the opposite way "
+              f"at n = {tests[0]['n'] if tests else 0} seeds. Where a comparison is not distinguishable or opposite, "
+              "neuron-sparse does not beat that MoE at that size and budget."]
     return "\n".join(lines)
-
-
-def _summary(table, sizes):
-    """Mean densities of the families, and whether ns_relu is the dense ReLU network (it should be)."""
-    mean = lambda xs: sum(xs) / len(xs) if xs else None
-    dens = lambda prefix, key: mean([r[key] for r in table if r.get(key) is not None and r["cell"].startswith(prefix)])
-    out = []
-    ns_act, moe_act = dens("ns_", "density_active"), dens("moe_", "density_active")
-    ns_tot, moe_tot = dens("ns_", "density_total"), dens("moe_", "density_total")
-    if None not in (ns_act, moe_act, ns_tot, moe_tot):
-        out.append(f"Mean density over sizes, N = active parameters per token: neuron-sparse {ns_act:.2f}, MoE {moe_act:.2f}; "
-                   f"N = non-embedding total: neuron-sparse {ns_tot:.2f}, MoE {moe_tot:.2f}. "
-                   + ("Per active parameter the neuron-sparse FFNs are the more efficient family here, as the "
-                      "Sparsing Law and CFM claim" if ns_act > moe_act else
-                      "Per active parameter MoE is the more efficient family here, against the Sparsing Law's claim")
-                   + "; per total parameter MoE pays for its unused experts (density well below 1).")
-    same = [d for d, rows in sizes.items() if "ns_relu" in rows and "dense_relu" in rows
-            and rows["ns_relu"]["val/loss"] == rows["dense_relu"]["val/loss"]]
-    if same:
-        out.append(f"ns_relu and dense_relu reach identical losses at d_model {', '.join(map(str, sorted(same)))}: "
-                   "without L1 the neuron-sparse FFN is the dense ReLU network (it adds statistics and the "
-                   "sparse decode path), so its difference from dense SwiGLU is ReLU's, and only the L1 / dReLU / "
-                   "ReLU^2 rows test sparsity-specific changes.")
-    gaps = [min(r["val/bits_per_byte"] for k, r in rows.items() if k.startswith("ns_")) - rows[REFERENCE]["val/bits_per_byte"]
-            for d, rows in sorted(sizes.items()) if REFERENCE in rows and any(k.startswith("ns_") for k in rows)]
-    if len(gaps) > 1:
-        trend = ("shrinks" if all(abs(b) < abs(a) for a, b in zip(gaps, gaps[1:])) else "does not shrink monotonically")
-        out.append(f"The best neuron-sparse row's gap to dense SwiGLU {trend} with width ("
-                   + ", ".join(f"{g:+.3f}" for g in gaps) + " bits/byte from the smallest size up); these are "
-                   "short runs of small models, and a longer budget may change the sign.")
-    return out

@@ -111,3 +111,27 @@ def test_committed_quickstart_table_regenerates_from_its_records(tmp_path, monke
     for name in names:
         assert (results / name).read_bytes() == (committed / name).read_bytes(), name
     assert (results / "quickstart_smoke_curves.png").stat().st_size > 0
+
+
+def test_param_efficiency_reading_density_intervals_from_synthetic_seeds():
+    """Rows built on a known dense curve L(N) = 40 N^-0.3 + 1.5 with seed noise: the reading fits it,
+    reports each row's density with a bootstrap interval (a row worth 2x its size lands near 2, the
+    dense rows near 1, the noise floor spans them), and words the declared comparisons it is given."""
+    experiment = load_experiment("param_efficiency")
+    curve = lambda n: 40.0 * n**-0.3 + 1.5
+    shift = [0.004, -0.003, 0.001]  # per-seed offsets shared by every row (same data order)
+
+    def row(cell, n, loss_n, active):
+        values = [curve(loss_n) + s for s in shift]
+        return {"cell": cell, "val/loss": sum(values) / 3, "val/loss_values": values, "params_non_embedding": n,
+                "params_active_per_token": active, "ffn_params_active_per_token": active / 2,
+                "val/bits_per_byte": sum(values) / 3 / 0.693}
+
+    table = [row(f"dense_swiglu-d{d}-s400", n, n, n) for d, n in ((48, 1e5), (64, 2e5), (80, 4e5), (96, 8e5))]
+    table.append(row("ns_relu-d64-s400", 2e5, 4e5, 1e5))  # the loss of a 2x larger dense model, half active
+    text = experiment.reading_fn(table, tests=[])
+    assert "L(N) = 40 N^-0.300 + 1.501" in text  # L_inf shifted by the mean seed offset, 0.0007
+    ns_line = next(line for line in text.splitlines() if line.startswith("| ns_relu-d64-s400"))
+    density_total, density_active = ns_line.split("|")[6:8]
+    assert density_total.strip().startswith("2.00 [") and density_active.strip().startswith("4.00 [")
+    assert "dense reference rows' own densities span 1.00-1.00" in text
