@@ -4,7 +4,10 @@
     cfm-jax eval --workdir runs/a
     cfm-jax sweep quickstart --scale smoke && cfm-jax report quickstart --scale smoke
     cfm-jax report quickstart --scale smoke   # from the committed run records, no training
-    cfm-jax list
+    cfm-jax list                  # kinds, tasks, experiments;  cfm-jax list gla  # one kind's fields
+    cfm-jax train --workdir runs/b --config runs/a/config.json train.steps=400   # relaunch, changed
+    cfm-jax train --workdir runs/c --scale smoke model.ffn=moe --dry-run         # print the config only
+    cfm-jax --plugin my_ffn.py train ...   # register kinds from a file or module outside the repository
 
 Bad input (unknown kind or key, wrong type, impossible shape, missing path) prints one line on
 stderr and exits with code 2, before anything in a workdir is touched.
@@ -43,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     from cfm_jax.config import SCALES
 
     p = _Parser(prog="cfm-jax", description=__doc__.split("\n")[0])
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_PY",
+                   help="import a module or .py file that registers kinds (repeatable; adds to CFM_JAX_PLUGINS)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train (or resume) one run in a workdir")
@@ -53,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="multi-host: call jax.distributed.initialize() first (one process per host)")
     t.add_argument("--reconfigure", action="store_true",
                    help="continue a workdir's checkpoint under a config that differs from its config.json")
+    t.add_argument("--config", type=Path, default=None, metavar="CONFIG_JSON",
+                   help="start from a recorded run's config.json (the overrides apply on top; --scale is ignored)")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and touch nothing")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.d_model=128 train.steps=200")
 
     e = sub.add_parser("eval", help="evaluate a workdir's latest checkpoint into eval.json")
@@ -84,14 +92,22 @@ def _parser() -> argparse.ArgumentParser:
                    help="re-measure only these suites and keep the others from the existing bench json")
     b.add_argument("--force", action="store_true", help="replace an existing bench file that holds other suites")
 
-    sub.add_parser("list", help="registered ffn and mixer kinds, tasks, experiments")
+    ls = sub.add_parser("list", help="registered ffn and mixer kinds, tasks, experiments; or one kind's fields")
+    ls.add_argument("name", nargs="?", default=None,
+                    help="an ffn or mixer kind, or model / train / data: print its fields, types, defaults and comments")
     return p
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
-        from cfm_jax.config import resolve
+        from cfm_jax.config import load_config_json, resolve, to_dict
         from cfm_jax.train import train
+
+        base = load_config_json(args.config) if args.config else None
+        cfg = resolve(args.scale, args.overrides, base=base)
+        if args.dry_run:
+            print(json.dumps(to_dict(cfg), indent=2))
+            return 0
 
         if args.distributed:
             import jax
@@ -103,7 +119,7 @@ def _run(args: argparse.Namespace) -> int:
                                 "run it under a cluster launcher (SLURM, ...) or set JAX_COORDINATOR_ADDRESS, "
                                 "JAX_NUM_PROCESSES and JAX_PROCESS_ID") from None
 
-        last = train(resolve(args.scale, args.overrides), args.workdir, progress=not args.no_progress,
+        last = train(cfg, args.workdir, progress=not args.no_progress,
                      reconfigure=args.reconfigure)
         print(json.dumps({k: last[k] for k in ("step", "loss", "tokens", "seconds") if k in last}))
     elif args.command == "eval":
@@ -152,6 +168,11 @@ def _run(args: argparse.Namespace) -> int:
         from cfm_jax.data import TASKS
         from cfm_jax.harness.experiments import list_experiments
 
+        if args.name:
+            from cfm_jax.config import describe_fields
+
+            print(describe_fields(args.name))
+            return 0
         for slot in registry.SLOTS:
             print(f"{slot}: {', '.join(registry.kinds(slot))}")
         print(f"tasks: {', '.join(sorted(TASKS))}")
@@ -159,8 +180,18 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plugins(specs: list[str]) -> None:
+    """--plugin: appended to CFM_JAX_PLUGINS (paths made absolute), so child processes load them too."""
+    from cfm_jax.registry import PLUGINS_ENV
+
+    specs = [str(Path(x).expanduser().resolve()) if x.endswith(".py") else x for x in specs]
+    current = [x for x in os.environ.get(PLUGINS_ENV, "").split(",") if x]
+    os.environ[PLUGINS_ENV] = ",".join(current + [x for x in specs if x not in current])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _add_plugins(args.plugin)
     keep_freed_memory()  # before jax allocates: XLA:CPU's per-step buffers are then reused, not refaulted
     try:
         return _run(args)

@@ -240,12 +240,13 @@ SCALES: dict[str, tuple[str, ...]] = {
 }
 
 
-def resolve(scale: str = "cpu", overrides: typing.Sequence[str] = ()) -> Config:
-    """Default config, then the scale's overrides, then the user's, then validation."""
+def resolve(scale: str = "cpu", overrides: typing.Sequence[str] = (), base: Config | None = None) -> Config:
+    """Default config, then the scale's overrides, then the user's, then validation. With `base` (a
+    recorded run's config), the user's overrides apply to it and the scale is not used."""
     if scale not in SCALES:
         raise UserError(f"unknown scale {scale!r}; allowed: {', '.join(SCALES)}")
-    cfg = Config()
-    for item in (*SCALES[scale], *overrides):
+    cfg = Config() if base is None else base
+    for item in (*(SCALES[scale] if base is None else ()), *overrides):
         cfg = apply_override(cfg, item)
     return cfg.validate()
 
@@ -416,6 +417,67 @@ def from_dict(d: dict) -> Config:
 
 
 _SLOT_TUPLES = {"mixers": "mixer"}  # tuple-of-slot-config fields -> their slot (for from_dict)
+
+
+def load_config_json(path) -> Config:
+    """A run's config.json (a workdir's, with its provenance beside the config, or a bare to_dict)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--config {str(path)!r} does not exist (give a run's config.json)") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"--config {str(path)!r} is not JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {str(path)!r} holds no config object")
+    values = data.get("config", data)
+    try:
+        return from_dict(values)
+    except (TypeError, KeyError, AttributeError) as e:
+        raise UserError(f"--config {str(path)!r} is not a cfm-jax config ({type(e).__name__}: {e})") from None
+
+
+def describe_fields(name: str) -> str:
+    """`cfm-jax list NAME`: the fields of an ffn/mixer kind, or of model / train / data, one per line
+    as `name: type = default  # comment` (comments read from the class source)."""
+    import inspect
+
+    sections = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+    if name in sections:
+        cls, title = sections[name], f"{name} (set as {name}.FIELD=VALUE)"
+    else:
+        slots = [slot for slot in registry.SLOTS if name in registry.kinds(slot)]
+        if not slots:
+            every = ", ".join(sorted({k for slot in registry.SLOTS for k in registry.kinds(slot)}))
+            raise UserError(f"unknown name {name!r}; allowed: model, train, data, or a kind: {every}")
+        entry = registry.get(slots[0], name)
+        cls, title = entry.config_cls, (f"{slots[0]} kind {name!r} (select with model.{slots[0]}={name}, set "
+                                        f"model.{slots[0]}.FIELD=VALUE); {entry.module_cls.__module__}")
+    comments = {}
+    for cls_ in reversed(cls.__mro__):
+        try:
+            source = inspect.getsource(cls_)
+        except (OSError, TypeError):
+            continue
+        for line in source.splitlines():
+            field, sep, rest = line.strip().partition(":")
+            if sep and field.isidentifier() and "#" in rest:
+                comments[field] = rest.split("#", 1)[1].strip()
+    hints = typing.get_type_hints(cls)
+    lines = [title]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "")
+        if isinstance(default, SlotConfig):
+            default = default.kind
+        hint = hints[f.name]
+        hint = str(hint).replace("typing.", "") if typing.get_origin(hint) else getattr(hint, "__name__", str(hint))
+        comment = f"  # {comments[f.name]}" if f.name in comments else ""
+        lines.append(f"  {f.name}: {hint} = {default!r}{comment}")
+    return "\n".join(lines)
 
 
 def diff(a: Config, b: Config) -> list[str]:

@@ -62,6 +62,7 @@ def kernels(cfg=None) -> dict:
         "flash_attention": _why_not(flash_attention.available),
         "selective_scan": _why_not(selective_scan.available),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "CFM_JAX_PLUGINS": os.environ.get("CFM_JAX_PLUGINS", ""),  # kinds from outside the repository
     }
     if cfg is not None:
         out["mixer_scans"] = _mixer_scans(cfg)

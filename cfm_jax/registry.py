@@ -1,15 +1,23 @@
 """Name -> (config class, module class) for the two slots of a block: "ffn" and "mixer".
 
-A new variant is one file (anywhere under `cfm_jax/layers/` or `baselines/`) with a frozen config
-dataclass and a Flax NNX module decorated with `@register(slot, kind, ConfigClass)`. Those packages
-are imported on first use, so registration needs no edit anywhere else.
+A new variant is one file with a frozen config dataclass and a Flax NNX module decorated with
+`@register(slot, kind, ConfigClass)`: anywhere under `cfm_jax/layers/` or `baselines/` (imported on
+first use), or anywhere else as a plugin: `CFM_JAX_PLUGINS=pkg.module,/path/to/file.py` (or the
+command line's `--plugin`, which sets that variable so sweeps' child processes load it too).
+
+A built-in module that fails to import leaves the other kinds working (a one-line warning names it);
+a plugin that fails to import is a UserError naming it and the exception.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
+import os
 import pkgutil
+import sys
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -18,6 +26,7 @@ from cfm_jax.errors import UserError
 SLOTS = ("ffn", "mixer")
 # Packages whose modules are imported to populate the registry.
 _PLUGIN_PACKAGES = ("cfm_jax.layers", "baselines")
+PLUGINS_ENV = "CFM_JAX_PLUGINS"  # comma list of module names or .py paths imported after the packages
 
 
 @dataclass(frozen=True)
@@ -72,8 +81,38 @@ def register(slot: str, kind: str, config_cls: type):
     return decorate
 
 
+_broken: dict[str, str] = {}  # built-in module file -> "ExceptionType: message"
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text}"[:300]
+
+
+def import_plugin(spec: str) -> None:
+    """Import one plugin: a dotted module name, or a path to a .py file (imported under its stem)."""
+    spec = spec.strip()
+    try:
+        if spec.endswith(".py") or os.sep in spec:
+            path = Path(spec).expanduser()
+            if not path.is_file():
+                raise UserError(f"plugin {spec!r} is not a file (give a .py path or an importable module name)")
+            name = f"cfm_jax_plugin_{path.stem}"
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            importlib.import_module(spec)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any error in user code is reported as one line
+        raise UserError(f"plugin {spec!r} failed to import ({_one_line(e)})") from None
+
+
 def load_plugins() -> None:
-    """Import every module of the plugin packages once, so their @register calls run."""
+    """Import every module of the plugin packages once, so their @register calls run, then the
+    plugins named in CFM_JAX_PLUGINS."""
     global _loaded
     if _loaded:
         return
@@ -81,7 +120,20 @@ def load_plugins() -> None:
     for package_name in _PLUGIN_PACKAGES:
         package = importlib.import_module(package_name)
         for info in pkgutil.iter_modules(package.__path__, package_name + "."):
-            importlib.import_module(info.name)
+            try:
+                importlib.import_module(info.name)
+            except Exception as e:  # noqa: BLE001 - one broken variant must not take the others down
+                where = info.name.replace(".", "/") + ".py"
+                _broken[where] = _one_line(e)
+                print(f"warning: {where} failed to import ({_broken[where]}); its kinds are unavailable",
+                      file=sys.stderr)
+    for spec in filter(None, os.environ.get(PLUGINS_ENV, "").split(",")):
+        import_plugin(spec)
+
+
+def broken_modules() -> dict[str, str]:
+    load_plugins()
+    return dict(_broken)
 
 
 def kinds(slot: str) -> list[str]:
@@ -92,7 +144,8 @@ def kinds(slot: str) -> list[str]:
 def get(slot: str, kind: str) -> Entry:
     load_plugins()
     if kind not in _REGISTRY[slot]:
-        raise UserError(f"unknown {slot} kind {kind!r}; allowed: {', '.join(kinds(slot))}")
+        broken = "".join(f"; {where} failed to import ({why})" for where, why in _broken.items())
+        raise UserError(f"unknown {slot} kind {kind!r}; allowed: {', '.join(kinds(slot))}{broken}")
     return _REGISTRY[slot][kind]
 
 

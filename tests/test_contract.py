@@ -113,6 +113,23 @@ def test_ffn_accounting(kind):
     assert 0 < module.active_params_per_token() <= sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
+@pytest.mark.parametrize("kind", registry.kinds("ffn"))
+def test_ffn_accounting_follows_its_reported_activation_ratio(kind):
+    """An FFN that reports an activation ratio is counted at that ratio (the model's accounting rule,
+    ffn_active_params): fewer active neurons, fewer active weights. Exempt: FFNs that report their own
+    active_params_per_token statistic (MoE) and dense FFNs that declare `counts_dense`."""
+    from cfm_jax.layers.model import ffn_active_params
+
+    module = build("ffn", kind)
+    _, aux = module(inputs())
+    stats = aux["stats"]
+    if "activation_ratio" not in stats or "active_params_per_token" in stats or getattr(module, "counts_dense", False):
+        pytest.skip("reports no activation ratio, or counts itself")
+    sparse, dense = (ffn_active_params(module, {"activation_ratio": r, "gate_ratio": r}) for r in (0.1, 0.9))
+    assert sparse < dense, (f"{kind} reports activation_ratio but active_params_per_token ignores it: give it an "
+                            "activation_ratio argument (README, Add a new variant) or declare counts_dense = True")
+
+
 @pytest.mark.parametrize("slot,kind", ALL_KINDS)
 def test_trains_one_step(slot, kind):
     """A tiny LM with this kind in its slot takes a finite optimizer step that changes parameters."""

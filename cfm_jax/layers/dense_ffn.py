@@ -68,6 +68,10 @@ swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 @register("ffn", "dense", DenseFFNConfig)
 class DenseFFN(nnx.Module):
+    # Its activation_ratio statistic is descriptive: a dense kernel reads every weight for every
+    # token, so the accounting ignores it (the contract test asks every other FFN that reports a
+    # ratio to count by it).
+    counts_dense = True
     def __init__(self, cfg: DenseFFNConfig, ctx: LayerContext, *, rngs: nnx.Rngs):
         self.activation = cfg.activation
         d, f = ctx.d_model, cfg.width(ctx.d_model)
