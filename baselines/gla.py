@@ -9,8 +9,8 @@ Per head, state S (d_k x d_v):
 
 `gate=per_dim`: alpha_t has one value per key dim, W_a low rank (d_model -> gate_low_rank -> d_k per
 head), as in GLA. `gate=per_head`: one scalar per head ("simple GLA"; Mamba-2-like decay), W_a is
-d_model -> n_heads. Training: `scan_utils.gla_chunked` (log-space, secondary chunking); decoding:
-`scan_utils.gla_step`; `scan_utils.gla_reference` is the plain scan over time both are tested against.
+d_model -> n_heads. Training: `gated_linear_attention.gla_chunked` (log-space, secondary chunking); decoding:
+`gated_linear_attention.gla_step`; `gated_linear_attention.gla_reference` is the plain scan over time both are tested against.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from baselines.scan_utils import check_scan, check_threshold, gla_chunked, gla_step, horizon
+from baselines.gated_linear_attention import check_scan, check_threshold, gla_chunked, gla_step, horizon
 from cfm_jax.errors import UserError
 from cfm_jax.layers.attention import FP32_BYTES
 from cfm_jax.layers.common import Linear, linear, make_aux, normal_init, output_init
@@ -172,6 +172,6 @@ class GLA(nnx.Module):
 
     def memory_horizon(self, threshold: float = 0.01, x: jax.Array | None = None) -> float:
         """Tokens after which the mean retained fraction of the state, mean_i exp(distance * l_i) over
-        `decay_stats(x)`, falls below `threshold` (see `scan_utils.horizon`)."""
+        `decay_stats(x)`, falls below `threshold` (see `gated_linear_attention.horizon`)."""
         check_threshold(threshold)
         return float(np.asarray(horizon(self.decay_stats(x), threshold)))

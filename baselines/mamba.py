@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from baselines.scan_utils import check_threshold, from_chunks, horizon, to_chunks
+from baselines.gated_linear_attention import check_threshold, from_chunks, horizon, to_chunks
 from cfm_jax.errors import UserError
 from cfm_jax.kernels import selective_scan as scan_kernel
 from cfm_jax.layers.attention import FP32_BYTES
@@ -364,6 +364,6 @@ class Mamba(nnx.Module):
 
     def memory_horizon(self, threshold: float = 0.01, x: jax.Array | None = None) -> float:
         """Tokens after which the mean retained fraction of the state, mean_i exp(distance * l_i) over
-        `decay_stats(x)`, falls below `threshold` (see `scan_utils.horizon`)."""
+        `decay_stats(x)`, falls below `threshold` (see `gated_linear_attention.horizon`)."""
         check_threshold(threshold)
         return float(np.asarray(horizon(self.decay_stats(x), threshold)))

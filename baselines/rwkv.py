@@ -10,8 +10,8 @@ Token shift with data-dependent interpolation (ddlerp), then per head a d_k x d_
     o_t = r_t . (S_{t-1} + diag(u) k_t v_t^T);    S_t = diag(w_t) S_{t-1} + k_t v_t^T
     out = W_o(GroupNorm_per_head(o) * g)
 
-Training: `scan_utils.gla_chunked(..., bonus=u)` (log-space, secondary chunking); decoding:
-`scan_utils.gla_step` plus the previous input for the token shift.
+Training: `gated_linear_attention.gla_chunked(..., bonus=u)` (log-space, secondary chunking); decoding:
+`gated_linear_attention.gla_step` plus the previous input for the token shift.
 
 Left out of RWKV-6 (the rest of the block is the project's, not RWKV's): the channel-mix (the block's
 `ffn` slot plays that part), ln0 after the embedding, RWKV's own init of the projections (orthogonal /
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from baselines.scan_utils import check_scan, check_threshold, gla_chunked, gla_step, horizon
+from baselines.gated_linear_attention import check_scan, check_threshold, gla_chunked, gla_step, horizon
 from cfm_jax.errors import UserError
 from cfm_jax.layers.attention import FP32_BYTES
 from cfm_jax.layers.common import linear, make_aux, normal_init, output_init
@@ -178,6 +178,6 @@ class RWKV6(nnx.Module):
 
     def memory_horizon(self, threshold: float = 0.01, x: jax.Array | None = None) -> float:
         """Tokens after which the mean retained fraction of the state, mean_i exp(distance * l_i) over
-        `decay_stats(x)`, falls below `threshold` (see `scan_utils.horizon`)."""
+        `decay_stats(x)`, falls below `threshold` (see `gated_linear_attention.horizon`)."""
         check_threshold(threshold)
         return float(np.asarray(horizon(self.decay_stats(x), threshold)))

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfm_jax import bench
+from cfm_jax.bench import suite as bench
 from cfm_jax.cli import main
 
 
@@ -83,7 +83,7 @@ def test_active_rows_ffn_equals_the_dense_fatrelu_ffn():
 
 def test_torch_gather_ffn_checks_its_output_before_timing():
     pytest.importorskip("torch")
-    from cfm_jax.bench_torch import gather_ffn_seconds
+    from cfm_jax.bench.torch_twin import gather_ffn_seconds
 
     rng = np.random.default_rng(0)
     up, down, x = (rng.normal(size=s).astype(np.float32) for s in ((16, 64), (64, 16), (16,)))
@@ -210,7 +210,7 @@ def test_paired_rounds_keep_each_function_in_its_column_while_taking_turns():
 
 
 def test_padded_lists_hold_each_rows_neurons_then_minus_one():
-    from cfm_jax.bench_predictor import padded_lists
+    from cfm_jax.bench.predictor import padded_lists
 
     mask = np.zeros((3, 10), bool)
     mask[0, [1, 2, 3, 7]] = True

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfm_jax import bench, bench_matmuls
+from cfm_jax.bench import suite as bench
+from cfm_jax.bench import matmuls as bench_matmuls
 
 DIMS = [  # (lhs shape, rhs shape, dot_general dimension numbers)
     ((6, 4), (4, 5), (((1,), (0,)), ((), ()))),
@@ -82,6 +83,6 @@ def test_xla_and_torch_timings_cover_every_matmul():
     assert sorted(timed_shapes) == sorted((m[0], m[1]) for m in found)
     assert bench_matmuls.xla_seconds(found, bench.timed, reps=2) > 0
     pytest.importorskip("torch")
-    from cfm_jax.bench_torch import einsum_seconds
+    from cfm_jax.bench.torch_twin import einsum_seconds
 
     assert einsum_seconds(found, reps=2) > 0

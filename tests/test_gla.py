@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from baselines.gla import GLA, GLAConfig
-from baselines.scan_utils import HORIZON_MAX, gla_chunked, gla_reference, horizon, pick_scan
+from baselines.gated_linear_attention import HORIZON_MAX, gla_chunked, gla_reference, horizon, pick_scan
 from cfm_jax.errors import UserError
 from cfm_jax.registry import LayerContext
 

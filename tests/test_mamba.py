@@ -13,7 +13,7 @@ from flax import nnx
 
 from baselines.mamba import (Mamba, MambaConfig, chunk_length, pick_scan, selective_scan, selective_scan_chunked,
                              selective_scan_reference)
-from baselines.scan_utils import HORIZON_MAX, retained_fraction
+from baselines.gated_linear_attention import HORIZON_MAX, retained_fraction
 from cfm_jax.errors import UserError
 from cfm_jax.kernels import selective_scan as scan_kernel
 from cfm_jax.registry import LayerContext

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from baselines.rwkv import RWKV6, RWKVConfig
-from baselines.scan_utils import HORIZON_MAX, gla_chunked, gla_reference
+from baselines.gated_linear_attention import HORIZON_MAX, gla_chunked, gla_reference
 from cfm_jax.errors import UserError
 from cfm_jax.registry import LayerContext
 

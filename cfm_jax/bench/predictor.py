@@ -140,7 +140,7 @@ def against_dense(run_dense, others: dict, rounds: int, per: int) -> dict:
     """Each of `others` (name -> a call) in paired rounds with run_dense, after two warm-up rounds.
     Seconds are per call / per: {NAME_s, NAME_speedup (median of the rounds' dense / NAME),
     NAME_speedup_range, dense_s (median over all rounds)}, and speedup / speedup_range = predicted's."""
-    from cfm_jax.bench import paired_rounds
+    from cfm_jax.bench.timing import paired_rounds
 
     out, dense_times = {}, []
     for name, run in others.items():

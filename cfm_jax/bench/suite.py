@@ -35,7 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cfm_jax import bench_matmuls, bench_predictor, registry
+from cfm_jax import registry
+from cfm_jax.bench import matmuls as bench_matmuls
+from cfm_jax.bench import predictor as bench_predictor
+from cfm_jax.bench.timing import counting_faults, paired_rounds, timed
 from cfm_jax.config import ModelConfig, TrainConfig
 from cfm_jax.errors import UserError
 from cfm_jax.kernels import active_rows, cblas
@@ -55,17 +58,6 @@ SIZES = {  # per scale: model and problem sizes
     "full": dict(d=1024, layers=12, seq=2048, batch=16, matmul=8192, copy_mb=2048, lengths=(1024, 4096, 16384),
                  tokens=65536, contexts=(1024, 4096, 16384), sparse=(4096, 16384), sparse_train_steps=200, sparse_tokens=64, sparse_dram_layers=0, moe_tokens=16384, reps=10),
 }
-
-
-def timed(fn, *args, reps: int) -> float:
-    """Median wall seconds of fn(*args) (blocked until ready) over reps calls, after one warm-up."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def compiled_bytes(compiled) -> int | None:
@@ -190,7 +182,7 @@ def suite_torch(s: dict) -> dict:
     """The dense transformer's training step here vs a plain PyTorch eager twin, side by side: paired
     rounds (PyTorch's step, then ours) in one process, so the machine's drift hits both alike; then
     where the time goes (matmul libraries, our step's matmuls alone, one block's sublayers)."""
-    from cfm_jax import bench_torch
+    from cfm_jax.bench import torch_twin as bench_torch
 
     twin = bench_torch.eager_train_step(s["d"], s["layers"], s["seq"], s["batch"], VOCAB)
     if twin is None:
@@ -230,31 +222,6 @@ def suite_torch(s: dict) -> dict:
                          "xla_s": bench_matmuls.xla_seconds(matmuls, timed, s["reps"]),
                          "torch_s": bench_torch.einsum_seconds(matmuls, s["reps"])},
     }
-
-
-def counting_faults(fn, counts: list):
-    """fn, appending the minor page faults of each call to counts (getrusage: first touches of fresh
-    memory, whose cost lands inside a timed step)."""
-    def run():
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        fn()
-        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return run
-
-
-def paired_rounds(a, b, n: int) -> list[list[float]]:
-    """n rounds of [seconds of a(), seconds of b()], run back to back; who goes first alternates, so
-    neither always runs right after the other (thread pools still spinning, warm caches)."""
-    rounds = []
-    for i in range(n):
-        first, second = (a, b) if i % 2 == 0 else (b, a)
-        times = []
-        for fn in (first, second):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        rounds.append(times if i % 2 == 0 else times[::-1])
-    return rounds
 
 
 def sublayer_seconds(cfg: ModelConfig, batch: int, seq: int, reps: int) -> dict:
@@ -377,7 +344,7 @@ def perfect_predictor(dense_w, x, pre, threshold: float, dense_s: float, reps: i
     those neurons' rows of W_up and W_down gathered and used. Measured here (XLA), with the rows read
     in place by a C++ kernel (`cfm_jax.kernels.active_rows`) and, where torch is installed, with
     PyTorch's index_select against its own dense FFN."""
-    from cfm_jax.bench_torch import gather_ffn_seconds
+    from cfm_jax.bench.torch_twin import gather_ffn_seconds
 
     up, down = dense_w
     active = np.flatnonzero(pre > threshold)
@@ -560,7 +527,7 @@ def _ceiling_reading(sparse: dict) -> str:
 
 
 def predicted_markdown(predicted: dict) -> list[str]:
-    """The predicted-active-set table (`bench_predictor.predicted_decode`) and how to read it."""
+    """The predicted-active-set table (`cfm_jax.bench.predictor.predicted_decode`) and how to read it."""
     if not predicted:
         return []
     lines = ["### Predicted active set, trained FFN", ""]

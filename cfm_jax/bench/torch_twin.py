@@ -166,10 +166,10 @@ def eager_train_step(d: int, layers: int, seq: int, batch: int, vocab: int, head
 
 def einsum_seconds(matmuls: dict, reps: int) -> float:
     """Seconds of a list of matmuls {(lhs shape, rhs shape, dtype, dot_general dims): count} (see
-    `cfm_jax.bench_matmuls`), each run alone through torch.einsum (median of reps) times its count."""
+    `cfm_jax.bench.matmuls`), each run alone through torch.einsum (median of reps) times its count."""
     import torch
 
-    from cfm_jax.bench_matmuls import einsum_spec
+    from cfm_jax.bench.matmuls import einsum_spec
 
     total = 0.0
     for m, count in sorted(matmuls.items()):
