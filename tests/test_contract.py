@@ -98,6 +98,16 @@ def test_donated_decode_step_updates_its_cache_in_place(kind):
     assert not copies, copies[0][:200]
 
 
+@pytest.mark.parametrize("slot,kind", ALL_KINDS)
+def test_kind_satisfies_its_slot_protocol(slot, kind):
+    """Every kind provides its slot's contract (cfm_jax/layers/contracts.py)."""
+    from cfm_jax.layers import contracts
+
+    module = build(slot, kind)
+    assert isinstance(module, contracts.Mixer if slot == "mixer" else contracts.FFN), \
+        f"{kind} lacks part of the {slot} contract (see cfm_jax/layers/contracts.py)"
+
+
 @pytest.mark.parametrize("kind", MIXERS)
 def test_mixer_accounting(kind):
     module = build("mixer", kind)

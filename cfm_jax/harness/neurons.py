@@ -13,15 +13,16 @@ import numpy as np
 from flax import nnx
 
 from cfm_jax.data import IGNORE
+from cfm_jax.layers.contracts import ExpertFFN, NeuronFFN
 
 
 def has_neurons(model) -> bool:
-    return all(hasattr(b.ffn, "hidden") and hasattr(b.ffn, "down") for b in model.blocks)
+    return all(isinstance(b.ffn, NeuronFFN) for b in model.blocks)
 
 
 def has_experts(model) -> bool:
     """An FFN whose per-expert combine weights a neuron_hook can read and rewrite (MoE)."""
-    return all(hasattr(b.ffn, "expert_forward") for b in model.blocks)
+    return all(isinstance(b.ffn, ExpertFFN) for b in model.blocks)
 
 
 def analysis_units(model) -> tuple[str, int]:

@@ -7,6 +7,7 @@ from flax import nnx
 
 from cfm_jax import registry
 from cfm_jax.layers.common import RMSNorm, make_aux
+from cfm_jax.layers.contracts import ExpertFFN
 from cfm_jax.registry import LayerContext, SlotConfig
 
 
@@ -28,7 +29,7 @@ class Block(nnx.Module):
         x = x + h
         if neuron_hook is None:
             h, ffn_aux = self.ffn(self.ffn_norm(x))
-        elif hasattr(self.ffn, "expert_forward"):
+        elif isinstance(self.ffn, ExpertFFN):
             h, ffn_aux = self.ffn.expert_forward(self.ffn_norm(x), neuron_hook), make_aux()
         else:
             h, ffn_aux = self.ffn.down(neuron_hook(self.ffn.hidden(self.ffn_norm(x)))), make_aux()
