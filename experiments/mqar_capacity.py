@@ -8,6 +8,14 @@ Runtime:  smoke ~3 min (6 mixers, 1 width, 1 length, 3 seeds, 30 steps); cpu: 6 
           budget (measured while sizing this file, lr 3e-3, batch 64): 3 pairs at 24, 32 or 48 tokens
           reach loss < 0.01 within 1500 steps, while 4 pairs at 32 or 64 tokens stay at chance (loss
           ln 4) for 2500 steps, at lr 3e-3 and 1e-2 alike.
+Sizing for the redesign (single seed-0 probes, attention d 64, 2 layers, batch 64, lr 3e-3; not a
+          table): 2 pairs in 16 tokens at vocabulary 64 are learned in ~300 steps with Zoology's filler
+          (0.94 at step 300, 0.99 at 1000) but NOT with `data.mqar_filler=nonkey` (0.54, chance 0.5,
+          after 1500 steps); at vocabulary 4096 with nonkey filler, 8 pairs in 64 tokens reach 0.24
+          after 2000 steps (~5 min), rising; tied embeddings were slower (0.10). A Zoology-sized grid
+          (vocabulary >= 4096, up to 64 pairs, 3 widths, 6 mixers, 3 seeds) therefore needs far more
+          than the 8 CPU-hours budget at these step counts; why the nonkey filler slows learning at a
+          small vocabulary is not understood yet.
 Expected: attention near 1 at every width; fixed-state mixers (linear attention, GLA, Mamba, RWKV,
           sliding window below the context) fall off as key-value pairs grow at fixed width and need
           width that grows with the length (Zoology).

@@ -109,6 +109,13 @@ def reading(table, tests=()):
             lines.append(f"The k = E = {E} {form} MoE (every expert used; total parameters equal to ns_{form}) "
                          f"reaches {f(full['val/loss'])} against ns_{form}'s {f(ns['val/loss'])}: no comparison is "
                          "declared for it; it marks where the MoE curve meets dense.")
+    for form in ("relu", "reglu"):
+        ns, wide = by.get(f"ns_{form}", {}), by.get(f"moe_{form}-wide", {})
+        a, b = ns.get("ffn_params_active_per_token"), wide.get("ffn_params_active_per_token")
+        if a and b:
+            lines.append(f"Match of the equal-active pair: moe_{form}-wide reads {b:.0f} FFN weights per token against "
+                         f"ns_{form}'s measured {a:.0f} ({b / a:.2f}x; its experts were sized for an activation "
+                         f"ratio of {NS_ACTIVE_RATIO}, ns_{form} measured {f(ns.get('stats/ffn/activation_ratio'))}).")
     lines.append("Equal total parameters is not equal active parameters: ns_relu reads its selector in full plus "
                  "the rows of its active neurons (the column above), more than a top-2-of-8 MoE reads, so a win "
                  "there is partly a compute advantage; the '-wide' rows are the equal-active comparison.")
