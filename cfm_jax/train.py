@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from tqdm.auto import tqdm
 
 from cfm_jax import workdir as wd
 from cfm_jax.checkpoint import Checkpoints
@@ -26,6 +25,7 @@ from cfm_jax.data import IGNORE, make_task
 from cfm_jax.errors import TrainingDiverged, UserError
 from cfm_jax.layers.common import TrainingStep
 from cfm_jax.layers.model import build_model
+from cfm_jax.progress import progress_bar
 from cfm_jax.sharding import check_batch, global_batch, make_mesh, state_shardings
 
 
@@ -175,7 +175,7 @@ def train(cfg: Config, workdir: Path, progress: bool = True, reconfigure: bool =
         validate = make_validation(graphdef, task, cfg) if tc.eval_every else None
         place = (lambda b: global_batch(b, mesh)) if mesh is not None else (lambda b: b)
         tokens_per_step = tc.batch_size * cfg.data.seq_len
-        bar = tqdm(total=tc.steps, initial=start, desc=workdir.name, disable=not (progress and writer), dynamic_ncols=True)
+        bar = progress_bar(tc.steps, start, workdir.name, enabled=bool(progress and writer))
         batch = place(task.train_batch(tc.seed, start, tc.batch_size))
         skipped, in_a_row = int(last.get("skipped_steps", 0)), 0
         t0 = time.perf_counter()

@@ -274,3 +274,23 @@ def test_disk_full_during_a_save_is_one_error_line_and_exit_1(tmp_path):
     assert out.stderr.count("\n") == 1, out.stderr[-3000:]  # orbax's own tracebacks do not reach the user
     assert out.stderr.startswith("error: no space left on device while saving checkpoint step 4")
     assert "the last complete checkpoint is kept, rerun to resume once there is space" in out.stderr
+
+
+def test_progress_without_a_terminal_is_plain_lines(tmp_path, capsys):
+    """stderr is not a terminal under pytest: progress is whole lines (no carriage returns), one at the
+    end at least, each naming the step, the total and the loss."""
+    from cfm_jax.progress import PlainProgress, progress_bar
+
+    bar = progress_bar(10, 0, "run", enabled=True)
+    assert isinstance(bar, PlainProgress)
+    bar.interval = 0.0  # a line per update
+    for _ in range(3):
+        bar.update(1)
+        bar.set_postfix(loss="1.2345")
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.count("\n") == 4
+    assert err.splitlines()[-1].startswith("run: step 3/10 (30 %), loss=1.2345, ")
+    train(resolve("smoke", ["train.steps=4", "model.d_model=32", "data.seq_len=32"]), tmp_path / "w", progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "w: step 4/4 (100 %), loss=" in err
