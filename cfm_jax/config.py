@@ -115,6 +115,8 @@ class TrainConfig:
     skip_nonfinite: bool = False  # skip (do not apply) steps whose loss or gradient is not finite, instead of stopping
     max_consecutive_skips: int = 20  # with skip_nonfinite: stop after this many non-finite steps in a row
     eval_every: int = 0  # every this many steps, validation loss/accuracy into metrics.jsonl as "eval/SET/NAME" (0 = off)
+    tensorboard: bool = True  # also write each metrics.jsonl row as TensorBoard scalars in workdir/tensorboard
+    wandb: str = ""  # a Weights & Biases project to log to as well, when the wandb package is installed ("" = off)
 
     def validate(self) -> None:
         _positive(self, "steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips")

@@ -20,12 +20,13 @@ from flax import nnx
 
 from cfm_jax import workdir as wd
 from cfm_jax.checkpoint import Checkpoints
-from cfm_jax.config import Config, TrainConfig
+from cfm_jax.config import Config, TrainConfig, to_dict
 from cfm_jax.data import IGNORE, make_task
 from cfm_jax.errors import TrainingDiverged, UserError
 from cfm_jax.layers.common import TrainingStep
 from cfm_jax.layers.model import build_model
 from cfm_jax.progress import progress_bar
+from cfm_jax.tracking import Trackers
 from cfm_jax.sharding import check_batch, global_batch, make_mesh, state_shardings
 
 
@@ -176,6 +177,7 @@ def train(cfg: Config, workdir: Path, progress: bool = True, reconfigure: bool =
         place = (lambda b: global_batch(b, mesh)) if mesh is not None else (lambda b: b)
         tokens_per_step = tc.batch_size * cfg.data.seq_len
         bar = progress_bar(tc.steps, start, workdir.name, enabled=bool(progress and writer))
+        trackers = Trackers(workdir, to_dict(cfg), tc.wandb) if writer and tc.tensorboard else None
         batch = place(task.train_batch(tc.seed, start, tc.batch_size))
         skipped, in_a_row = int(last.get("skipped_steps", 0)), 0
         t0 = time.perf_counter()
@@ -215,12 +217,16 @@ def train(cfg: Config, workdir: Path, progress: bool = True, reconfigure: bool =
                             last.update(validate(state["params"], state["rest"]))
                         if writer:
                             wd.append_metrics(workdir, last)
+                        if trackers is not None:
+                            trackers.log(last, tokens_per_step)
                     if done % tc.checkpoint_every == 0 or done == tc.steps:
                         jax.block_until_ready(state)
                         ckpt.save(done, state)
         finally:
             bar.close()
             ckpt.close()
+            if trackers is not None:
+                trackers.close()
         return last
 
 

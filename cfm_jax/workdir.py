@@ -24,7 +24,7 @@ LOCK = ".lock"  # held by the process training in the workdir (see locked)
 RESUMABLE_KEYS = (
     "train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.mesh", "train.fsdp", "train.skip_nonfinite", "train.eval_every",
-    "train.max_consecutive_skips",
+    "train.max_consecutive_skips", "train.tensorboard", "train.wandb",
 )
 
 

@@ -294,3 +294,43 @@ def test_progress_without_a_terminal_is_plain_lines(tmp_path, capsys):
     train(resolve("smoke", ["train.steps=4", "model.d_model=32", "data.seq_len=32"]), tmp_path / "w", progress=True)
     err = capsys.readouterr().err
     assert "\r" not in err and "w: step 4/4 (100 %), loss=" in err
+
+
+def test_tensorboard_event_files_hold_the_logged_scalars(tmp_path):
+    """Every run writes TensorBoard events beside metrics.jsonl: train loss, lr, tokens/s, the FFN
+    statistics and the validation metrics, at the logged steps, equal to the jsonl rows; the config
+    as text. train.tensorboard=false writes none."""
+    from cfm_jax.tracking import TENSORBOARD, read_events
+
+    w = tmp_path / "w"
+    train(resolve("smoke", ["train.steps=6", "train.log_every=2", "train.eval_every=3", "model.d_model=32",
+                            "data.seq_len=32", "model.ffn=neuron_sparse"]), w, progress=False)
+    scalars, texts = read_events(w / TENSORBOARD)
+    rows = wd.read_metrics(w)
+    assert [s for s, _ in scalars["train/loss"]] == [r["step"] for r in rows] == [2, 3, 4, 6]
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([r["loss"] for r in rows])
+    assert {"train/lr", "train/tokens_per_s", "ffn/activation_ratio", "eval/val/loss"} <= set(scalars)
+    assert [s for s, _ in scalars["eval/val/loss"]] == [3, 6]
+    assert '"d_model": 32' in texts["config"]
+    train(resolve("smoke", ["train.steps=2", "model.d_model=32", "data.seq_len=32", "train.tensorboard=false"]),
+          tmp_path / "off", progress=False)
+    assert not (tmp_path / "off" / TENSORBOARD).exists()
+
+
+def test_wandb_project_without_the_package_warns_and_trains(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed: test_wandb_offline covers it")
+    train(resolve("smoke", ["train.steps=2", "model.d_model=32", "data.seq_len=32", "train.wandb=cfm"]), tmp_path / "w",
+          progress=False)
+    assert "train.wandb='cfm' but the wandb package is not installed" in capsys.readouterr().err
+    assert wd.read_metrics(tmp_path / "w")[-1]["step"] == 2
+
+
+def test_wandb_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    train(resolve("smoke", ["train.steps=2", "model.d_model=32", "data.seq_len=32", "train.wandb=cfm"]), tmp_path / "w",
+          progress=False)
+    assert list((tmp_path / "w" / "wandb").glob("offline-run-*"))
