@@ -80,6 +80,14 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--no-progress", action="store_true")
             s.add_argument("--workers", type=int, default=1, help="cells trained in parallel processes")
             s.add_argument("--shard", default="0/1", help="i/n: run every n-th cell from i (split across machines)")
+            s.add_argument("--launcher", default="local", choices=["local", "slurm"],
+                           help="local: processes here (--workers); slurm: one SLURM job per cell through submitit")
+            s.add_argument("--slurm-partition", default="", help="SLURM partition (default: the cluster's)")
+            s.add_argument("--slurm-time", type=int, default=240, help="minutes per job; a job stopped at its limit is requeued and resumes")
+            s.add_argument("--slurm-gpus", type=int, default=0, help="GPUs per job")
+            s.add_argument("--slurm-cpus", type=int, default=4, help="CPUs per job")
+            s.add_argument("--slurm-mem-gb", type=int, default=32, help="memory per job")
+            s.add_argument("--slurm-parallel", type=int, default=64, help="at most this many jobs at once")
         else:
             s.add_argument("--force", action="store_true", help="replace an existing table even with runs missing")
 
@@ -132,9 +140,18 @@ def _run(args: argparse.Namespace) -> int:
         from cfm_jax.harness.experiments import experiments_dir, load_experiment
         from cfm_jax.harness.sweep import parse_shard, sweep
 
+        slurm = None
+        if args.launcher == "slurm":
+            from cfm_jax.harness.launchers import SlurmOptions
+
+            for flag in ("slurm_time", "slurm_cpus", "slurm_mem_gb", "slurm_parallel", "slurm_gpus"):
+                if getattr(args, flag) < (0 if flag == "slurm_gpus" else 1):
+                    raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= {0 if flag == 'slurm_gpus' else 1}")
+            slurm = SlurmOptions(args.slurm_partition, args.slurm_time, args.slurm_gpus, args.slurm_cpus,
+                                 args.slurm_mem_gb, args.slurm_parallel, os.environ.get("CFM_JAX_SUBMITIT_CLUSTER") or None)
         failed = sweep(load_experiment(args.experiment), args.scale, args.runs_dir, progress=not args.no_progress,
                        workers=args.workers, shard=parse_shard(args.shard),
-                       results_dir=args.results_dir or experiments_dir() / "results", retrain=args.retrain)
+                       results_dir=args.results_dir or experiments_dir() / "results", retrain=args.retrain, slurm=slurm)
         if failed:
             print(f"error: {len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)
             return EXIT_FAILED

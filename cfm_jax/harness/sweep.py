@@ -49,10 +49,12 @@ def run_cell(cfg: Config, workdir: Path, analyses: tuple[str, ...], progress: bo
 
 
 def sweep(experiment: Experiment, scale: str, runs_dir: Path, progress: bool = True, workers: int = 1,
-          shard: tuple[int, int] = (0, 1), results_dir: Path | None = None, retrain: bool = False) -> list[str]:
+          shard: tuple[int, int] = (0, 1), results_dir: Path | None = None, retrain: bool = False,
+          slurm=None) -> list[str]:
     """Run every unfinished cell of this shard; returns the names of cells that failed (diverged).
     results_dir: where committed run records are looked up (None: none are). With LR_GRID, the
-    tuning runs go first; each cell's seeds follow once all its tuning runs are done."""
+    tuning runs go first; each cell's seeds follow once all its tuning runs are done. slurm: a
+    launchers.SlurmOptions to run the cells as SLURM jobs (one per cell) instead of here."""
     if workers < 1:
         raise UserError(f"--workers {workers} must be >= 1")
     find = records.finder(experiment.name, scale, runs_dir, None if retrain else results_dir)
@@ -70,7 +72,14 @@ def sweep(experiment: Experiment, scale: str, runs_dir: Path, progress: bool = T
         todo = _unfinished(experiment, scale, runs_dir, configs, shard, find)
         if not todo:
             return failed
-        for cell in _run_all(experiment, configs, todo, progress, workers):
+        if slurm is not None:
+            from cfm_jax.harness.launchers import run_slurm
+
+            folder = Path(runs_dir) / "_submitit" / experiment.name / scale
+            failed_now = run_slurm([(c, configs[c], w) for c, w in todo], experiment.analyses, folder, slurm)
+        else:
+            failed_now = _run_all(experiment, configs, todo, progress, workers)
+        for cell in failed_now:
             if experiment.lr_grid and cell in experiment.tuning_runs(scale):
                 print(f"{cell}: a tuning run diverged; its learning rate counts as the worst", file=sys.stderr)
             else:
