@@ -106,9 +106,9 @@ def reading(table, tests=()):
     for form in ("relu", "reglu"):
         ns, full = by.get(f"ns_{form}"), by.get(f"moe_{form}-k{E}")
         if ns and full and ns.get("val/loss") is not None and full.get("val/loss") is not None:
-            lines.append(f"The k = E = {E} {form} MoE (every expert used; total parameters equal to ns_{form}) "
-                         f"reaches {f(full['val/loss'])} against ns_{form}'s {f(ns['val/loss'])}: no comparison is "
-                         "declared for it; it marks where the MoE curve meets dense.")
+            lines.append(f"The k = E = {E} {form} MoE (every expert used, the dense end of its curve; total parameters "
+                         f"equal to ns_{form}) reaches {f(full['val/loss'])} against ns_{form}'s {f(ns['val/loss'])} "
+                         "(no comparison declared).")
     for form in ("relu", "reglu"):
         ns, wide = by.get(f"ns_{form}", {}), by.get(f"moe_{form}-wide", {})
         a, b = ns.get("ffn_params_active_per_token"), wide.get("ffn_params_active_per_token")
@@ -116,6 +116,12 @@ def reading(table, tests=()):
             lines.append(f"Match of the equal-active pair: moe_{form}-wide reads {b:.0f} FFN weights per token against "
                          f"ns_{form}'s measured {a:.0f} ({b / a:.2f}x; its experts were sized for an activation "
                          f"ratio of {NS_ACTIVE_RATIO}, ns_{form} measured {f(ns.get('stats/ffn/activation_ratio'))}).")
+    ns_vs_moe = [t for t in tests if t["a"].startswith("ns_") and t["b"].startswith("moe_")]
+    not_won = [f"{t['a']} vs {t['b']} ({t['verdict']})" for t in ns_vs_moe if t["verdict"] != "as expected"]
+    if ns_vs_moe:
+        lines.append("Where neuron-sparse does NOT beat the MoE of its form here: " + ("; ".join(not_won) if not_won else "nowhere")
+                     + ". The claims of the Sparsing Law and CFM hold in this table only where a comparison above reads "
+                     "'as expected'.")
     lines.append("Equal total parameters is not equal active parameters: ns_relu reads its selector in full plus "
                  "the rows of its active neurons (the column above), more than a top-2-of-8 MoE reads, so a win "
                  "there is partly a compute advantage; the '-wide' rows are the equal-active comparison.")

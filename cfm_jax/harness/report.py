@@ -258,9 +258,13 @@ def provenance_line(rows: list[dict]) -> tuple[str, str | None]:
         if t := r.get("_eval_prov", {}).get("time"):
             dates.add(t[:10])
     when = (min(dates) if len(dates) == 1 else f"{min(dates)} to {max(dates)}") if dates else "date not recorded"
+    # Compute spent: each run's training wall seconds (its last metrics row) plus its evaluation.
+    spent = [(r["_metrics"][-1].get("seconds") or 0) + (r.get("eval_seconds") or 0) for r in done if r.get("_metrics")]
     line = (f"Runs: {len(done)}, trained at commit {', '.join(f'{c} ({n} runs)' if len(commits) > 1 else c for c, n in commits.items())}"
             f"; evaluated {when}; device {', '.join(sorted(devices))}"
-            + (f"; {'; '.join(sorted(versions))}" if versions else "") + ".")
+            + (f"; {'; '.join(sorted(versions))}" if versions else "") + "."
+            + (f" Compute: the runs' own wall times (training + evaluation) sum to {sum(spent) / 60:.0f} minutes "
+               "(runs that shared the cores with another process count their whole wall time)." if spent else ""))
     warning = None
     if len(commits) > 1 or any(c.endswith("dirty") for c in commits):
         warning = (f"warning: this table mixes runs from {len(commits)} code states ({', '.join(commits)})"
