@@ -11,6 +11,7 @@ Expected: (CFM 4.4-4.5) skills' top-5 % neuron sets overlap little (0-9 %); prun
           the tokens) capture more of a held-out token's active neurons than a random partition.
 """
 
+from cfm_jax.harness.bricks import skills_learned
 from cfm_jax.harness.stats import Comparison
 
 VARIANTS = {"neuron_sparse": ["model.ffn=neuron_sparse", "model.ffn.activation=relu", "model.ffn.d_ff={f}"],
@@ -77,5 +78,5 @@ def reading(table, tests=()):
             f"{len(found)} of {len(tests)} expected effects are found at n = {tests[0]['n'] if tests else 0} seeds. "
             "CFM reports near-disjoint skill neurons (0-9 % overlap); the overlaps above are descriptive (no test "
             "is declared on them). A skill whose accuracy stays near chance was not learned, and its pruning rows "
-            "say little about it."]
+            "say little about it.", "", skills_learned(table)]
     return "\n".join(out)

@@ -12,6 +12,7 @@ Expected: (CFM) hard tokens light up more neurons: a positive Spearman correlati
 """
 
 from cfm_jax.harness.plots import grouped_lines
+from cfm_jax.harness.bricks import skills_learned
 from cfm_jax.harness.stats import Comparison
 
 MOE = ["model.ffn=moe", "model.ffn.expert_activation=relu", "model.ffn.n_experts=8", "model.ffn.d_expert={e}"]
@@ -68,5 +69,6 @@ def reading(table, tests=()):
     out += ["", "Declared comparisons (Holm-adjusted over this table):", *[f"- {t['text']}" for t in tests], "",
             f"{len(found)} of {len(tests)} expected effects are found at n = {tests[0]['n'] if tests else 0} seeds. "
             "For MoE the count is routed experts x expert width: top-k is constant by construction (no correlation is "
-            "defined). A Spearman interval that contains 0 does not show that activity tracks difficulty."]
+            "defined). A Spearman interval that contains 0 does not show that activity tracks difficulty.", "",
+            skills_learned(table)]
     return "\n".join(out)

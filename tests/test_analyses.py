@@ -114,3 +114,12 @@ def test_bricks_at_expert_granularity_for_moe(tmp_path):
 def test_unknown_analysis_is_bad_input(sparse_run, capsys):
     assert main(["eval", "--workdir", str(sparse_run), "--analysis", "cett,nope"]) == 2
     assert "unknown analysis 'nope'; allowed: cett, dynamic, bricks, all" in capsys.readouterr().err
+
+
+def test_skills_learned_names_learned_and_unlearned_skills():
+    from cfm_jax.harness.bricks import skills_learned
+
+    text = skills_learned([{"cell": "a", "mqar/accuracy": 0.9, "copy/accuracy": 0.1},
+                           {"cell": "b", "mqar/accuracy": 0.2, "copy/accuracy": None}])
+    assert "mqar: learned (mean accuracy >= 0.5) by a; not learned by b 0.20" in text
+    assert "copy: learned (mean accuracy >= 0.5) by no model; not learned by a 0.10" in text

@@ -158,3 +158,17 @@ def bricks_analysis(model, task, data_cfg, batch_size: int) -> dict:
         "prune_loss_ratio": cross,  # prune_loss_ratio[pruned skill][evaluated skill]
         "coactivation_top2_of_8_share": coact,
     }
+
+
+def skills_learned(table, skills=("mqar", "copy"), at: float = 0.5) -> str:
+    """A sentence naming, per skill, the cells whose mean accuracy on it reached `at` (learned) and
+    those that did not: an analysis of a skill the model never learned does not test CFM's claims."""
+    parts = []
+    for skill in skills:
+        learned = [r["cell"] for r in table if (r.get(f"{skill}/accuracy") or 0) >= at]
+        missed = [f"{r['cell']} {r[f'{skill}/accuracy']:.2f}" for r in table
+                  if r.get(f"{skill}/accuracy") is not None and r[f"{skill}/accuracy"] < at]
+        parts.append(f"{skill}: learned (mean accuracy >= {at}) by {', '.join(learned) or 'no model'}"
+                     + (f"; not learned by {', '.join(missed)}" if missed else ""))
+    return ("Trained skills: " + "; ".join(parts) + ". Rows about a skill a model did not learn describe an "
+            "untrained skill and do not test CFM's claims.")
