@@ -139,7 +139,8 @@ class DataConfig:
     seq_len: int = 256  # tokens per training sequence
     path: str = ""  # text: a UTF-8 file or directory; "" = this Python's standard-library sources
     val_fraction: float = 0.05  # text: share of files held out for validation (split by file)
-    vocab_size: int = 8192  # synthetic tasks: token vocabulary (text is always 256 bytes)
+    vocab_size: int = 8192  # synthetic tasks: token vocabulary (text: set by data.tokenizer)
+    tokenizer: str = "bytes"  # text: bytes (vocabulary 256), bpe:N (trained on the training split, cached) or a tokenizer.json path
     num_kv_pairs: int = 8  # mqar: key-value pairs per sequence
     power_a: float = 0.01  # mqar: query gap distribution p(g) ~ g^(a-1) (Zoology's default)
     # mqar: tokens between pairs and queries. zoology = uniform over the whole vocabulary (Zoology's

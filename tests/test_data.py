@@ -124,3 +124,63 @@ def test_data_path_directory_and_file(tmp_path):
     assert len(corpus.train) + len(corpus.val) == single.stat().st_size
     task = make_task(resolve("smoke", [f"data.path={tmp_path}", "data.seq_len=32"]).data)
     assert task.eval_sets(2)["val"][0]["inputs"].shape == (2, 32)
+
+
+def _shards(directory, n_files=6, docs_per_file=40):
+    """JSONL shards of small synthetic documents (a word soup, enough for a BPE to learn merges)."""
+    import json as json_
+
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "sparse", "neuron", "expert", "router", "token", "value"]
+    directory.mkdir()
+    for f in range(n_files):
+        with open(directory / f"shard{f:02d}.jsonl", "w") as out:
+            for d in range(docs_per_file):
+                text = " ".join(rng.choice(words, 60)) + f" doc {f}-{d}."
+                out.write(json_.dumps({"text": text, "id": d}) + "\n")
+    return directory
+
+
+def test_jsonl_shards_split_by_document(tmp_path):
+    shards = _shards(tmp_path / "shards")
+    corpus = load_corpus(str(shards), 0.2)
+    assert corpus.n_files == 240  # one document per JSONL line
+    assert 0 < len(corpus.val) < len(corpus.train)
+    globbed = load_corpus(str(shards / "shard0*.jsonl"), 0.2)
+    assert globbed.fingerprint == corpus.fingerprint  # the same documents by glob
+    (shards / "bad.jsonl").write_text("not json\n")
+    with pytest.raises(UserError, match="line 1 is not a JSON object"):
+        load_corpus.__wrapped__(str(shards), 0.2)
+
+
+def test_bpe_tokenizer_trains_caches_and_reports_bits_per_byte(tmp_path, monkeypatch):
+    """data.tokenizer=bpe:512 on JSONL shards: trained on the training split, cached (a second task
+    reads the cache), windows of token ids < vocabulary, held-out bytes per token > 1 (merges), and a
+    smoke run reports bits per byte = loss / ln 2 / bytes per token."""
+    pytest.importorskip("tokenizers")
+    import json as json_
+    import math
+
+    from cfm_jax.harness.evaluate import evaluate
+    from cfm_jax.train import train
+
+    monkeypatch.setenv("CFM_JAX_CACHE", str(tmp_path / "cache"))
+    shards = _shards(tmp_path / "shards")
+    overrides = [f"data.path={shards}", "data.tokenizer=bpe:512", "data.seq_len=32", "data.val_fraction=0.2"]
+    task = make_task(resolve("smoke", overrides).data)
+    assert task.tokenizer_info["cache_hit"] is False and 260 <= task.vocab_size <= 512
+    assert task.bytes_per_token > 1.5
+    batch = task.train_batch(0, 0, 4)
+    assert batch["inputs"].shape == (4, 32) and batch["inputs"].max() < task.vocab_size
+    again = make_task(resolve("smoke", overrides).data)
+    assert again.tokenizer_info["cache_hit"] is True
+    np.testing.assert_array_equal(again.train_batch(0, 0, 4)["inputs"], batch["inputs"])
+    w = tmp_path / "w"
+    train(resolve("smoke", [*overrides, "train.steps=3", "model.d_model=32"]), w, progress=False)
+    result = evaluate(w)
+    val = result["sets"]["val"]
+    assert val["bits_per_byte"] == pytest.approx(val["loss"] / math.log(2) / task.bytes_per_token)
+    assert result["corpus"]["tokenizer"] == "bpe:512" and result["corpus"]["cache_hit"] is True
+    assert json_.loads((w / "config.json").read_text())["config"]["data"]["tokenizer"] == "bpe:512"
+    with pytest.raises(UserError, match="data.tokenizer='bpe:x' must be bytes, bpe:N"):
+        resolve("smoke", ["data.tokenizer=bpe:x"])

@@ -14,8 +14,9 @@ EVAL_STREAM = 0x5EED  # seeds evaluation data apart from every training seed's s
 class Task(abc.ABC):
     name: ClassVar[str]
     vocab_size: int
-    # True when one token is one byte, so eval reports bits per byte = loss / ln 2.
-    tokens_are_bytes: ClassVar[bool] = False
+    # Text tasks: held-out UTF-8 bytes per token, so eval reports bits per byte = loss / ln 2 /
+    # bytes_per_token (1 for the byte tokenizer); None for synthetic tasks.
+    bytes_per_token: float | None = None
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -34,6 +34,7 @@ def split_rows(batch: int, weights: tuple[int, ...]) -> list[int]:
 class MixTask(Task):
     name = "mix"
     vocab_size = VOCAB_SIZE
+    bytes_per_token = 1.0  # its "val" set is byte-level text
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -43,6 +44,8 @@ class MixTask(Task):
     @classmethod
     def validate(cls, cfg) -> None:
         TextTask.validate(cfg)
+        if cfg.tokenizer != "bytes":
+            raise UserError(f"data.tokenizer={cfg.tokenizer!r}: data.task=mix needs the byte tokenizer (its skills use byte ids)")
         w = cfg.mix_weights
         if len(w) != len(PARTS) or any(x < 0 for x in w) or sum(w) == 0:
             raise UserError(f"data.mix_weights={','.join(map(str, w))} must be {len(PARTS)} non-negative integers "

@@ -1,8 +1,14 @@
-"""Byte-level text: tokenizer (one token per byte, vocab 256), corpus loading and a file-level split.
+"""Text: corpus loading, a document-level split, and the tokenizer (bytes by default, or a BPE).
 
 The embedded default corpus is the running interpreter's standard-library `.py` sources (present on
-every machine, no download). `data.path` points at any UTF-8 file or directory instead. Files are
-assigned to validation by a hash of their relative path, so the split never depends on read order.
+every machine, no download). `data.path` points at your own data instead: a UTF-8 file, a directory or
+a glob of text, JSONL (a "text" field per line) or Parquet (a "text" column) shards, or a Hugging Face
+dataset saved with `save_to_disk` (cfm_jax.data.corpora). Documents go to validation by a hash of
+their name (file path, plus the line or row), so the split never depends on read order.
+
+`data.tokenizer`: `bytes` (one token per byte, vocabulary 256), `bpe:N` (a byte-level BPE of N tokens
+trained on the training split) or a path to a `tokenizer.json` (cfm_jax.data.tokenize, cached).
+Bits per byte stay comparable across tokenizers: loss per token / ln 2 / (validation bytes per token).
 """
 
 from __future__ import annotations
@@ -43,41 +49,37 @@ def stdlib_files() -> tuple[Path, list[Path]]:
     return root, files
 
 
-def _user_files(path: Path) -> tuple[Path, list[Path]]:
-    if path.is_file():
-        return path.parent, [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-        return path, files
-    raise UserError(f"data.path={str(path)!r} does not exist (give a UTF-8 text file or directory, or '' for the stdlib corpus)")
-
-
 class Corpus(NamedTuple):
     train: np.ndarray  # (n_train_bytes,) uint8
     val: np.ndarray  # (n_val_bytes,) uint8
-    n_files: int
+    n_files: int  # documents read (files, or JSONL lines / Parquet rows / dataset rows)
     fingerprint: str  # crc32 of all bytes, to tell corpora (e.g. Python versions) apart
 
 
 @functools.lru_cache(maxsize=4)
 def load_corpus(path: str, val_fraction: float) -> Corpus:
-    """Read, split by file (hash of relative path), concatenate with DOC_SEPARATOR."""
-    root, files = stdlib_files() if not path else _user_files(Path(path).expanduser())
-    docs: list[tuple[str, bytes]] = []
-    for f in files:
-        try:
-            raw = f.read_bytes()
-            raw.decode("utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue  # unreadable or binary files are not text
-        if raw:
-            docs.append((f.relative_to(root).as_posix(), raw))
+    """Read, split by document (hash of its name), concatenate with DOC_SEPARATOR."""
+    from cfm_jax.data.corpora import read_documents
+
+    if path:
+        docs = read_documents(path)
+    else:
+        root, files = stdlib_files()
+        docs = []
+        for f in files:
+            try:
+                raw = f.read_bytes()
+                raw.decode("utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue  # unreadable or binary files are not text
+            if raw:
+                docs.append((f.relative_to(root).as_posix(), raw))
     if not docs:
         raise UserError(f"data.path={path!r} holds no readable UTF-8 text")
     threshold = int(val_fraction * 2**32)
     is_val = [zlib.crc32(name.encode()) < threshold for name, _ in docs]
     if len(docs) < 2 or all(is_val) or not any(is_val):
-        # Too few files to split by file: hold out the tail of the concatenation instead.
+        # Too few documents to split by document: hold out the tail of the concatenation instead.
         blob = DOC_SEPARATOR.join(raw for _, raw in docs)
         cut = int(len(blob) * (1 - val_fraction))
         train, val = blob[:cut], blob[cut:]
@@ -96,33 +98,44 @@ def _windows(data: np.ndarray, starts: np.ndarray, seq_len: int) -> dict[str, np
 
 class TextTask(Task):
     name = "text"
-    tokens_are_bytes = True
-    vocab_size = VOCAB_SIZE
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.corpus = load_corpus(cfg.path, cfg.val_fraction)
-        for split in ("train", "val"):
-            size = len(getattr(self.corpus, split))
-            if size < cfg.seq_len + 2:
+        if cfg.tokenizer == "bytes":
+            self.train_tokens, self.val_tokens, self.vocab_size = self.corpus.train, self.corpus.val, VOCAB_SIZE
+            self.tokenizer_info = {"tokenizer": "bytes"}
+        else:
+            from cfm_jax.data.tokenize import tokenized_corpus
+
+            self.train_tokens, self.val_tokens, self.vocab_size, self.tokenizer_info = tokenized_corpus(
+                self.corpus, cfg.tokenizer)
+        # Bits per byte = loss / ln 2 / (held-out bytes per token): comparable across tokenizers.
+        self.bytes_per_token = len(self.corpus.val) / max(1, len(self.val_tokens))
+        for split, tokens in (("train", self.train_tokens), ("val", self.val_tokens)):
+            if len(tokens) < cfg.seq_len + 2:
                 raise UserError(
-                    f"the {split} split of data.path={cfg.path!r} has {size} bytes, fewer than data.seq_len + 2 = {cfg.seq_len + 2}"
+                    f"the {split} split of data.path={cfg.path!r} has {len(tokens)} tokens, fewer than data.seq_len + 2 = {cfg.seq_len + 2}"
                 )
 
     @classmethod
     def validate(cls, cfg) -> None:
-        if cfg.path and not Path(cfg.path).expanduser().exists():
+        from cfm_jax.data.tokenize import check_tokenizer
+
+        if cfg.path and "*" not in cfg.path and not Path(cfg.path).expanduser().exists():
             raise UserError(
-                f"data.path={cfg.path!r} does not exist (give a UTF-8 text file or directory, or '' for the stdlib corpus)"
+                f"data.path={cfg.path!r} does not exist (give a UTF-8 text file, a directory or glob of text / JSONL / "
+                "Parquet shards, a saved Hugging Face dataset, or '' for the stdlib corpus)"
             )
+        check_tokenizer(cfg.tokenizer)
 
     def train_batch(self, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
-        data, seq_len = self.corpus.train, self.cfg.seq_len
+        data, seq_len = self.train_tokens, self.cfg.seq_len
         starts = np.random.default_rng((seed, step)).integers(0, len(data) - seq_len - 1, batch_size)
         return _windows(data, starts, seq_len)
 
     def eval_sets(self, batch_size: int) -> dict[str, list[dict[str, np.ndarray]]]:
-        """"val": eval_batches batches of windows at evenly spaced offsets of the held-out files."""
-        data, seq_len, n = self.corpus.val, self.cfg.seq_len, self.cfg.eval_batches
+        """"val": eval_batches batches of windows at evenly spaced offsets of the held-out documents."""
+        data, seq_len, n = self.val_tokens, self.cfg.seq_len, self.cfg.eval_batches
         starts = np.linspace(0, len(data) - seq_len - 1, n * batch_size).astype(np.int64)
         return {"val": [_windows(data, starts[i * batch_size:(i + 1) * batch_size], seq_len) for i in range(n)]}

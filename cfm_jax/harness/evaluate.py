@@ -70,8 +70,8 @@ def evaluate_sets(model, task, eval_sets: dict) -> tuple[dict, dict]:
         loss = ce / max(n, 1)
         entry = {"loss": loss, "accuracy": correct / max(n, 1), "sequence_accuracy": seq_correct / max(seqs, 1),
                  "tokens": n}
-        if task.tokens_are_bytes:
-            entry["bits_per_byte"] = loss / math.log(2)
+        if task.bytes_per_token and name == "val":  # text: bits per byte, comparable across tokenizers
+            entry["bits_per_byte"] = loss / math.log(2) / task.bytes_per_token
         results[name] = entry
     return results, {k: v / stats_n for k, v in stats_sum.items()}
 
@@ -113,11 +113,12 @@ def evaluate(workdir: Path, analyses: tuple[str, ...] = ()) -> dict:
     }
     if hasattr(task, "corpus"):
         result["corpus"] = {"fingerprint": task.corpus.fingerprint, "files": task.corpus.n_files,
-                            "train_bytes": int(len(task.corpus.train)), "val_bytes": int(len(task.corpus.val))}
+                            "train_bytes": int(len(task.corpus.train)), "val_bytes": int(len(task.corpus.val)),
+                            **getattr(task, "tokenizer_info", {}), "bytes_per_token": task.bytes_per_token}
     horizons = memory_horizons(model, first_set[0]["inputs"])
     if horizons:
         result["memory_horizon"] = horizons
-    if lengths and not task.tokens_are_bytes:
+    if lengths and not task.bytes_per_token:
         result["effective_length"] = effective_length(lengths, cfg.data.effective_threshold)
         result["metrics"]["effective_length"] = result["effective_length"]
     for name in analyses:
