@@ -11,7 +11,8 @@ Runtime:  smoke ~3 min (6 mixers, 1 width, 1 length, 3 seeds, 30 steps); cpu: 6 
 Sizing for the redesign (single seed-0 probes, attention d 64, 2 layers, batch 64, lr 3e-3; not a
           table): 2 pairs in 16 tokens at vocabulary 64 are learned in ~300 steps with Zoology's filler
           (0.94 at step 300, 0.99 at 1000) but NOT with `data.mqar_filler=nonkey` (0.54, chance 0.5,
-          after 1500 steps); at vocabulary 4096 with nonkey filler, 8 pairs in 64 tokens reach 0.24
+          after 1500 steps); the same at vocabulary 256 (Zoology's filler 0.89 at step 400, 0.98 at
+          1000; nonkey 0.53 at 1000) and 1024 (nonkey 0.63 at 1000, rising); at vocabulary 4096 with nonkey filler, 8 pairs in 64 tokens reach 0.24
           after 2000 steps (~5 min), rising; tied embeddings were slower (0.10). A Zoology-sized grid
           (vocabulary >= 4096, up to 64 pairs, 3 widths, 6 mixers, 3 seeds) therefore needs far more
           than the 8 CPU-hours budget at these step counts; why the nonkey filler slows learning at a
