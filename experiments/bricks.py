@@ -11,7 +11,7 @@ Expected: (CFM 4.4-4.5) skills' top-5 % neuron sets overlap little (0-9 %); prun
           the tokens) capture more of a held-out token's active neurons than a random partition.
 """
 
-from cfm_jax.harness.bricks import skills_learned
+from cfm_jax.harness.bricks import mix_cells, skills_learned
 from cfm_jax.harness.stats import Comparison
 
 VARIANTS = {"neuron_sparse": ["model.ffn=neuron_sparse", "model.ffn.activation=relu", "model.ffn.d_ff={f}"],
@@ -38,12 +38,7 @@ COMPARISONS = [
 
 def cells(scale):
     s = SIZES[scale]
-    f = 4 * s["d"]
-    return {name: [*(o.format(f=f, e=f // 8) for o in opts), "data.task=mix", f"model.d_model={s['d']}",
-                   f"model.n_layers={s['layers']}", f"train.steps={s['steps']}", "train.batch_size=16",
-                   "data.seq_len=128", "data.num_kv_pairs=8", "data.eval_batches=4", "train.checkpoint_every=1000",
-                   f"train.eval_every={max(1, s['steps'] // 8)}"]
-            for name, opts in VARIANTS.items()}
+    return mix_cells(VARIANTS, s["d"], s["layers"], s["steps"])
 
 
 def plot(table, path):

@@ -12,7 +12,7 @@ Expected: (CFM) hard tokens light up more neurons: a positive Spearman correlati
 """
 
 from cfm_jax.harness.plots import grouped_lines
-from cfm_jax.harness.bricks import skills_learned
+from cfm_jax.harness.bricks import mix_cells, skills_learned
 from cfm_jax.harness.stats import Comparison
 
 MOE = ["model.ffn=moe", "model.ffn.expert_activation=relu", "model.ffn.n_experts=8", "model.ffn.d_expert={e}"]
@@ -36,12 +36,7 @@ COMPARISONS = [
 
 def cells(scale):
     s = SIZES[scale]
-    f = 4 * s["d"]
-    return {name: [*(o.format(f=f, e=f // 8) for o in opts), "data.task=mix", f"model.d_model={s['d']}",
-                   f"model.n_layers={s['layers']}", f"train.steps={s['steps']}", "train.batch_size=16",
-                   "data.seq_len=128", "data.num_kv_pairs=8", "data.eval_batches=4", "train.checkpoint_every=1000",
-                   f"train.eval_every={max(1, s['steps'] // 8)}"]
-            for name, opts in FFNS.items()}
+    return mix_cells(FFNS, s["d"], s["layers"], s["steps"])
 
 
 def plot(table, path):

@@ -79,6 +79,16 @@ def _parquet(f: Path, name: str) -> list[tuple[str, bytes]]:
     return [(f"{name}#{i}", t.encode()) for i, t in enumerate(table.column(TEXT_FIELD).to_pylist()) if t]
 
 
+def read_text_file(f: Path) -> bytes | None:
+    """The file's bytes if it is readable, non-empty UTF-8 text; None otherwise (binary files are not text)."""
+    try:
+        raw = f.read_bytes()
+        raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return raw or None
+
+
 def read_documents(path: str) -> list[tuple[str, bytes]]:
     """(name, UTF-8 bytes) of every document under `path` (see the module doc)."""
     root = Path(path).expanduser()
@@ -92,12 +102,6 @@ def read_documents(path: str) -> list[tuple[str, bytes]]:
             docs += _jsonl(f, name)
         elif f.suffix == ".parquet":
             docs += _parquet(f, name)
-        else:
-            try:
-                raw = f.read_bytes()
-                raw.decode("utf-8")
-            except (OSError, UnicodeDecodeError):
-                continue  # unreadable or binary files are not text
-            if raw:
-                docs.append((name, raw))
+        elif raw := read_text_file(f):
+            docs.append((name, raw))
     return docs

@@ -59,21 +59,13 @@ class Corpus(NamedTuple):
 @functools.lru_cache(maxsize=4)
 def load_corpus(path: str, val_fraction: float) -> Corpus:
     """Read, split by document (hash of its name), concatenate with DOC_SEPARATOR."""
-    from cfm_jax.data.corpora import read_documents
+    from cfm_jax.data.corpora import read_documents, read_text_file
 
     if path:
         docs = read_documents(path)
     else:
         root, files = stdlib_files()
-        docs = []
-        for f in files:
-            try:
-                raw = f.read_bytes()
-                raw.decode("utf-8")
-            except (OSError, UnicodeDecodeError):
-                continue  # unreadable or binary files are not text
-            if raw:
-                docs.append((f.relative_to(root).as_posix(), raw))
+        docs = [(f.relative_to(root).as_posix(), raw) for f in files if (raw := read_text_file(f))]
     if not docs:
         raise UserError(f"data.path={path!r} holds no readable UTF-8 text")
     threshold = int(val_fraction * 2**32)

@@ -172,3 +172,14 @@ def skills_learned(table, skills=("mqar", "copy"), at: float = 0.5) -> str:
                      + (f"; not learned by {', '.join(missed)}" if missed else ""))
     return ("Trained skills: " + "; ".join(parts) + ". Rows about a skill a model did not learn describe an "
             "untrained skill and do not test CFM's claims.")
+
+
+def mix_cells(variants: dict[str, list[str]], d: int, layers: int, steps: int) -> dict[str, list[str]]:
+    """Cells of the experiments that analyse trained skills (bricks, dynamic_activation): each variant's
+    overrides ({f}: the neuron-sparse width 4d, {e}: the expert width 4d/8) trained on data.task=mix."""
+    f = 4 * d
+    return {name: [*(o.format(f=f, e=f // 8) for o in opts), "data.task=mix", f"model.d_model={d}",
+                   f"model.n_layers={layers}", f"train.steps={steps}", "train.batch_size=16", "data.seq_len=128",
+                   "data.num_kv_pairs=8", "data.eval_batches=4", "train.checkpoint_every=1000",
+                   f"train.eval_every={max(1, steps // 8)}"]
+            for name, opts in variants.items()}
