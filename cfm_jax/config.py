@@ -144,9 +144,9 @@ class DataConfig:
     num_kv_pairs: int = 8  # mqar: key-value pairs per sequence
     power_a: float = 0.01  # mqar: query gap distribution p(g) ~ g^(a-1) (Zoology's default)
     # mqar: tokens between pairs and queries. zoology = uniform over the whole vocabulary (Zoology's
-    # random_non_queries: ~one spurious key per sequence at a small vocabulary); nonkey = uniform over
-    # the non-key tokens (0 and the value range), so a key token appears only where it is bound or queried
-    mqar_filler: Literal["zoology", "nonkey"] = "zoology"
+    # random_non_queries: ~one stray copy of a bound key per sequence at a small vocabulary); unbound =
+    # the whole vocabulary less the sequence's bound keys (no stray bound key); nonkey = 0 and the value range
+    mqar_filler: Literal["zoology", "nonkey", "unbound"] = "zoology"
     num_needles: int = 4  # niah_multikey / niah_multiquery: needles (distinct keys) in the haystack
     num_values: int = 4  # niah_multivalue: values stored under the one key
     num_queries: int = 4  # niah_multiquery: needles queried

@@ -48,6 +48,25 @@ def test_mqar_filler_never_adds_a_key_under_nonkey(filler):
         assert stray / len(inputs) > 10  # ~ (L - 3 kv) * (V/2 - 1) / V stray keys per sequence
 
 
+def test_mqar_unbound_filler_never_repeats_a_bound_key():
+    """unbound: a sequence's bound keys occur only at their pair and their query; every other token of
+    the vocabulary (other keys, values, 0) is drawn as filler, about uniformly."""
+    V, L, kv = 64, 128, 4
+    inputs, labels = mqar_batch(np.random.default_rng(1), 256, L, V, kv, filler="unbound")
+    counts = np.zeros(V, int)
+    for x, y in zip(inputs, labels):
+        keys = x[0:2 * kv:2]
+        query = np.flatnonzero(y != IGNORE)
+        elsewhere = np.setdiff1d(np.arange(2 * kv, L), query)
+        assert not np.isin(x[elsewhere], keys).any()
+        assert sorted(x[query]) == sorted(keys)  # each key queried once
+        np.add.at(counts, x[elsewhere], 1)
+    keys_drawn, others = counts[1:V // 2], np.r_[counts[:1], counts[V // 2:]]
+    assert np.all(counts > 0)  # every token is filler in some row (keys in rows where they are unbound)
+    # about uniform: a key is missing from the rows that bind it (kv of the V/2 - 1 keys per row)
+    assert keys_drawn.mean() == pytest.approx(others.mean() * (1 - kv / (V // 2 - 1)), rel=0.1)
+
+
 def test_mqar_query_gaps_follow_power_law():
     """With a = 0.01 most queries sit close to the start of the query region (short gaps)."""
     _, labels = mqar_batch(np.random.default_rng(1), 256, 512, 1024, 8, power_a=0.01)
