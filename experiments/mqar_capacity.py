@@ -12,7 +12,10 @@ Sizing for the redesign (single seed-0 probes, attention d 64, 2 layers, batch 6
           table): 2 pairs in 16 tokens at vocabulary 64 are learned in ~300 steps with Zoology's filler
           (0.94 at step 300, 0.99 at 1000) but NOT with `data.mqar_filler=nonkey` (0.54, chance 0.5,
           after 1500 steps); the same at vocabulary 256 (Zoology's filler 0.89 at step 400, 0.98 at
-          1000; nonkey 0.53 at 1000) and 1024 (nonkey 0.63 at 1000, rising); at vocabulary 4096 with nonkey filler, 8 pairs in 64 tokens reach 0.24
+          1000; nonkey 0.53 at 1000) and 1024 (nonkey 0.63 at 1000, rising). Filler from the whole
+          vocabulary less the sequence's bound keys (`data.mqar_filler=unbound`, no stray bound key) is
+          learned as fast as Zoology's (0.91 at step 400, vocabulary 256); filler from either half
+          of the vocabulary, or zeros, is not (0.53-0.54 at 1000). The redesign should use `unbound`; at vocabulary 4096 with nonkey filler, 8 pairs in 64 tokens reach 0.24
           after 2000 steps (~5 min), rising; tied embeddings were slower (0.10). A Zoology-sized grid
           (vocabulary >= 4096, up to 64 pairs, 3 widths, 6 mixers, 3 seeds) therefore needs far more
           than the 8 CPU-hours budget at these step counts; why the nonkey filler slows learning at a
