@@ -62,8 +62,10 @@ def make_train_step(graphdef, tx, skip_nonfinite: bool = False):
 
     def loss_fn(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
-        logits, aux = model(batch["inputs"])
-        ce_sum, _, n = cross_entropy(logits, batch["labels"])
+        positions = batch.get("positions")  # a task that scores few positions: the head runs only there
+        logits, aux = model(batch["inputs"], positions=positions)
+        labels = batch["labels"] if positions is None else jnp.take_along_axis(batch["labels"], positions, axis=1)
+        ce_sum, _, n = cross_entropy(logits, labels)
         ce = ce_sum / jnp.maximum(n, 1)
         new_rest = nnx.state(model, nnx.Not(nnx.Param))
         return ce + aux["loss"], (ce, aux, new_rest)

@@ -7,6 +7,7 @@ import re
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -334,3 +335,34 @@ def test_wandb_offline(tmp_path, monkeypatch):
     train(resolve("smoke", ["train.steps=2", "model.d_model=32", "data.seq_len=32", "train.wandb=cfm"]), tmp_path / "w",
           progress=False)
     assert list((tmp_path / "w" / "wandb").glob("offline-run-*"))
+
+
+def test_head_at_scored_positions_only_gives_the_full_loss_and_gradients():
+    """MQAR batches carry their scored positions; the loss computed with the output head only there
+    equals the loss over full logits masked by the labels, and so do the gradients."""
+    from cfm_jax.data import make_task
+    from cfm_jax.train import cross_entropy, init_state
+
+    cfg = resolve("smoke", ["data.task=mqar", "data.vocab_size=512", "data.seq_len=32", "data.num_kv_pairs=4",
+                            "model.d_model=32"])
+    task = make_task(cfg.data)
+    batch = task.train_batch(0, 0, 4)
+    assert batch["positions"].shape == (4, 4)
+    np.testing.assert_array_equal(np.sort(np.flatnonzero(batch["labels"][0] != -1)), batch["positions"][0])
+    graphdef, state, _, _ = init_state(cfg, task.vocab_size)
+
+    def loss(params, scored):
+        model = nnx.merge(graphdef, params, state["rest"])
+        positions = jnp.asarray(batch["positions"]) if scored else None
+        logits, _ = model(jnp.asarray(batch["inputs"]), positions=positions)
+        labels = jnp.asarray(batch["labels"])
+        if scored:
+            labels = jnp.take_along_axis(labels, positions, axis=1)
+        ce, _, n = cross_entropy(logits, labels)
+        return ce / n
+
+    full, g_full = jax.value_and_grad(loss)(state["params"], False)
+    part, g_part = jax.value_and_grad(loss)(state["params"], True)
+    assert float(part) == pytest.approx(float(full), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(g_part), jax.tree.leaves(g_full)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)

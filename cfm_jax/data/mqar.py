@@ -103,7 +103,12 @@ class MQARTask(Task):
         return {"inputs": inputs, "labels": labels}
 
     def train_batch(self, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
-        return self._batch(np.random.default_rng((seed, step)), batch_size, self.cfg.seq_len)
+        """inputs, labels and "positions" (batch, num_kv_pairs): the scored positions, in order (every
+        sequence has exactly one per pair), so training computes the output head only there."""
+        batch = self._batch(np.random.default_rng((seed, step)), batch_size, self.cfg.seq_len)
+        scored = batch["labels"] != IGNORE
+        batch["positions"] = np.sort(np.argsort(~scored, axis=1, kind="stable")[:, : self.cfg.num_kv_pairs], axis=1).astype(np.int32)
+        return batch
 
     def eval_sets(self, batch_size: int) -> dict[str, list[dict[str, np.ndarray]]]:
         """One set per context length in data.eval_lengths (default: seq_len, 2x, 4x)."""

@@ -33,13 +33,16 @@ class LanguageModel(nnx.Module):
         h = self.final_norm(h)
         return self.embed.attend(h) if self.head is None else self.head(h)
 
-    def __call__(self, tokens: jax.Array, neuron_hook=None):
+    def __call__(self, tokens: jax.Array, neuron_hook=None, positions: jax.Array | None = None):
         """tokens: (batch, seq) int -> (logits: (batch, seq, vocab) fp32, aux).
 
         aux = {"loss": sum of every slot's auxiliary loss, "stats": {name: value}} where stats holds
         each slot statistic per layer (`ffn/NAME/layerI`) and its mean over layers (`ffn/NAME`).
         neuron_hook(layer, ffn, a) -> a' (analysis tools only) rewrites each FFN's intermediate
         activations a: (batch, seq, d_ff); see Block.
+        positions: (batch, P) int: compute the output head only there -> logits (batch, P, vocab) (the
+        scored positions of a task that scores few, e.g. MQAR's answers: the head is most of the
+        compute at a large vocabulary).
         """
         h = self.embed(tokens)
         per_layer = []
@@ -47,6 +50,8 @@ class LanguageModel(nnx.Module):
             hook = None if neuron_hook is None else functools.partial(neuron_hook, i, block.ffn)
             h, aux = block(h, neuron_hook=hook)
             per_layer.append(aux)
+        if positions is not None:
+            h = jnp.take_along_axis(h, positions[..., None], axis=1)  # (batch, P, d)
         return self.logits(h).astype(jnp.float32), collect_aux(per_layer)
 
     # --- decoding ---
