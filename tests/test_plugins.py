@@ -99,3 +99,29 @@ def test_dry_run_and_config_relaunch(tmp_path):
     (tmp_path / "bad.json").write_text("[1, 2]")
     bad = cli("train", "--workdir", str(tmp_path / "w"), "--config", str(tmp_path / "bad.json"), "--dry-run")
     assert bad.returncode == 2 and "holds no config object" in bad.stderr
+
+
+def test_plugin_task_registers_like_a_kind(tmp_path):
+    """A Task subclass with a name, in a plugin, becomes data.task=NAME (no list to edit)."""
+    plugin = tmp_path / "my_task.py"
+    plugin.write_text('''
+import numpy as np
+from cfm_jax.data.base import Task
+
+class Constant(Task):
+    """Every token 7, every next token scored."""
+    name = "constant7"
+    vocab_size = 16
+
+    def train_batch(self, seed, step, batch_size):
+        x = np.full((batch_size, self.cfg.seq_len), 7, np.int32)
+        return {"inputs": x, "labels": x}
+
+    def eval_sets(self, batch_size):
+        return {"val": [self.train_batch(0, 0, batch_size)]}
+''')
+    listed = cli("--plugin", str(plugin), "list")
+    assert "constant7" in listed.stdout.splitlines()[2], listed.stdout
+    dry = cli("--plugin", str(plugin), "train", "--workdir", str(tmp_path / "w"), "--scale", "smoke",
+              "data.task=constant7", "--dry-run")
+    assert dry.returncode == 0 and json.loads(dry.stdout)["data"]["task"] == "constant7"

@@ -6,23 +6,21 @@ for position t, IGNORE where the position is not scored.
 
 from __future__ import annotations
 
-from cfm_jax.data.base import IGNORE, Task
-from cfm_jax.data.copying import CopyingTask, SelectiveCopyingTask
-from cfm_jax.data.mix import MixTask
-from cfm_jax.data.mqar import MQARTask
-from cfm_jax.data.needle import NIAHMultiKey, NIAHMultiQuery, NIAHMultiValue, NIAHSingle, PasskeyTask
-from cfm_jax.data.text import TextTask
-from cfm_jax.data.tracking import VariableTrackingTask
+import importlib
+import pkgutil
+
+from cfm_jax.data.base import IGNORE, TASKS, Task
 from cfm_jax.errors import UserError
 
-TASKS: dict[str, type[Task]] = {
-    cls.name: cls
-    for cls in (TextTask, MQARTask, NIAHSingle, NIAHMultiKey, NIAHMultiValue, NIAHMultiQuery, PasskeyTask,
-                VariableTrackingTask, SelectiveCopyingTask, CopyingTask, MixTask)
-}
+# Importing every module of this package registers its tasks (Task.__init_subclass__).
+for _info in pkgutil.iter_modules(__path__, __name__ + "."):
+    importlib.import_module(_info.name)
 
 
 def get_task_class(name: str) -> type[Task]:
+    from cfm_jax.registry import load_plugins
+
+    load_plugins()  # tasks defined by plugins register on import, like kinds
     if name not in TASKS:
         raise UserError(f"unknown data.task {name!r}; allowed: {', '.join(sorted(TASKS))}")
     return TASKS[name]

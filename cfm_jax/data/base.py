@@ -11,8 +11,22 @@ IGNORE = -1  # label of positions that are not scored
 EVAL_STREAM = 0x5EED  # seeds evaluation data apart from every training seed's stream
 
 
+TASKS: dict[str, type["Task"]] = {}  # name -> class: every Task subclass with a `name` registers itself
+
+
 class Task(abc.ABC):
+    """A data source. A subclass that sets `name` is registered as `data.task=NAME` when its module is
+    imported (the package's modules, or a plugin's: CFM_JAX_PLUGINS)."""
+
     name: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if getattr(cls, "name", "") and "name" in cls.__dict__:
+            previous = TASKS.get(cls.name)
+            if previous is not None and previous.__qualname__ != cls.__qualname__:
+                raise ValueError(f"data.task {cls.name!r} registered twice ({previous.__qualname__}, {cls.__qualname__})")
+            TASKS[cls.name] = cls
     vocab_size: int
     # Text tasks: held-out UTF-8 bytes per token, so eval reports bits per byte = loss / ln 2 /
     # bytes_per_token (1 for the byte tokenizer); None for synthetic tasks.
