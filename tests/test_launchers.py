@@ -60,3 +60,30 @@ def test_bad_slurm_options_are_one_line_exit_2(tmp_path, capsys):
                  "--launcher", "slurm", "--slurm-time", "0"])
     assert code == 2 and "--slurm-time 0 must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_each_sweep_worker_gets_its_own_gpu(monkeypatch):
+    """With several GPUs visible, --workers N hands them out round robin, one per worker process,
+    before JAX starts there (faked here: CUDA_VISIBLE_DEVICES lists 3 GPUs, the CPU runs the jobs)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from cfm_jax.harness import sweep as sweep_module
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    assert sweep_module.visible_gpus() == ["4", "5", "6"]
+    context = multiprocessing.get_context("spawn")
+    devices = sweep_module.gpu_queue(context, 2)
+    with ProcessPoolExecutor(2, mp_context=context, initializer=sweep_module._worker_init, initargs=(devices,)) as pool:
+        seen = set(pool.map(_visible, range(8)))
+    assert seen == {"4", "5"}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert sweep_module.visible_gpus() == []
+
+
+def _visible(_):
+    import os
+    import time
+
+    time.sleep(0.2)  # both workers take tasks
+    return os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -11,6 +11,7 @@ share one runs directory without touching each other's cells.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -107,6 +108,40 @@ def _unfinished(experiment, scale, runs_dir, configs, shard, find) -> list[tuple
     return todo
 
 
+def visible_gpus() -> list[str]:
+    """GPU ids this process may use, without initializing JAX (which would take their memory):
+    CUDA_VISIBLE_DEVICES when set, else the GPUs `nvidia-smi -L` lists; [] without GPUs."""
+    import shutil
+    import subprocess
+
+    if (visible := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
+        return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def gpu_queue(context, workers: int):
+    """A queue holding each worker's GPU id (round robin over the visible GPUs; None without GPUs)."""
+    devices, gpus = context.Queue(), visible_gpus()
+    for i in range(workers):
+        devices.put(gpus[i % len(gpus)] if gpus else None)
+    return devices
+
+
+def _worker_init(devices) -> None:
+    """A sweep worker's start: its own GPU (if any; set before JAX starts its backend), then the
+    allocator setting every cfm-jax process uses."""
+    device = devices.get()
+    if device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
+    keep_freed_memory()
+
+
 def _run_all(experiment, configs, todo, progress: bool, workers: int) -> list[str]:
     failed = []
     if workers == 1:
@@ -118,9 +153,11 @@ def _run_all(experiment, configs, todo, progress: bool, workers: int) -> list[st
                 failed.append(cell)
         return failed
     # Separate processes (spawned: JAX does not survive fork), one cell each at a time.
-    # Each reuses freed host memory as the CLI's own process does (cfm_jax.host_memory).
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=keep_freed_memory) as pool:
+    # Each reuses freed host memory as the CLI's own process does (cfm_jax.host_memory), and on a
+    # machine with several GPUs takes its own (round robin), so workers do not share one device.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                             initargs=(gpu_queue(context, workers),)) as pool:
         futures = {cell: pool.submit(run_cell, configs[cell], workdir, experiment.analyses, False) for cell, workdir in todo}
         for cell, future in futures.items():
             error = future.result()
