@@ -203,3 +203,15 @@ def test_bpe_tokenizer_trains_caches_and_reports_bits_per_byte(tmp_path, monkeyp
     assert json_.loads((w / "config.json").read_text())["config"]["data"]["tokenizer"] == "bpe:512"
     with pytest.raises(UserError, match="data.tokenizer='bpe:x' must be bytes, bpe:N"):
         resolve("smoke", ["data.tokenizer=bpe:x"])
+
+
+def test_parquet_shards_are_documents(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    (tmp_path / "p").mkdir()
+    for i in range(3):
+        pq.write_table(pa.table({"text": [f"document {i}-{j} " * 20 for j in range(10)], "id": list(range(10))}),
+                       tmp_path / "p" / f"part{i}.parquet")
+    corpus = load_corpus(str(tmp_path / "p"), 0.2)
+    assert corpus.n_files == 30 and 0 < len(corpus.val) < len(corpus.train)
