@@ -215,3 +215,13 @@ def test_parquet_shards_are_documents(tmp_path):
                        tmp_path / "p" / f"part{i}.parquet")
     corpus = load_corpus(str(tmp_path / "p"), 0.2)
     assert corpus.n_files == 30 and 0 < len(corpus.val) < len(corpus.train)
+
+
+def test_saved_huggingface_dataset_is_read_from_disk(tmp_path):
+    """A DatasetDict saved with save_to_disk: every split's "text" rows are documents (no download)."""
+    datasets = pytest.importorskip("datasets")
+
+    splits = {"train": [f"row {i} " * 15 for i in range(40)], "test": [f"other {i} " * 15 for i in range(10)]}
+    datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in splits.items()}).save_to_disk(tmp_path / "ds")
+    corpus = load_corpus(str(tmp_path / "ds"), 0.2)
+    assert corpus.n_files == 50 and 0 < len(corpus.val) < len(corpus.train)
