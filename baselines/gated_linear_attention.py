@@ -27,6 +27,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from cfm_jax import policy
 from cfm_jax.errors import UserError
 
 HORIZON_MAX = 1e12  # memory_horizon's cap: a state that keeps > threshold beyond this never forgets
@@ -205,7 +206,7 @@ def pick_scan(scan: str, d_k: int, d_v: int, backend: str | None = None) -> str:
         raise ValueError(f"scan={scan!r} is not one of {SCANS}")
     if scan == "auto":
         small = d_k * d_v <= SEQUENTIAL_MAX_STATE
-        return "sequential" if small and (backend or jax.default_backend()) == "cpu" else "matmul"
+        return "sequential" if policy.token_loop_pays(small, backend) else "matmul"
     return scan
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from baselines.gated_linear_attention import check_threshold, from_chunks, horizon, to_chunks
+from cfm_jax import policy
 from cfm_jax.errors import UserError
 from cfm_jax.kernels import selective_scan as scan_kernel
 from cfm_jax.layers.attention import FP32_BYTES
@@ -201,9 +202,9 @@ def pick_scan(scan: str) -> str:
     the associative scan at d_inner 128-1024); associative on accelerators, where a token-by-token
     loop is launch-bound. `kernel` asked for where it cannot run is a one-line error."""
     if scan == "auto":
-        if jax.default_backend() != "cpu":
+        if not policy.on_cpu():
             return "associative"
-        return KERNEL if jax.device_count() == 1 and scan_kernel.available() is None else "sequential"
+        return KERNEL if policy.cpu_kernels() and scan_kernel.available() is None else "sequential"
     if scan == KERNEL and (why := scan_kernel.available()):
         raise UserError(f"model.mixer.scan=kernel cannot run: {why} (use auto)")
     if scan not in (*SCANS, KERNEL):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from cfm_jax import policy
 from cfm_jax import workdir as wd
 from cfm_jax.checkpoint import Checkpoints
 from cfm_jax.config import Config, TrainConfig, to_dict
@@ -116,7 +117,7 @@ def check_memory(cfg: Config, vocab_size: int) -> None:
     """Refuse, before anything is allocated, a model whose parameters, gradients and optimizer
     state alone exceed the host memory available (on a CPU backend; accelerators report OOM
     themselves). The count comes from an abstract model (nnx.eval_shape), so it is exact and free."""
-    if jax.default_backend() != "cpu" or (free := available_memory()) is None:
+    if not policy.on_cpu() or (free := available_memory()) is None:
         return
     abstract = nnx.eval_shape(lambda: build_model(cfg.model, vocab_size, 0))
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cfm_jax import policy
 from cfm_jax.errors import UserError
 from cfm_jax.kernels.build import load
 
@@ -128,9 +129,9 @@ def backend(*arrays: jax.Array, flops: int | None = None) -> tuple[str, str]:
     if wanted == "auto" and flops is not None and flops < MIN_FLOPS:
         return "xla", f"{flops} FLOPs (< {MIN_FLOPS}: faster in XLA)"
     reasons = []
-    if jax.default_backend() != "cpu":
-        reasons.append(f"backend is {jax.default_backend()}, not cpu")
-    if jax.device_count() != 1:  # XLA cannot partition a custom call; sharded steps keep its dot
+    if not policy.on_cpu():
+        reasons.append(f"backend is {policy.backend()}, not cpu")
+    elif not policy.cpu_kernels():  # XLA cannot partition a custom call; sharded steps keep its dot
         reasons.append(f"{jax.device_count()} devices (MKL path is single-device)")
     if any(a.dtype != jnp.float32 for a in arrays):
         reasons.append(f"dtype {', '.join(sorted({str(a.dtype) for a in arrays}))} (MKL path is float32)")
