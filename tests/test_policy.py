@@ -25,3 +25,35 @@ def test_cpu_backend_gets_the_cpu_choices():
     assert policy.on_cpu() and policy.cpu_kernels()
     assert gla.pick_scan("auto", 4, 4) == "sequential" and gla.pick_scan("auto", 64, 64) == "matmul"
     assert mamba.pick_scan("auto") in ("kernel", "sequential")
+
+
+def test_off_the_cpu_attention_is_the_fused_path_and_forward_mode_autodiff_works(monkeypatch):
+    """Faked GPU backend: attention goes through jax.nn.dot_product_attention (never the CPU's
+    block-causal layout), long sequences through the chunked path, and the model's forward-mode
+    derivative (jax.jvp) runs, as the CPU-only hand-written VJPs are off there."""
+    import jax
+    from flax import nnx
+
+    from cfm_jax.config import resolve
+    from cfm_jax.layers import attention
+    from cfm_jax.layers.model import build_model
+
+    monkeypatch.setattr(policy, "backend", lambda: "gpu")
+    calls = []
+    fused = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **k: calls.append(k.get("implementation")) or fused(*a, **{**k, "implementation": None}))
+    monkeypatch.setattr(attention, "block_causal_attention", lambda *a, **k: pytest.fail("CPU layout used off the CPU"))
+    q = jax.random.normal(jax.random.key(0), (2, 256, 4, 16))
+    out = attention._attend(q, q, q, query_chunk=1024, causal_block=128)
+    assert calls == [None] and out.shape == q.shape
+    np_ref = attention.attention_reference(q, q, q)
+    assert float(jnp.max(jnp.abs(out - np_ref))) < 1e-4
+    assert policy.attention_implementation(jnp.bfloat16) == "cudnn" and policy.attention_implementation(jnp.float32) is None
+    assert not policy.hand_written_vjps()
+    cfg = resolve("smoke", ["model.d_model=32", "data.seq_len=16"])
+    model = build_model(cfg.model, 64, 0)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loss = lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(jnp.ones((1, 16), jnp.int32))[0])
+    tangent = jax.tree.map(jnp.ones_like, params)
+    _, directional = jax.jvp(loss, (params,), (tangent,))
+    assert jnp.isfinite(directional)

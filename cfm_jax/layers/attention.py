@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cfm_jax import policy
 from cfm_jax.errors import UserError
 from cfm_jax.kernels import cblas
 from cfm_jax.kernels import flash_attention as flash_kernel
@@ -108,14 +109,24 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, query_chunk: int = 0, scale: float | None = None,
             causal_block: int = 0, kernel: str = "auto") -> jax.Array:
-    """Fast path. Shapes as the reference. The flash kernel where `pick_kernel(kernel)` says so (memory
+    """Fast path. Shapes as the reference. Off the CPU (cfm_jax.policy): `jax.nn.dot_product_attention`
+    (cuDNN's fused attention on a GPU for 16-bit inputs, else XLA's; sequences longer than query_chunk
+    chunked when XLA's would hold the whole score matrix). On the CPU: the flash kernel where `pick_kernel(kernel)` says so (memory
     linear in the length at any length). Otherwise sequences longer than query_chunk (> 0) go through
     `chunked_attention` (bounded memory), others longer than causal_block (> 0) through
     `block_causal_attention` (less work), the rest through XLA's fused attention (one masked square;
     it needs v as wide as q and k). scale: None = 1/sqrt(head_dim)."""
+    s = q.shape[1]
+    if not policy.on_cpu() and kernel != "flash":  # accelerators: the fused attention, no CPU layouts
+        impl = policy.attention_implementation(q.dtype)
+        if impl is None and 0 < query_chunk < s:
+            return chunked_attention(q, k, v, query_chunk, scale)  # XLA's would hold (s, s) scores
+        try:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, implementation=impl)
+        except Exception:  # noqa: BLE001 - cuDNN refuses some shapes/versions: XLA's, which always runs
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale)
     if pick_kernel(kernel, q, k, v) == "flash":
         return flash_kernel.flash_attention(q, k, v, scale)
-    s = q.shape[1]
     if 0 < query_chunk < s:
         return chunked_attention(q, k, v, query_chunk, scale)
     if 0 < causal_block < s <= causal_block * MAX_CAUSAL_BLOCKS:

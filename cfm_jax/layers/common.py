@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cfm_jax.kernels import cblas
+from cfm_jax import policy
 from cfm_jax.kernels.cblas import matmul
 
 # Modules whose training-time behaviour differs from evaluation (e.g. updating a router bias) keep a
@@ -69,12 +69,12 @@ class RMSNorm(nnx.RMSNorm):
     XLA:CPU the backward pass of a (1, seq, d) input fused the row reduction into a loop that
     recomputed it per element, 6x slower than at (seq, d) (seq 16384, d 512: 0.30 s vs 0.05 s). Why
     the backward (`rms_norm`): autodiff's version made XLA write the scale broadcast to every row
-    out to memory and read it back, twice per norm. Under CFM_JAX_MATMUL=xla it is flax's, plain
-    autodiff, so forward-mode differentiation works.
+    out to memory and read it back, twice per norm. Off the CPU and under CFM_JAX_MATMUL=xla it is
+    flax's, plain autodiff, so forward-mode differentiation works (cfm_jax.policy.hand_written_vjps).
     """
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        if mask is not None or self.scale is None or cblas.mode() == "xla":  # xla: plain autodiff (forward mode too)
+        if mask is not None or self.scale is None or not policy.hand_written_vjps():  # plain autodiff (forward mode too)
             flat_mask = None if mask is None else mask.reshape(-1, mask.shape[-1])
             return super().__call__(x.reshape(-1, x.shape[-1]), flat_mask).reshape(x.shape)
         x2, scale = self.promote_dtype((x.reshape(-1, x.shape[-1]), self.scale[...]), dtype=self.dtype)

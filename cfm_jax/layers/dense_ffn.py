@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cfm_jax import policy
 from cfm_jax.errors import UserError
 from cfm_jax.layers.activation_stats import activation_stats
-from cfm_jax.kernels import cblas
 from cfm_jax.kernels.cblas import matmul
 from cfm_jax.layers.common import linear, make_aux, normal_init, output_init
 from cfm_jax.registry import LayerContext, SlotConfig, register
@@ -86,7 +86,7 @@ class DenseFFN(nnx.Module):
             f = self.up.out_features
             w = jnp.concatenate([self.gate.kernel[...], self.up.kernel[...]], axis=1)
             gu = matmul(x.reshape(-1, x.shape[-1]), w)
-            act = swiglu_reference if cblas.mode() == "xla" else swiglu  # xla: plain autodiff (forward mode too)
+            act = swiglu if policy.hand_written_vjps() else swiglu_reference  # else plain autodiff (forward mode too)
             return act(gu).reshape(*x.shape[:-1], f)
         if self.activation == "gelu":
             return jax.nn.gelu(self.up(x))
