@@ -57,3 +57,20 @@ def test_off_the_cpu_attention_is_the_fused_path_and_forward_mode_autodiff_works
     tangent = jax.tree.map(jnp.ones_like, params)
     _, directional = jax.jvp(loss, (params,), (tangent,))
     assert jnp.isfinite(directional)
+
+
+def test_cudnn_refusal_falls_back_to_xla_and_says_so(monkeypatch, capsys):
+    """Faked GPU with bfloat16 inputs asks for cuDNN; here (a CPU) it is refused, so XLA's path runs
+    and one note line says which was used."""
+    import jax
+
+    from cfm_jax.layers import attention
+
+    monkeypatch.setattr(policy, "backend", lambda: "gpu")
+    monkeypatch.setattr(attention, "_said", set())
+    q = jax.random.normal(jax.random.key(0), (1, 32, 2, 16)).astype(jnp.bfloat16)
+    for _ in range(2):
+        out = attention._attend(q, q, q, query_chunk=1024, causal_block=128)
+    assert out.shape == q.shape and out.dtype == jnp.bfloat16
+    err = capsys.readouterr().err
+    assert err.count("note: cuDNN attention is not available here") == 1 and "XLA's fused path" in err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from dataclasses import dataclass
 
 import jax
@@ -107,6 +109,16 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
 
 
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """One line on stderr per distinct message (which attention path a fallback chose)."""
+    if message not in _said:
+        _said.add(message)
+        print(f"note: {message}", file=sys.stderr)
+
+
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, query_chunk: int = 0, scale: float | None = None,
             causal_block: int = 0, kernel: str = "auto") -> jax.Array:
     """Fast path. Shapes as the reference. Off the CPU (cfm_jax.policy): `jax.nn.dot_product_attention`
@@ -123,7 +135,9 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, query_chunk: int = 0, scal
             return chunked_attention(q, k, v, query_chunk, scale)  # XLA's would hold (s, s) scores
         try:
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, implementation=impl)
-        except Exception:  # noqa: BLE001 - cuDNN refuses some shapes/versions: XLA's, which always runs
+        except Exception as e:  # noqa: BLE001 - cuDNN refuses some shapes/versions: XLA's, which always runs
+            _say_once(f"cuDNN attention is not available here ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
+                      "attention runs XLA's fused path")
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale)
     if pick_kernel(kernel, q, k, v) == "flash":
         return flash_kernel.flash_attention(q, k, v, scale)
