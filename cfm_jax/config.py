@@ -45,6 +45,9 @@ class ModelConfig:
     tie_embeddings: bool = False  # share the token embedding with the output head
     init_std: float = 0.02  # std of the normal init (output projections scaled by 1/sqrt(2*n_layers))
     norm_eps: float = 1e-6  # RMSNorm epsilon
+    # Compute dtype: float32, or bfloat16 matmuls and activations with float32 parameters, optimizer
+    # state, statistics and loss (cfm_jax/layers/precision.py)
+    dtype: Literal["float32", "bfloat16"] = "float32"
 
     def layer_kinds(self) -> tuple[str, ...]:
         """The mixer kind of each layer, length n_layers."""

@@ -26,6 +26,7 @@ from cfm_jax.data import IGNORE, make_task
 from cfm_jax.errors import TrainingDiverged, UserError
 from cfm_jax.layers.common import TrainingStep
 from cfm_jax.layers.model import build_model
+from cfm_jax.layers.precision import compute_view
 from cfm_jax.progress import progress_bar
 from cfm_jax.tracking import Trackers
 from cfm_jax.sharding import check_batch, global_batch, make_mesh, state_shardings
@@ -54,7 +55,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.
     return jnp.sum(ce * mask), jnp.sum(correct), jnp.sum(mask)
 
 
-def make_train_step(graphdef, tx, skip_nonfinite: bool = False):
+def make_train_step(graphdef, tx, skip_nonfinite: bool = False, dtype: str = "float32"):
     """The jitted step: (params, rest, opt_state, batch, step) -> (params, rest, opt_state, metrics).
 
     `rest` is every non-parameter variable of the model (e.g. a router's selection bias); whatever
@@ -62,7 +63,7 @@ def make_train_step(graphdef, tx, skip_nonfinite: bool = False):
     """
 
     def loss_fn(params, rest, batch):
-        model = nnx.merge(graphdef, params, rest)
+        model = nnx.merge(graphdef, compute_view(params, dtype), rest)
         positions = batch.get("positions")  # a task that scores few positions: the head runs only there
         logits, aux = model(batch["inputs"], positions=positions)
         labels = batch["labels"] if positions is None else jnp.take_along_axis(batch["labels"], positions, axis=1)
@@ -175,7 +176,7 @@ def train(cfg: Config, workdir: Path, progress: bool = True, reconfigure: bool =
             ckpt.close()
             return last
 
-        step_fn = make_train_step(graphdef, tx, skip_nonfinite=tc.skip_nonfinite)
+        step_fn = make_train_step(graphdef, tx, skip_nonfinite=tc.skip_nonfinite, dtype=cfg.model.dtype)
         validate = make_validation(graphdef, task, cfg) if tc.eval_every else None
         place = (lambda b: global_batch(b, mesh)) if mesh is not None else (lambda b: b)
         tokens_per_step = tc.batch_size * cfg.data.seq_len

@@ -27,6 +27,7 @@ from cfm_jax.harness.cett import cett_analysis
 from cfm_jax.harness.dynamic import dynamic_analysis
 from cfm_jax.harness.neurons import has_experts, has_neurons
 from cfm_jax.layers.model import efficiency, param_counts
+from cfm_jax.layers.precision import compute_view
 from cfm_jax.train import cross_entropy, restore_model
 
 
@@ -51,8 +52,10 @@ def _make_eval_step(graphdef):
 def evaluate_sets(model, task, eval_sets: dict) -> tuple[dict, dict]:
     """Returns ({set: {loss, accuracy, sequence_accuracy, tokens[, bits_per_byte]}},
     {stat: mean over eval batches}). sequence_accuracy: share of sequences whose scored tokens are
-    all predicted right (exact match / RULER's string_match_all under teacher forcing)."""
+    all predicted right (exact match / RULER's string_match_all under teacher forcing). Runs in the
+    model's compute dtype (model.dtype), as training does."""
     graphdef, state = nnx.split(model)
+    state = compute_view(state, model.cfg.dtype)
     eval_step = _make_eval_step(graphdef)
     results, stats_sum, stats_n = {}, {}, 0
     for name, batches in eval_sets.items():
