@@ -34,6 +34,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from cfm_jax import policy
 from cfm_jax.kernels.cblas import backend, grouped_matmul, product
 
 
@@ -292,13 +293,35 @@ def grouped_dispatch(
     return y.reshape(n, k, d).sum(axis=1), valid
 
 
+def ragged_dispatch(
+    x: jax.Array, experts: jax.Array, weights: jax.Array, valid: jax.Array, w: Experts
+) -> tuple[jax.Array, jax.Array]:
+    """`dropless_dispatch` for accelerators: assignments sorted by expert, each expert's rows through
+    `jax.lax.ragged_dot` (a grouped GEMM on GPU / TPU; XLA:CPU runs it as masked dense, so the CPU
+    uses the paths below). x: (N, d); experts, weights, valid: (N, K) -> (y: (N, d), kept = valid)."""
+    n, d = x.shape
+    k = experts.shape[1]
+    n_experts, fg = w.gate.shape[0], w.gate.shape[2]
+    e = jnp.where(valid, experts, n_experts).reshape(-1)  # unused slots sort last, in no group
+    order = jnp.argsort(e, stable=True)
+    sizes = jnp.bincount(e, length=n_experts + 1)[:n_experts].astype(jnp.int32)
+    xs = jnp.take(x, order // k, axis=0)  # (A, d), assignment a = token * K + slot
+    gu = jax.lax.ragged_dot(xs, jnp.concatenate([w.gate, w.up], axis=2), sizes)  # rows past sum(sizes): 0
+    ys = jax.lax.ragged_dot(hidden(gu[:, :fg], gu[:, fg:], w.act), w.down, sizes)  # (A, d)
+    y = jnp.zeros_like(ys).at[order].set(ys) * weights.reshape(-1, 1).astype(ys.dtype)
+    return y.reshape(n, k, d).sum(axis=1), valid
+
+
 def dropless_dispatch(
     x: jax.Array, experts: jax.Array, weights: jax.Array, valid: jax.Array, w: Experts
 ) -> tuple[jax.Array, jax.Array]:
-    """x: (N, d); experts, weights, valid: (N, K) -> (y: (N, d), kept = valid). With MKL products
-    (cfm_jax.kernels.cblas) `grouped_dispatch`; otherwise fixed-size blocks (below), as XLA's
-    `ragged_dot` runs as masked dense on CPU."""
+    """x: (N, d); experts, weights, valid: (N, K) -> (y: (N, d), kept = valid). Off the CPU
+    `ragged_dispatch` (a grouped GEMM); on it, with MKL products (cfm_jax.kernels.cblas)
+    `grouped_dispatch`, otherwise fixed-size blocks (below), as XLA's `ragged_dot` runs as masked
+    dense on CPU."""
     n, d = x.shape
+    if not policy.on_cpu():
+        return ragged_dispatch(x, experts, weights, valid, w)
     if backend(x, w.up, flops=2 * x.size * w.up.shape[2] * experts.shape[1])[0] == "mkl":
         return grouped_dispatch(x, experts, weights, valid, w)
     k = experts.shape[1]
