@@ -72,8 +72,9 @@ def register(slot: str, kind: str, config_cls: type):
 
     def decorate(module_cls: type) -> type:
         previous = _REGISTRY[slot].get(kind)
-        if previous is not None and previous.module_cls.__qualname__ != module_cls.__qualname__:
-            raise ValueError(f"{slot} kind {kind!r} registered twice")
+        where = lambda c: f"{c.__module__}.{c.__qualname__}"
+        if previous is not None and where(previous.module_cls) != where(module_cls):
+            raise ValueError(f"{slot} kind {kind!r} registered twice ({where(previous.module_cls)}, {where(module_cls)})")
         config_cls.kind, config_cls.slot = kind, slot
         _REGISTRY[slot][kind] = Entry(slot, kind, config_cls, module_cls)
         return module_cls

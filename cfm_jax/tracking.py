@@ -2,7 +2,9 @@
 run; tensorboardX, no TensorFlow) and, with `train.wandb=PROJECT` and the `wandb` package installed,
 Weights & Biases (`WANDB_MODE=offline` works as W&B documents). Each logged row's numbers become
 scalars at its step: train/loss, train/lr, train/tokens_per_s, the activation and balance statistics
-(ffn/..., mixer/...), and the validation metrics (eval/SET/...); the config is logged once as text."""
+(ffn/..., mixer/...), and the validation metrics (eval/SET/...); the config is logged once as text. A resumed run appends to new event files; rows past the last
+checkpoint that a crash left behind are truncated from metrics.jsonl but stay in the older event
+files (TensorBoard then shows those steps twice)."""
 
 from __future__ import annotations
 
@@ -19,11 +21,13 @@ def scalar_name(key: str) -> str:
 
 
 class Trackers:
-    def __init__(self, workdir: Path, config: dict, wandb_project: str = ""):
-        from tensorboardX import SummaryWriter
+    def __init__(self, workdir: Path, config: dict, wandb_project: str = "", tensorboard: bool = True):
+        self.tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(logdir=str(Path(workdir) / TENSORBOARD), flush_secs=30)
-        self.tb.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
+            self.tb = SummaryWriter(logdir=str(Path(workdir) / TENSORBOARD), flush_secs=30)
+            self.tb.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
         self.wandb = None
         self._last = None  # (step, seconds) of the previous row, for tokens/s
         if wandb_project:
@@ -33,8 +37,13 @@ class Trackers:
                 print(f"warning: train.wandb={wandb_project!r} but the wandb package is not installed; "
                       "logging to TensorBoard and metrics.jsonl only", file=sys.stderr)
             else:
-                self.wandb = wandb.init(project=wandb_project, dir=str(workdir), config=config, name=Path(workdir).name,
-                                        id=Path(workdir).resolve().as_posix().replace("/", "_")[-64:], resume="allow")
+                try:
+                    self.wandb = wandb.init(project=wandb_project, dir=str(workdir), config=config, name=Path(workdir).name,
+                                            id=Path(workdir).resolve().as_posix().replace("/", "_")[-64:], resume="allow")
+                except Exception as e:  # noqa: BLE001 - not logged in, no network: training goes on
+                    print(f"warning: train.wandb={wandb_project!r}: W&B did not start ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); logging to TensorBoard and metrics.jsonl only",
+                          file=sys.stderr)
 
     def log(self, row: dict, tokens_per_step: int) -> None:
         step = int(row["step"])
@@ -43,13 +52,15 @@ class Trackers:
         if self._last is not None and row.get("seconds", 0) > self._last[1] and step > self._last[0]:
             values["train/tokens_per_s"] = (step - self._last[0]) * tokens_per_step / (row["seconds"] - self._last[1])
         self._last = (step, row.get("seconds", 0))
-        for tag, value in values.items():
-            self.tb.add_scalar(tag, value, step)
+        if self.tb is not None:
+            for tag, value in values.items():
+                self.tb.add_scalar(tag, value, step)
         if self.wandb is not None:
             self.wandb.log(values, step=step)
 
     def close(self) -> None:
-        self.tb.close()
+        if self.tb is not None:
+            self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
 

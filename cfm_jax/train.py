@@ -181,11 +181,13 @@ def train(cfg: Config, workdir: Path, progress: bool = True, reconfigure: bool =
         place = (lambda b: global_batch(b, mesh)) if mesh is not None else (lambda b: b)
         tokens_per_step = tc.batch_size * cfg.data.seq_len
         bar = progress_bar(tc.steps, start, workdir.name, enabled=bool(progress and writer))
-        trackers = Trackers(workdir, to_dict(cfg), tc.wandb) if writer and tc.tensorboard else None
+        trackers = None
         batch = place(task.train_batch(tc.seed, start, tc.batch_size))
         skipped, in_a_row = int(last.get("skipped_steps", 0)), 0
         t0 = time.perf_counter()
         try:
+            if writer and (tc.tensorboard or tc.wandb):
+                trackers = Trackers(workdir, to_dict(cfg), tc.wandb, tensorboard=tc.tensorboard)
             with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
                 for step in range(start, tc.steps):
                     params, rest, opt_state, metrics = step_fn(state["params"], state["rest"], state["opt_state"], batch, step)

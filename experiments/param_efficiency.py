@@ -93,12 +93,15 @@ def plot(table, path):
 def densities(table) -> dict:
     """{budget: {"fit": dense fit, "seeds": S, "total": {cell: bootstrap entry, N = non-embedding
     parameters}, "active": {cell: ..., N = active parameters per token}}} for budgets with >= 3
-    reference widths; seeds beyond the fewest any row has are left out so that seeds pair."""
+    reference widths; rows with fewer finished seeds than the others are left out, so that seeds pair."""
     out = {}
     for steps in sorted({int(parse_cell(r["cell"])["s"]) for r in table}):
         rows = [r for r in table if int(parse_cell(r["cell"])["s"]) == steps and r.get("val/loss_values")]
+        # Seeds pair by position only where every row has them all: rows missing a seed are left out
+        # of the density (the table still shows their losses).
+        seeds = max((len(r["val/loss_values"]) for r in rows), default=0)
+        rows = [r for r in rows if len(r["val/loss_values"]) == seeds]
         ref = [r for r in rows if parse_cell(r["cell"])["kind"] == REFERENCE]
-        seeds = min((len(r["val/loss_values"]) for r in rows), default=0)
         if len(ref) < 3 or seeds == 0:
             continue
         ref_sizes = [r["params_non_embedding"] for r in ref]

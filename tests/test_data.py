@@ -225,3 +225,30 @@ def test_saved_huggingface_dataset_is_read_from_disk(tmp_path):
     datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in splits.items()}).save_to_disk(tmp_path / "ds")
     corpus = load_corpus(str(tmp_path / "ds"), 0.2)
     assert corpus.n_files == 50 and 0 < len(corpus.val) < len(corpus.train)
+
+
+def test_glob_paths_split_the_same_from_any_folder(tmp_path, monkeypatch):
+    """Documents are named from the pattern's literal root, so the split (and the fingerprint) do not
+    depend on the working folder or on a relative vs absolute pattern; ? and [] globs work too."""
+    (tmp_path / "data").mkdir()
+    shards = _shards(tmp_path / "data" / "a")
+    absolute = load_corpus.__wrapped__(str(tmp_path / "data" / "*" / "shard*.jsonl"), 0.2)
+    monkeypatch.chdir(tmp_path)
+    relative = load_corpus.__wrapped__("data/*/shard*.jsonl", 0.2)
+    assert relative.fingerprint == absolute.fingerprint and relative.n_files == 240
+    assert load_corpus.__wrapped__(str(shards / "shard0?.jsonl"), 0.2).n_files == 240
+    resolve("smoke", [f"data.path={shards}/shard0[0-5].jsonl"])  # a glob passes validation
+
+
+def test_token_cache_is_keyed_by_the_split(tmp_path, monkeypatch):
+    """One text file is split by bytes: the same bytes (fingerprint) at any val_fraction, but another
+    split, so another cache entry."""
+    pytest.importorskip("tokenizers")
+    monkeypatch.setenv("CFM_JAX_CACHE", str(tmp_path / "cache"))
+    book = tmp_path / "book.txt"
+    book.write_text(" ".join(f"word{i % 97}" for i in range(20000)))
+    tasks = [make_task(resolve("smoke", [f"data.path={book}", "data.tokenizer=bpe:300", "data.seq_len=32",
+                                         f"data.val_fraction={v}"]).data) for v in (0.05, 0.2)]
+    assert tasks[0].corpus.fingerprint == tasks[1].corpus.fingerprint
+    assert not tasks[1].tokenizer_info["cache_hit"] and tasks[0].tokenizer_info["cache"] != tasks[1].tokenizer_info["cache"]
+    assert len(tasks[1].val_tokens) > 2 * len(tasks[0].val_tokens)

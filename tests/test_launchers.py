@@ -77,6 +77,7 @@ def test_each_sweep_worker_gets_its_own_gpu(monkeypatch):
     with ProcessPoolExecutor(2, mp_context=context, initializer=sweep_module._worker_init, initargs=(devices,)) as pool:
         seen = set(pool.map(_visible, range(8)))
     assert seen == {"4", "5"}
+    assert [d[1] for d in (sweep_module.gpu_queue(context, 5).get() for _ in range(1))] == [2]  # 5 workers, 3 GPUs
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert sweep_module.visible_gpus() == []
 

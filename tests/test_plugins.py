@@ -125,3 +125,16 @@ class Constant(Task):
     dry = cli("--plugin", str(plugin), "train", "--workdir", str(tmp_path / "w"), "--scale", "smoke",
               "data.task=constant7", "--dry-run")
     assert dry.returncode == 0 and json.loads(dry.stdout)["data"]["task"] == "constant7"
+
+
+@pytest.mark.slow  # default tier kept near 10 min on 2 cores; `make test-slow` runs it
+def test_plugin_kind_in_a_parallel_sweep(tmp_path):
+    """Sweep workers (separate processes) load the plugin before they unpickle a config using it."""
+    plugin = readme_plugin(tmp_path)
+    (tmp_path / "exp.py").write_text(
+        'SEEDS = 2\ndef cells(scale):\n    return {"mine": ["model.ffn=my_ffn", "model.mixer=my_mixer", "model.d_model=32", '
+        '"data.seq_len=32", "train.steps=3", "data.eval_batches=1"]}\n')
+    run = cli("--plugin", str(plugin), "sweep", str(tmp_path / "exp.py"), "--scale", "smoke", "--workers", "2",
+              "--runs-dir", str(tmp_path / "runs"), "--no-progress")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert all((tmp_path / "runs" / "exp" / "smoke" / f"mine.s{i}" / "eval.json").exists() for i in range(2))

@@ -21,11 +21,14 @@ TEXT_FIELD = "text"
 
 
 def _files(path: str) -> tuple[Path, list[Path]]:
-    if any(c in path for c in "*?["):
-        files = sorted(Path(p) for p in glob.glob(str(Path(path).expanduser()), recursive=True) if Path(p).is_file())
+    if glob.has_magic(path):
+        pattern = Path(path).expanduser()
+        files = sorted(Path(p) for p in glob.glob(str(pattern), recursive=True) if Path(p).is_file())
         if not files:
             raise UserError(f"data.path={path!r} matches no files")
-        return Path(glob.escape(str(Path(path).expanduser().parent)).split("*")[0] or "."), files
+        # The root: the pattern's leading folders without a wildcard, so names do not depend on the cwd.
+        root = Path(*[part for part in _leading_literal(pattern.parts)]) if pattern.parts else Path(".")
+        return root.resolve(), [f.resolve() for f in files]
     p = Path(path).expanduser()
     if p.is_file():
         return p.parent, [p]
@@ -35,9 +38,19 @@ def _files(path: str) -> tuple[Path, list[Path]]:
                     "Parquet shards, a saved Hugging Face dataset, or '' for the stdlib corpus)")
 
 
+def _leading_literal(parts) -> list[str]:
+    out = []
+    for part in parts[:-1]:  # the last part is a file pattern
+        if glob.has_magic(part):
+            break
+        out.append(part)
+    return out or ["."]
+
+
 def _is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()
-                              or (path / "dataset_dict.json").exists())
+    """What `save_to_disk` writes: dataset_dict.json (a DatasetDict) or state.json + dataset_info.json."""
+    return path.is_dir() and ((path / "dataset_dict.json").exists()
+                              or ((path / "state.json").exists() and (path / "dataset_info.json").exists()))
 
 
 def _saved_dataset(path: Path) -> list[tuple[str, bytes]]:
@@ -58,7 +71,11 @@ def _saved_dataset(path: Path) -> list[tuple[str, bytes]]:
 
 def _jsonl(f: Path, name: str) -> list[tuple[str, bytes]]:
     docs = []
-    for i, line in enumerate(f.read_text(encoding="utf-8").splitlines()):
+    try:
+        lines = f.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{f} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
@@ -75,6 +92,8 @@ def _parquet(f: Path, name: str) -> list[tuple[str, bytes]]:
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError(f"{f} is Parquet; reading it needs pyarrow (pip install pyarrow)") from None
+    if TEXT_FIELD not in pq.read_schema(f).names:
+        raise UserError(f"{f} has no {TEXT_FIELD!r} column ({', '.join(pq.read_schema(f).names)})")
     table = pq.read_table(f, columns=[TEXT_FIELD])
     return [(f"{name}#{i}", t.encode()) for i, t in enumerate(table.column(TEXT_FIELD).to_pylist()) if t]
 
@@ -97,7 +116,7 @@ def read_documents(path: str) -> list[tuple[str, bytes]]:
     root, files = _files(path)
     docs: list[tuple[str, bytes]] = []
     for f in files:
-        name = f.relative_to(root).as_posix() if f.is_relative_to(root) else f.as_posix()
+        name = f.resolve().relative_to(root.resolve()).as_posix() if f.resolve().is_relative_to(root.resolve()) else f.as_posix()
         if f.suffix == ".jsonl":
             docs += _jsonl(f, name)
         elif f.suffix == ".parquet":

@@ -114,7 +114,9 @@ class TextTask(Task):
     def validate(cls, cfg) -> None:
         from cfm_jax.data.tokenize import check_tokenizer
 
-        if cfg.path and "*" not in cfg.path and not Path(cfg.path).expanduser().exists():
+        import glob
+
+        if cfg.path and not glob.has_magic(cfg.path) and not Path(cfg.path).expanduser().exists():
             raise UserError(
                 f"data.path={cfg.path!r} does not exist (give a UTF-8 text file, a directory or glob of text / JSONL / "
                 "Parquet shards, a saved Hugging Face dataset, or '' for the stdlib corpus)"

@@ -63,8 +63,30 @@ def _encode(tok, docs: list[str], doc_id: int) -> np.ndarray:
     for enc in tok.encode_batch(docs):
         ids.extend(enc.ids)
         ids.append(doc_id)
-    dtype = np.uint16 if tok.get_vocab_size() <= 1 << 16 else np.int32
+    dtype = np.uint16 if max(tok.get_vocab_size(), doc_id + 1) <= 1 << 16 else np.int32
     return np.asarray(ids, dtype)
+
+
+def _build_cache(corpus, spec: str, files: dict) -> None:
+    """Train (or load) the tokenizer, encode both splits, write them; tokenizer.json last, so its
+    presence marks a complete cache. Temporary names are per process."""
+    from tokenizers import Tokenizer
+
+    if spec.startswith("bpe:"):
+        tok = _train_bpe(_documents(corpus.train), int(spec[4:]))
+    else:
+        tok = Tokenizer.from_file(str(Path(spec).expanduser()))
+    doc_id = tok.token_to_id(DOC_TOKEN)
+    if doc_id is None:
+        doc_id = tok.get_vocab_size()  # a tokenizer without our separator: one extra id
+    suffix = f".tmp{os.getpid()}"
+    for split in ("train", "val"):
+        tmp = files[f"{split}.npy"].with_suffix(suffix + ".npy")
+        np.save(tmp, _encode(tok, _documents(getattr(corpus, split)), doc_id))
+        os.replace(tmp, files[f"{split}.npy"])
+    tmp = files["tokenizer.json"].with_suffix(suffix + ".json")
+    tok.save(str(tmp))
+    os.replace(tmp, files["tokenizer.json"])
 
 
 def tokenized_corpus(corpus, spec: str) -> tuple[np.ndarray, np.ndarray, int, dict]:
@@ -73,25 +95,19 @@ def tokenized_corpus(corpus, spec: str) -> tuple[np.ndarray, np.ndarray, int, di
     from tokenizers import Tokenizer
 
     tid = spec if spec.startswith("bpe:") else hashlib.sha256(Path(spec).expanduser().read_bytes()).hexdigest()[:16]
-    folder = cache_root() / f"{corpus.fingerprint}-{tid.replace(':', '')}"
+    # The split sizes are in the key: a tail-split corpus has the same bytes (fingerprint) at any
+    # data.val_fraction, but not the same split.
+    folder = cache_root() / f"{corpus.fingerprint}-{len(corpus.train)}-{len(corpus.val)}-{tid.replace(':', '')}"
     files = {name: folder / name for name in ("tokenizer.json", "train.npy", "val.npy")}
     hit = all(f.exists() for f in files.values())
     if not hit:
+        import fcntl
+
         folder.mkdir(parents=True, exist_ok=True)
-        if spec.startswith("bpe:"):
-            tok = _train_bpe(_documents(corpus.train), int(spec[4:]))
-        else:
-            tok = Tokenizer.from_file(str(Path(spec).expanduser()))
-        doc_id = tok.token_to_id(DOC_TOKEN)
-        if doc_id is None:
-            doc_id = tok.get_vocab_size()  # a tokenizer without our separator: one extra id
-        for split in ("train", "val"):
-            tmp = folder / f"{split}.tmp.npy"
-            np.save(tmp, _encode(tok, _documents(getattr(corpus, split)), doc_id))
-            os.replace(tmp, files[f"{split}.npy"])
-        tmp = folder / "tokenizer.tmp.json"
-        tok.save(str(tmp))
-        os.replace(tmp, files["tokenizer.json"])  # written last: its presence marks a complete cache
+        with open(folder / ".lock", "a") as lock:  # one process builds the cache; the others wait, then read it
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not all(f.exists() for f in files.values()):
+                _build_cache(corpus, spec, files)
     tok = Tokenizer.from_file(str(files["tokenizer.json"]))
     train, val = (np.load(files[f"{s}.npy"], mmap_mode="r") for s in ("train", "val"))
     vocab = max(tok.get_vocab_size(), int(max(train.max(), val.max())) + 1)

@@ -42,12 +42,15 @@ def _cell_job_class():
     class CellJob(submitit.helpers.Checkpointable):
         """One cell: train (resuming from its checkpoint when requeued) then evaluate."""
 
-        def __call__(self, cfg, workdir: str, analyses: tuple[str, ...]):
+        def __call__(self, cfg: dict, workdir: str, analyses: tuple[str, ...]):
+            """cfg: the config as a dict (to_dict), rebuilt here once plugins are loaded, so a kind from
+            a plugin file need not be importable when the job is unpickled."""
+            from cfm_jax.config import from_dict
             from cfm_jax.harness.sweep import run_cell
             from cfm_jax.host_memory import keep_freed_memory
 
             keep_freed_memory()
-            return run_cell(cfg, Path(workdir), analyses, progress=False)
+            return run_cell(from_dict(cfg), Path(workdir), analyses, progress=False)
 
     return CellJob
 
@@ -55,6 +58,8 @@ def _cell_job_class():
 def submit_cells(cells: list[tuple[str, object, Path]], analyses: tuple[str, ...], folder: Path,
                  options: SlurmOptions) -> list[tuple[str, object]]:
     """Submit (cell, config, workdir) as one job each (a job array); returns [(cell, submitit job)]."""
+    from cfm_jax.config import to_dict
+
     submitit = _submitit()
     executor = submitit.AutoExecutor(folder=str(folder), cluster=options.cluster)
     params = dict(timeout_min=options.time_min, cpus_per_task=options.cpus, mem_gb=options.mem_gb)
@@ -67,7 +72,7 @@ def submit_cells(cells: list[tuple[str, object, Path]], analyses: tuple[str, ...
     executor.update_parameters(**params)
     job_cls = _cell_job_class()
     with executor.batch():
-        jobs = [(cell, executor.submit(job_cls(), cfg, str(workdir), analyses)) for cell, cfg, workdir in cells]
+        jobs = [(cell, executor.submit(job_cls(), to_dict(cfg), str(workdir), analyses)) for cell, cfg, workdir in cells]
     for cell, job in jobs:
         print(f"{cell}: submitted as job {job.job_id}", file=sys.stderr)
     return jobs

@@ -126,20 +126,27 @@ def visible_gpus() -> list[str]:
 
 
 def gpu_queue(context, workers: int):
-    """A queue holding each worker's GPU id (round robin over the visible GPUs; None without GPUs)."""
+    """A queue holding each worker's (GPU id, workers on that GPU): round robin over the visible GPUs;
+    (None, 1) without GPUs."""
     devices, gpus = context.Queue(), visible_gpus()
+    share = -(-workers // len(gpus)) if gpus else 1  # workers per GPU
     for i in range(workers):
-        devices.put(gpus[i % len(gpus)] if gpus else None)
+        devices.put((gpus[i % len(gpus)] if gpus else None, share))
     return devices
 
 
 def _worker_init(devices) -> None:
     """A sweep worker's start: its own GPU (if any; set before JAX starts its backend), then the
     allocator setting every cfm-jax process uses."""
-    device = devices.get()
+    device, share = devices.get()
     if device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = device
+        if share > 1:  # workers sharing a GPU: split its memory instead of each preallocating 75 %
+            os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / share:.3f}")
     keep_freed_memory()
+    from cfm_jax.registry import load_plugins
+
+    load_plugins()  # kinds from CFM_JAX_PLUGINS, before this worker unpickles a config that uses them
 
 
 def _run_all(experiment, configs, todo, progress: bool, workers: int) -> list[str]:
