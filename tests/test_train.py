@@ -366,3 +366,22 @@ def test_head_at_scored_positions_only_gives_the_full_loss_and_gradients():
     assert float(part) == pytest.approx(float(full), rel=1e-6)
     for a, b in zip(jax.tree.leaves(g_part), jax.tree.leaves(g_full)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_train_step_with_scored_positions_equals_the_full_head_step():
+    """Through make_train_step itself: an MQAR batch with its positions and the same batch without
+    them give the same loss and the same updated parameters."""
+    from cfm_jax.data import make_task
+    from cfm_jax.train import init_state, make_train_step
+
+    cfg = resolve("smoke", ["data.task=mqar", "data.vocab_size=512", "data.seq_len=32", "data.num_kv_pairs=4",
+                            "model.d_model=32"])
+    task = make_task(cfg.data)
+    batch = task.train_batch(0, 0, 4)
+    graphdef, state, tx, _ = init_state(cfg, task.vocab_size)
+    step = make_train_step(graphdef, tx)
+    outs = [step(state["params"], state["rest"], state["opt_state"], b, 0)
+            for b in (batch, {k: v for k, v in batch.items() if k != "positions"})]
+    assert float(outs[0][3]["ce"]) == pytest.approx(float(outs[1][3]["ce"]), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(outs[0][0]), jax.tree.leaves(outs[1][0])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
