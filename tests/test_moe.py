@@ -462,13 +462,18 @@ def _check_skewed(n_tokens):
     x, r, w = random_problem("topk", 2, seed=5, n=n_tokens, logit_bias=jnp.array([6.0, 5.0, 0.0, 0.0]))
     counts = jnp.bincount(r.experts.reshape(-1), length=E)
     assert int(counts[:2].min()) > 2 * int(counts[2:].max()), "the case should be skewed"
+    _dropless_matches_loop(x, r, w, atol_y=1e-5, atol_g=1e-4)
+
+
+def _dropless_matches_loop(x, r, w, atol_y: float, atol_g: float):
+    """dropless_dispatch's outputs and gradients (x, weights, experts) equal the per-expert loop's."""
     run = lambda x, wt, w: D.dropless_dispatch(x, r.experts, wt, r.valid, w)
     reference = lambda x, wt, w: (D.moe_reference(x, r.experts, wt, r.valid, w), r.valid)
     (_, (y, _)), g_fast = with_grads(run)(x, r.weights, w)
     (_, (y_ref, _)), g_ref = with_grads(reference)(x, r.weights, w)
-    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=atol_y)
     for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol_g)
 
 
 @pytest.mark.parametrize("act", ["swiglu", "relu"])
@@ -481,10 +486,4 @@ def test_ragged_dot_dispatch_for_accelerators_matches_loop_reference(monkeypatch
     monkeypatch.setattr(policy, "backend", lambda: "gpu")
     mode, k = case[0], case[1]
     x, r, w = random_problem(mode, k, act=act)
-    run = lambda x, wt, w: D.dropless_dispatch(x, r.experts, wt, r.valid, w)
-    reference = lambda x, wt, w: (D.moe_reference(x, r.experts, wt, r.valid, w), r.valid)
-    (_, (y, _)), g_fast = with_grads(run)(x, r.weights, w)
-    (_, (y_ref, _)), g_ref = with_grads(reference)(x, r.weights, w)
-    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    _dropless_matches_loop(x, r, w, atol_y=1e-6, atol_g=1e-5)
