@@ -35,7 +35,7 @@ REFERENCE_WIDTHS = {"smoke": (24, 48, 64), "cpu": (48, 80, 160), "full": (128, 3
 REFERENCE = "dense_swiglu"
 SEEDS = 3
 COLUMNS = ["val/bits_per_byte", "val/loss", "ffn_params_active_per_token", "ffn_flops_per_token",
-           "mixer_flops_per_token", "stats/ffn/activation_ratio", "params_non_embedding", "params_active_per_token"]
+           "mixer_flops_per_token", "stats/ffn/activation_ratio", "params_active_per_token"]
 PAIRS = [("ns_relu", "moe_relu", "equal total parameters"), ("ns_relu", "moe_relu_wide", "equal active parameters"),
          ("ns_reglu", "moe_reglu", "equal total parameters"), ("ns_reglu", "moe_reglu_wide", "equal active parameters")]
 
