@@ -1,8 +1,10 @@
 """Sweeps as submitit jobs (`--launcher slurm`), tested with submitit's local executor (no SLURM):
-a job killed mid-training fails alone, and the same sweep again finishes both cells exactly once."""
+a job killed (SIGKILL) mid-training fails alone, and the same sweep again finishes both cells exactly once."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -24,6 +26,27 @@ def cells(scale):
 '''
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL pid and every descendant (read from /proc), children first."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    order, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        order.append(p)
+        todo += children.get(p, [])
+    for p in reversed(order):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.mark.slow  # default tier kept near 10 min on 2 cores; `make test-slow` runs it
 def test_killed_job_fails_alone_and_the_relaunch_finishes_each_cell_once(tmp_path):
     (tmp_path / "two.py").write_text(EXPERIMENT)
@@ -39,7 +62,7 @@ def test_killed_job_fails_alone_and_the_relaunch_finishes_each_cell_once(tmp_pat
     while not list((long_dir / wd.CHECKPOINTS).glob("[0-9]*")) and time.time() < deadline:
         time.sleep(0.5)
     assert time.time() < deadline, "the long cell never saved a checkpoint"
-    jobs["long"].cancel()
+    _kill_tree(jobs["long"]._process.pid)  # a hard kill of the job and its children (cancel() is SIGINT)
     failed = launchers.wait_cells(list(jobs.items()), folder)
     assert failed == ["long"] and not (long_dir / wd.EVAL).exists()
     short_eval = (runs / "two" / "smoke" / "short" / wd.EVAL).stat().st_mtime_ns
