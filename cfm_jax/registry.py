@@ -21,7 +21,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from cfm_jax.errors import UserError
+from cfm_jax.errors import UserError, one_line
 
 SLOTS = ("ffn", "mixer")
 # Packages whose modules are imported to populate the registry.
@@ -85,11 +85,6 @@ def register(slot: str, kind: str, config_cls: type):
 _broken: dict[str, str] = {}  # built-in module file -> "ExceptionType: message"
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).splitlines()[0] if str(e) else ""
-    return f"{type(e).__name__}: {text}"[:300]
-
-
 def import_plugin(spec: str) -> None:
     """Import one plugin: a dotted module name, or a path to a .py file (imported under its stem)."""
     spec = spec.strip()
@@ -108,7 +103,7 @@ def import_plugin(spec: str) -> None:
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - any error in user code is reported as one line
-        raise UserError(f"plugin {spec!r} failed to import ({_one_line(e)})") from None
+        raise UserError(f"plugin {spec!r} failed to import ({one_line(e)})") from None
 
 
 def load_plugins() -> None:
@@ -125,7 +120,7 @@ def load_plugins() -> None:
                 importlib.import_module(info.name)
             except Exception as e:  # noqa: BLE001 - one broken variant must not take the others down
                 where = info.name.replace(".", "/") + ".py"
-                _broken[where] = _one_line(e)
+                _broken[where] = one_line(e)
                 print(f"warning: {where} failed to import ({_broken[where]}); its kinds are unavailable",
                       file=sys.stderr)
     for spec in filter(None, os.environ.get(PLUGINS_ENV, "").split(",")):

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from cfm_jax.errors import one_line
+
 TENSORBOARD = "tensorboard"  # the event files' folder inside a workdir
 
 
@@ -41,8 +43,8 @@ class Trackers:
                     self.wandb = wandb.init(project=wandb_project, dir=str(workdir), config=config, name=Path(workdir).name,
                                             id=Path(workdir).resolve().as_posix().replace("/", "_")[-64:], resume="allow")
                 except Exception as e:  # noqa: BLE001 - not logged in, no network: training goes on
-                    print(f"warning: train.wandb={wandb_project!r}: W&B did not start ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); logging to TensorBoard and metrics.jsonl only",
+                    print(f"warning: train.wandb={wandb_project!r}: W&B did not start ({one_line(e)}); "
+                          "logging to TensorBoard and metrics.jsonl only",
                           file=sys.stderr)
 
     def log(self, row: dict, tokens_per_step: int) -> None:

@@ -21,19 +21,20 @@ TEXT_FIELD = "text"
 
 
 def _files(path: str) -> tuple[Path, list[Path]]:
+    """(root, files), resolved: documents are named by their path relative to the root."""
     if glob.has_magic(path):
         pattern = Path(path).expanduser()
         files = sorted(Path(p) for p in glob.glob(str(pattern), recursive=True) if Path(p).is_file())
         if not files:
             raise UserError(f"data.path={path!r} matches no files")
         # The root: the pattern's leading folders without a wildcard, so names do not depend on the cwd.
-        root = Path(*[part for part in _leading_literal(pattern.parts)]) if pattern.parts else Path(".")
+        root = Path(*_leading_literal(pattern.parts)) if pattern.parts else Path(".")
         return root.resolve(), [f.resolve() for f in files]
     p = Path(path).expanduser()
     if p.is_file():
-        return p.parent, [p]
+        return p.parent.resolve(), [p.resolve()]
     if p.is_dir():
-        return p, sorted(f for f in p.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
+        return p.resolve(), sorted(f.resolve() for f in p.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
     raise UserError(f"data.path={path!r} does not exist (give a UTF-8 text file, a directory or glob of text / JSONL / "
                     "Parquet shards, a saved Hugging Face dataset, or '' for the stdlib corpus)")
 
@@ -116,7 +117,7 @@ def read_documents(path: str) -> list[tuple[str, bytes]]:
     root, files = _files(path)
     docs: list[tuple[str, bytes]] = []
     for f in files:
-        name = f.resolve().relative_to(root.resolve()).as_posix() if f.resolve().is_relative_to(root.resolve()) else f.as_posix()
+        name = f.relative_to(root).as_posix() if f.is_relative_to(root) else f.as_posix()
         if f.suffix == ".jsonl":
             docs += _jsonl(f, name)
         elif f.suffix == ".parquet":

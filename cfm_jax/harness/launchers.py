@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cfm_jax.errors import UserError
+from cfm_jax.errors import UserError, one_line
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,7 @@ def wait_cells(jobs: list[tuple[str, object]], folder: Path) -> list[str]:
         try:
             error = job.result()
         except Exception as e:  # noqa: BLE001 - a job that died: named, the sweep goes on
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            error = f"job {job.job_id} failed ({type(e).__name__}: {first}); log in {folder}"
+            error = f"job {job.job_id} failed ({one_line(e)}); log in {folder}"
         print(f"{cell}: {'FAILED: ' + error if error else 'done'}", file=sys.stderr)
         if error:
             failed.append(cell)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cfm_jax import policy
-from cfm_jax.errors import UserError
+from cfm_jax.errors import UserError, one_line
 from cfm_jax.kernels import cblas
 from cfm_jax.kernels import flash_attention as flash_kernel
 from cfm_jax.kernels.cblas import matmul
@@ -136,7 +136,7 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, query_chunk: int = 0, scal
         try:
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, implementation=impl)
         except Exception as e:  # noqa: BLE001 - cuDNN refuses some shapes/versions: XLA's, which always runs
-            _say_once(f"cuDNN attention is not available here ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
+            _say_once(f"cuDNN attention is not available here ({one_line(e, 200)}); "
                       "attention runs XLA's fused path")
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale)
     if pick_kernel(kernel, q, k, v) == "flash":
