@@ -128,7 +128,7 @@ class MoE(nnx.Module):
         if cfg.jitter > 0 and not self.deterministic:
             key = jax.random.fold_in(jax.random.key(self.layer), self.train_step[...])
             h = h * jax.random.uniform(key, h.shape, jnp.float32, 1 - cfg.jitter, 1 + cfg.jitter)
-        logits = h @ self.router[...]
+        logits = h @ self.router[...].astype(jnp.float32)  # float32 even under model.dtype=bfloat16
         bias = None if self.bias is None else self.bias[...]
         r = routing.route(logits, bias, score=cfg.score, mode=cfg.routing, k=cfg.slots(),
                           top_p=cfg.top_p, renormalize=cfg.renormalize)

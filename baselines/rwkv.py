@@ -104,9 +104,10 @@ class RWKV6(nnx.Module):
     def _mix(self, x: jax.Array, x_prev: jax.Array):
         """Token shift with ddlerp. x, x_prev: (..., d) -> (x_w, x_k, x_v, x_r, x_g), each (..., d)."""
         xx = x_prev - x
-        m = jnp.tanh((x + xx * self.mu_x[...]) @ self.mix_a[...])
+        # The mu vectors stay float32 parameters; cast to x's dtype so bfloat16 compute stays bfloat16.
+        m = jnp.tanh((x + xx * self.mu_x[...].astype(x.dtype)) @ self.mix_a[...])
         m = m.reshape(*m.shape[:-1], 5, self.cfg.mix_low_rank)
-        mu, mix_b = self.mu[...].reshape(5, self.d_model), self.mix_b[...]
+        mu, mix_b = self.mu[...].astype(x.dtype).reshape(5, self.d_model), self.mix_b[...]
         # Five 2-D products, not one batched einsum: XLA:CPU laid that out (5, d, tokens), and every
         # elementwise use of it read d with a stride of all the tokens (6 fusions of ~48 ms per layer
         # in the backward pass at 8 x 512 tokens, where a token-major read takes ~2 ms).

@@ -93,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="speed / memory benchmarks -> experiments/results/bench[_SCALE].md/.json")
     b.add_argument("--suite", default="all",
-                   help="comma list of: ceilings, train, compile, torch, seqlen, decode, sparse_decode, moe; or all")
+                   help="comma list of: ceilings, train, compile, torch, seqlen, decode, sparse_decode, moe; or all; "
+                        "or accel (the accelerator run in bf16 -> bench_SCALE_DEVICE.md)")
     b.add_argument("--scale", default="cpu", choices=list(SCALES))
     b.add_argument("--out", type=Path, default=None, help="default: experiments/results")
     b.add_argument("--update", action="store_true",
@@ -167,9 +168,12 @@ def _run(args: argparse.Namespace) -> int:
         from cfm_jax import bench
         from cfm_jax.harness.experiments import experiments_dir
 
-        suites = bench.SUITES if args.suite == "all" else tuple(x.strip() for x in args.suite.split(",") if x.strip())
         command = f"cfm-jax bench --suite {args.suite} --scale {args.scale}" + (" --update" if args.update else "")
         out_dir = args.out or experiments_dir() / "results"
+        if args.suite == "accel":  # its own file per device, measured whole (no --update)
+            print(bench.write(bench.run_accel(args.scale), out_dir, command).read_text())
+            return 0
+        suites = bench.SUITES if args.suite == "all" else tuple(x.strip() for x in args.suite.split(",") if x.strip())
         existing = bench.read(out_dir, args.scale)
         dropped = sorted(set((existing or {}).get("measured_at", {})) - set(suites))
         if dropped and not (args.update or args.force):

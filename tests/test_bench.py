@@ -218,3 +218,46 @@ def test_padded_lists_hold_each_rows_neurons_then_minus_one():
     lists = np.asarray(padded_lists(mask))
     assert lists.shape == (3, 4)
     assert lists.tolist() == [[1, 2, 3, 7], [4, -1, -1, -1], [-1, -1, -1, -1]]
+
+
+@pytest.mark.slow  # ~2 min on 2 cores: every variant's bf16 step, seqlen, decode and the MoE layer
+def test_accel_suite_runs_at_smoke_scale_in_bfloat16_and_writes_its_device_file(tmp_path, capsys):
+    assert main(["bench", "--suite", "accel", "--scale", "smoke", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench_smoke_cpu.json").read_text())
+    assert result["profile"] == "accel" and result["dtype"] == "bfloat16"
+    train = result["train"]
+    assert all("skipped" not in r and r["tokens_per_s"] > 0 and 0 < r["mfu"] for r in train.values()), train
+    assert {"seqlen", "decode", "moe"} <= set(result)
+    md = (tmp_path / "bench_smoke_cpu.md").read_text()
+    assert "compute dtype bfloat16" in md and "MFU below is against the bf16 figure" in md and "## Targets" in md
+    targets = [r["target"] for r in bench.targets(result)]
+    assert any(t.startswith("dense training step MFU >= 45%") for t in targets)
+    assert any(t.startswith("MoE layer fwd+bwd <= 1.3x") for t in targets)
+
+
+def test_accel_run_out_of_time_marks_what_it_skipped_and_fails_the_budget_target():
+    result = bench.run(("train", "seqlen"), "smoke", dtype="bfloat16", budget_s=0.0)
+    assert result["train"] and all(r == bench.OVER_BUDGET for r in result["train"].values())
+    rows = bench.accel_targets({**result, "profile": "accel"})
+    assert len(rows) == 1 and rows[0]["met"] is False and "train/ffn=dense" in rows[0]["measured"]
+
+
+def test_accel_targets_say_how_far_each_measurement_is_from_its_target():
+    result = {"scale": "full", "sizes": {"layers": 12, "d": 1024}, "profile": "accel",
+              "train": {"ffn=dense": {"mfu": 0.36, "tokens_per_s": 1000.0, "compile_s": 30.0},
+                        "mixer=gla": {"mfu": 0.30, "tokens_per_s": 500.0, "compile_s": 40.0}},
+              "moe": {"moe_vs_dense": 1.95},
+              "seqlen": {"gla": {"1024": {}, "16384": {}, "time_ratio_longest_vs_shortest": 1.1}}}
+    rows = {r["target"].split(" (")[0]: r for r in bench.targets(result)}
+    mfu = rows["dense training step MFU >= 45% of the measured bf16 matmul ceiling"]
+    assert mfu["met"] is False and mfu["measured"] == "36.0% (0.80x the target)"
+    slowest = rows["every variant >= 60% of the dense step's tokens/s"]
+    assert slowest["met"] is False and slowest["measured"] == "50% (0.83x the target)"
+    assert rows["MoE layer fwd+bwd <= 1.3x a dense FFN of equal active parameters"]["measured"] == "1.95x (1.50x the target)"
+    assert rows["seqlen gla: step at 16384 <= 1.3x at 1024"]["met"] is True
+    assert rows["compile of the full-scale model"]["met"] is True
+
+
+def test_device_slug_names_an_accelerator_file():
+    assert bench.device_slug("NVIDIA H100 80GB HBM3") == "h100" and bench.device_slug("cpu") == "cpu"
+    assert bench._stem("full", "NVIDIA H200") == "bench_full_h200" and bench._stem("full") == "bench_full"

@@ -38,6 +38,52 @@ def test_compute_view_casts_matrices_only():
     assert compute_view(state, "float32") is state
 
 
+def _matmul_dtypes(closed_jaxpr) -> list[tuple[str, str]]:
+    """(dtype, dtype, shapes) of every dot_general in a jaxpr, sub-jaxprs (scans, custom VJPs) included."""
+    out = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                out.append((*(str(v.aval.dtype) for v in eqn.invars), tuple(v.aval.shape for v in eqn.invars)))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(closed_jaxpr.jaxpr)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["cpu", "tpu"])
+@pytest.mark.parametrize("slot,kind", [("mixer", k) for k in registry.kinds("mixer")]
+                         + [("ffn", k) for k in registry.kinds("ffn")])
+def test_bfloat16_compute_runs_the_projections_in_bfloat16(slot, kind, backend, monkeypatch):
+    """Under model.dtype=bfloat16 no matmul mixes a bfloat16 operand with a float32 one (XLA would
+    run it in float32: activations lifted by a float32 norm scale or embedding did exactly that), and
+    at least the FFN and projection matmuls of every layer run in bfloat16, forward and backward.
+    float32 x float32 matmuls remain only where a kind computes in float32 on purpose (recurrent
+    state, the MoE router), and float32 x bfloat16 ones only against attention's (seq x seq) score
+    matrix in its backward pass, as jax.nn.dot_product_attention's own XLA path does (scores and
+    softmax in float32)."""
+    from cfm_jax import policy
+    from cfm_jax.config import ModelConfig
+    from cfm_jax.layers.model import LanguageModel
+
+    monkeypatch.setattr(policy, "backend", lambda: backend)  # tpu: the accelerator paths, XLA's attention
+    cfg = ModelConfig(d_model=32, n_layers=2, dtype="bfloat16", **{slot: registry.default_config(slot, kind)})
+    graphdef, params, rest = nnx.split(LanguageModel(cfg, 64, rngs=nnx.Rngs(0)), nnx.Param, ...)
+
+    def loss(p, tokens):
+        logits, aux = nnx.merge(graphdef, compute_view(p, "bfloat16"), rest)(tokens)
+        return jnp.mean(logits) + aux["loss"]
+
+    seq = 24  # distinct from d_model (32), batch * seq (48) and the head size (8): a (seq, seq) pair is scores
+    dots = _matmul_dtypes(jax.make_jaxpr(jax.grad(loss))(params, jnp.zeros((2, seq), jnp.int32)))
+    scores = lambda shapes: any(list(shape).count(seq) >= 2 for shape in shapes)
+    mixed = [d for d in dots if d[0] != d[1] and not scores(d[2])]
+    assert not mixed, f"{kind}: matmuls mixing dtypes {mixed}"
+    assert sum(d[:2] == ("bfloat16", "bfloat16") for d in dots) >= 2 * cfg.n_layers * 3, dots
+
+
 @pytest.mark.parametrize("mixer", ["attention", "gla"])
 def test_bfloat16_first_step_matches_float32_at_4k_tokens(mixer):
     losses = _first_losses(["data.seq_len=4096", "train.batch_size=1", "model.d_model=32", f"model.mixer={mixer}"])

@@ -12,6 +12,10 @@ Suites (all by default):
     sparse_decode  neuron-sparse gather FFN vs dense FFN at batch 1 for several activation ratios
     moe            MoE layer forward+backward (input and parameter gradients) vs a dense FFN of equal
                    active parameters
+    accel          the accelerator run: ceilings, train, seqlen, decode and moe in bfloat16 compute
+                   (`model.dtype=bfloat16`), MFU against the bf16 matmul ceiling, the accelerator targets,
+                   within a time budget (ACCEL_BUDGET_S: variants left when it runs out are marked skipped),
+                   written to bench_<scale>_<device>.md
 
 Times are medians of repeated calls after a warm-up (compile excluded, reported separately). Memory is
 XLA's compiled-program estimate (arguments + outputs + temporaries), since the CPU backend has no
@@ -43,10 +47,13 @@ from cfm_jax.config import ModelConfig, TrainConfig
 from cfm_jax.errors import UserError
 from cfm_jax.kernels import active_rows, cblas
 from cfm_jax.layers.model import LanguageModel, forward_flops_per_token
+from cfm_jax.layers.precision import DTYPES, compute_view
 from cfm_jax.registry import LayerContext
 from cfm_jax.train import make_optimizer, make_train_step
 
 SUITES = ("ceilings", "train", "compile", "torch", "seqlen", "decode", "sparse_decode", "moe")
+ACCEL_SUITES = ("ceilings", "train", "seqlen", "decode", "moe")
+ACCEL_BUDGET_S = 420.0  # the accel run must end within 8 minutes on one H100, compile included
 VOCAB = 256
 SPARSE_RATIOS = (0.5, 0.25, 0.1, 0.05)  # activation ratios of the sparse_decode suite
 
@@ -95,6 +102,14 @@ def train_step_flops(model: LanguageModel, batch: int, seq: int) -> float:
     return 3 * model_flops_per_token(model, seq) * batch * seq
 
 
+def out_of_time(s: dict) -> bool:
+    """Whether the run's time budget (s["deadline"], time.monotonic(); none by default) is spent."""
+    return s.get("deadline") is not None and time.monotonic() > s["deadline"]
+
+
+OVER_BUDGET = {"skipped": "the run's time budget was spent before this measurement"}
+
+
 def _train_step(cfg: ModelConfig, batch: int, seq: int):
     """(model, jitted train step, its arguments) for a fresh model on random tokens."""
     model = LanguageModel(cfg, VOCAB, rngs=nnx.Rngs(0))
@@ -103,7 +118,7 @@ def _train_step(cfg: ModelConfig, batch: int, seq: int):
     tx, _ = make_optimizer(TrainConfig(steps=1000, warmup_steps=0))
     tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, VOCAB)
     data = {"inputs": tokens[:, :-1], "labels": tokens[:, 1:]}
-    return model, make_train_step(graphdef, tx), (params, rest, tx.init(params), data, 0)
+    return model, make_train_step(graphdef, tx, dtype=cfg.dtype), (params, rest, tx.init(params), data, 0)
 
 
 def train_step_bench(cfg: ModelConfig, batch: int, seq: int, reps: int, ceiling: float | None) -> dict:
@@ -120,13 +135,15 @@ def train_step_bench(cfg: ModelConfig, batch: int, seq: int, reps: int, ceiling:
     }
 
 
-def fwd_bwd_seconds(module, x: jax.Array, reps: int, argnums=0) -> float:
+def fwd_bwd_seconds(module, x: jax.Array, reps: int, argnums=0, dtype: str = "float32") -> float:
     """Median seconds of the gradient of mean(y^2) + the module's auxiliary loss for one module
-    (x -> (y, aux)), with respect to its parameters (argnums 0) or parameters and input ((0, 1))."""
+    (x -> (y, aux)), with respect to its parameters (argnums 0) or parameters and input ((0, 1)), its
+    weight matrices and input in the compute dtype (as `model.dtype` runs them in a model)."""
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    x = x.astype(DTYPES[dtype])
 
     def loss(p, x):
-        y, aux = nnx.merge(graphdef, p, rest)(x)
+        y, aux = nnx.merge(graphdef, compute_view(p, dtype), rest)(x)
         return jnp.mean(y.astype(jnp.float32) ** 2) + aux["loss"]
 
     return timed(jax.jit(jax.grad(loss, argnums=argnums)), params, x, reps=reps)
@@ -138,7 +155,7 @@ def mixer_bench(cfg: ModelConfig, batch: int, seq: int, reps: int) -> dict:
     ctx = LayerContext(d_model=cfg.d_model, n_layers=cfg.n_layers, layer=0, init_std=0.02)
     module = registry.build(cfg.mixer, ctx, nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(2), (batch, seq, cfg.d_model))
-    seconds = fwd_bwd_seconds(module, x, reps) * cfg.n_layers
+    seconds = fwd_bwd_seconds(module, x, reps, dtype=cfg.dtype) * cfg.n_layers
     flops = 3 * module.flops_per_token(max(1, seq // 2)) * batch * seq * cfg.n_layers
     return {"mixer_s": seconds, "mixer_flops_per_s": flops / seconds}
 
@@ -157,7 +174,10 @@ def variants() -> list[tuple[str, ModelConfig]]:
 def suite_train(s: dict, ceiling: float | None) -> dict:
     results = {}
     for name, slots in variants():
-        cfg = ModelConfig(d_model=s["d"], n_layers=s["layers"], **slots)
+        if out_of_time(s):
+            results[name] = OVER_BUDGET
+            continue
+        cfg = ModelConfig(d_model=s["d"], n_layers=s["layers"], dtype=s["dtype"], **slots)
         try:
             cfg.validate()
             results[name] = train_step_bench(cfg, s["batch"], s["seq"], s["reps"], ceiling)
@@ -236,7 +256,10 @@ def sublayer_seconds(cfg: ModelConfig, batch: int, seq: int, reps: int) -> dict:
 def suite_seqlen(s: dict) -> dict:
     results = {}
     for kind in registry.kinds("mixer"):
-        cfg = ModelConfig(d_model=s["d"], n_layers=2, mixer=registry.default_config("mixer", kind))
+        if out_of_time(s):
+            results[kind] = OVER_BUDGET
+            continue
+        cfg = ModelConfig(d_model=s["d"], n_layers=2, dtype=s["dtype"], mixer=registry.default_config("mixer", kind))
         try:
             cfg.validate()
         except UserError as e:
@@ -257,8 +280,11 @@ def suite_seqlen(s: dict) -> dict:
 def suite_decode(s: dict) -> dict:
     results = {}
     ctx = LayerContext(d_model=s["d"], n_layers=1, layer=0, init_std=0.02)
-    x = jax.random.normal(jax.random.key(0), (1, s["d"]))
+    x = jax.random.normal(jax.random.key(0), (1, s["d"])).astype(DTYPES[s["dtype"]])
     for kind in registry.kinds("mixer"):
+        if out_of_time(s):
+            results[kind] = OVER_BUDGET
+            continue
         cfg = registry.default_config("mixer", kind)
         try:
             cfg.validate(s["d"])
@@ -267,6 +293,7 @@ def suite_decode(s: dict) -> dict:
             continue
         module = registry.build(cfg, ctx, nnx.Rngs(0))
         graphdef, state = nnx.split(module)
+        state = compute_view(state, s["dtype"])
         # The state is donated, so a KV cache is updated in place instead of copied every token.
         step = jax.jit(lambda st, xt, ms: nnx.merge(graphdef, st).step(xt, ms), donate_argnums=2)
         rows = {}
@@ -382,29 +409,34 @@ def suite_moe(s: dict) -> dict:
         # input's gradient down). Parameters alone would let XLA skip the dense FFN's input-gradient
         # matmuls, while the MoE's hand-written backward (blocked_ffn) always computes them.
         module = registry.build(cfg, ctx, nnx.Rngs(0))
-        out[f"{name}_fwd_bwd_s"] = fwd_bwd_seconds(module, x, s["reps"], argnums=(0, 1))
+        out[f"{name}_fwd_bwd_s"] = fwd_bwd_seconds(module, x, s["reps"], argnums=(0, 1), dtype=s["dtype"])
     out["moe_vs_dense"] = out["moe_fwd_bwd_s"] / out["dense_fwd_bwd_s"]
     return out
 
 
-def run(suites: tuple[str, ...], scale: str) -> dict:
+def run(suites: tuple[str, ...], scale: str, dtype: str = "float32", budget_s: float | None = None) -> dict:
+    """Measure `suites` at `scale` with `dtype` compute (train, seqlen, decode and moe); with a budget,
+    measurements left when it is spent are recorded as skipped (the accel run's time limit)."""
     if scale not in SIZES:
         raise UserError(f"unknown scale {scale!r}; allowed: {', '.join(SIZES)}")
     if not suites:
         raise UserError(f"--suite names no suite; allowed: {', '.join(SUITES)}, all (comma list)")
     unknown = [x for x in suites if x not in SUITES]
     if unknown:
-        raise UserError(f"unknown bench suite {unknown[0]!r}; allowed: {', '.join(SUITES)}, all")
-    s = SIZES[scale]
+        raise UserError(f"unknown bench suite {unknown[0]!r}; allowed: {', '.join(SUITES)}, all, accel")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown compute dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    s = {**SIZES[scale], "dtype": dtype,
+         "deadline": None if budget_s is None else time.monotonic() + budget_s}
     result = {
-        "scale": scale, "sizes": s, "jax_version": jax.__version__, "backend": jax.default_backend(),
+        "scale": scale, "sizes": SIZES[scale], "dtype": dtype, "jax_version": jax.__version__, "backend": jax.default_backend(),
         "device": jax.devices()[0].device_kind, "machine": platform.machine(), "processor": platform.processor(),
         "cpu_count": __import__("os").cpu_count(),
     }
     ceiling = None
     if "ceilings" in suites or "train" in suites:
         result["ceilings"] = ceilings(s)
-        ceiling = result["ceilings"]["matmul_float32_flops"]
+        ceiling = result["ceilings"][f"matmul_{dtype}_flops"]
     runners = {"train": lambda: suite_train(s, ceiling), "compile": lambda: suite_compile(s),
                "torch": lambda: suite_torch(s), "seqlen": lambda: suite_seqlen(s),
                "decode": lambda: suite_decode(s), "sparse_decode": lambda: suite_sparse_decode(s),
@@ -417,11 +449,60 @@ def run(suites: tuple[str, ...], scale: str) -> dict:
     return result
 
 
+def run_accel(scale: str) -> dict:
+    """The accelerator run (`--suite accel`): ACCEL_SUITES in bfloat16 within ACCEL_BUDGET_S."""
+    return {**run(ACCEL_SUITES, scale, dtype="bfloat16", budget_s=ACCEL_BUDGET_S), "profile": "accel"}
+
+
+def device_slug(device_kind: str) -> str:
+    """A file-name word for a device: 'NVIDIA H100 80GB HBM3' -> 'h100', 'TPU v5 lite' -> 'tpu', 'cpu' -> 'cpu'."""
+    words = [w for w in device_kind.lower().replace("-", " ").split() if w not in ("nvidia", "amd", "google")]
+    return "".join(c for c in (words[0] if words else "device") if c.isalnum())
+
+
 LINEAR_FAMILY = ("linear_attention", "gla", "mamba", "rwkv", "sliding_window")  # constant state per token
+
+
+def accel_targets(result: dict) -> list[dict]:
+    """The accelerator targets (bf16, full scale) against an accel run: [{target, measured, met}], each
+    measured figure with how far it is from its target."""
+    rows = []
+
+    def add(target, value, bound, higher_is_better, fmt):
+        met = value >= bound if higher_is_better else value <= bound
+        rows.append({"target": target, "measured": f"{fmt(value)} ({value / bound:.2f}x the target)", "met": met})
+
+    train = {k: v for k, v in result.get("train", {}).items() if "skipped" not in v}
+    dense = train.get("ffn=dense")
+    if dense and dense.get("mfu") is not None:
+        add("dense training step MFU >= 45% of the measured bf16 matmul ceiling", dense["mfu"], 0.45, True,
+            lambda v: f"{v:.1%}")
+        worst = min(train, key=lambda k: train[k]["tokens_per_s"])
+        add(f"every variant >= 60% of the dense step's tokens/s (slowest: {worst})",
+            train[worst]["tokens_per_s"] / dense["tokens_per_s"], 0.60, True, lambda v: f"{v:.0%}")
+        add(f"compile of the {result['scale']}-scale model ({result['sizes']['layers']} layers, d "
+            f"{result['sizes']['d']}) < 60 s", dense["compile_s"], 60.0, False, lambda v: f"{v:.1f} s")
+    moe = result.get("moe", {})
+    if "moe_vs_dense" in moe:
+        add("MoE layer fwd+bwd <= 1.3x a dense FFN of equal active parameters", moe["moe_vs_dense"], 1.3, False,
+            lambda v: f"{v:.2f}x")
+    for kind, rows_ in result.get("seqlen", {}).items():
+        if kind in LINEAR_FAMILY and "skipped" not in rows_:
+            lengths = [k for k in rows_ if k.isdigit()]
+            add(f"seqlen {kind}: step at {lengths[-1]} <= 1.3x at {lengths[0]} (constant tokens)",
+                rows_["time_ratio_longest_vs_shortest"], 1.3, False, lambda v: f"{v:.2f}x")
+    skipped = [f"{suite}/{k}" for suite in ("train", "seqlen", "decode") for k, v in result.get(suite, {}).items()
+               if v == OVER_BUDGET]
+    if skipped:
+        rows.append({"target": f"the run finishes within its {ACCEL_BUDGET_S:.0f} s budget",
+                     "measured": f"{len(skipped)} measurements skipped: {', '.join(skipped)}", "met": False})
+    return rows
 
 
 def targets(result: dict) -> list[dict]:
     """The issue's targets against this run's measurements: [{target, measured, met}] (met None = not run)."""
+    if result.get("profile") == "accel":
+        return accel_targets(result)
     rows = []
 
     def add(target, measured, met):
@@ -608,7 +689,9 @@ def to_markdown(result: dict, command: str) -> str:
     lines = [f"# Benchmarks ({result['scale']} scale)", "",
              "Regenerate with " + ", then ".join(f"`{c}`" for c in dict.fromkeys(commands)) + ". Device: "
              f"{result['backend']} ({result['device']}), {result['cpu_count']} CPUs, {result['machine']}, "
-             f"jax {result['jax_version']}.", ""]
+             f"jax {result['jax_version']}"
+             + (f", compute dtype {result['dtype']} (float32 parameters)." if result.get("dtype", "float32") != "float32"
+                else "."), ""]
     if len(set(result.get("measured_at", {}).values())) > 1:
         lines += ["Suites measured at: " + ", ".join(f"{k} {v}" for k, v in result["measured_at"].items())
                   + ". Ratios are only ever taken within one suite.", ""]
@@ -620,7 +703,7 @@ def to_markdown(result: dict, command: str) -> str:
         if "matmul_float32_backend" in c:  # older results have no backend record
             lines += [f"Matmuls run through the model's `cblas.matmul`: fp32 in {c['matmul_float32_backend'][0]} "
                       f"({c['matmul_float32_backend'][1]}), bf16 in {c['matmul_bfloat16_backend'][0]}. MFU below is "
-                      "against the fp32 figure." + (f" XLA's own fp32 dot, same run: "
+                      f"against the {'bf16' if result.get('dtype') == 'bfloat16' else 'fp32'} figure." + (f" XLA's own fp32 dot, same run: "
                       f"{c['matmul_float32_xla_flops'] / 1e9:.1f} GFLOP/s." if "matmul_float32_xla_flops" in c else ""), ""]
     if "train" in result:
         lines += ["## Training step per variant", "",
@@ -767,12 +850,15 @@ def to_markdown(result: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _stem(scale: str) -> str:
+def _stem(scale: str, device: str | None = None) -> str:
+    """bench[_scale].md, or bench_<scale>_<device>.md for an accel run (one file per accelerator)."""
+    if device is not None:
+        return f"bench_{scale}_{device_slug(device)}"
     return "bench" if scale == "cpu" else f"bench_{scale}"
 
 
-def read(out_dir: Path, scale: str) -> dict | None:
-    path = Path(out_dir) / f"{_stem(scale)}.json"
+def read(out_dir: Path, scale: str, device: str | None = None) -> dict | None:
+    path = Path(out_dir) / f"{_stem(scale, device)}.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -789,7 +875,7 @@ def merge(old: dict | None, new: dict) -> dict:
 def write(result: dict, out_dir: Path, command: str) -> Path:
     from cfm_jax import workdir as wd
 
-    stem = _stem(result["scale"])
+    stem = _stem(result["scale"], result["device"] if result.get("profile") == "accel" else None)
     out_dir = Path(out_dir)
     result = {**result, "commands": [*result.get("commands", []), command]}
     wd.write_json(out_dir / f"{stem}.json", result)

@@ -74,11 +74,15 @@ class RMSNorm(nnx.RMSNorm):
     """
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        # The result keeps x's dtype: a float32 scale must not lift bfloat16 activations (model.dtype)
+        # back to float32, which would run every following matmul in float32.
         if mask is not None or self.scale is None or not policy.hand_written_vjps():  # plain autodiff (forward mode too)
             flat_mask = None if mask is None else mask.reshape(-1, mask.shape[-1])
-            return super().__call__(x.reshape(-1, x.shape[-1]), flat_mask).reshape(x.shape)
-        x2, scale = self.promote_dtype((x.reshape(-1, x.shape[-1]), self.scale[...]), dtype=self.dtype)
-        return rms_norm(x2, scale, self.epsilon).reshape(x.shape)
+            y = super().__call__(x.reshape(-1, x.shape[-1]), flat_mask).reshape(x.shape)
+            return y.astype(x.dtype) if self.dtype is None else y
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+        return rms_norm(x.reshape(-1, x.shape[-1]), self.scale[...], self.epsilon).reshape(x.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

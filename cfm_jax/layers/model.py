@@ -12,6 +12,7 @@ from flax import nnx
 from cfm_jax.config import ModelConfig
 from cfm_jax.layers.block import Block
 from cfm_jax.layers.common import Linear, RMSNorm, normal_init
+from cfm_jax.layers.precision import DTYPES
 from cfm_jax.registry import LayerContext
 
 
@@ -19,7 +20,9 @@ class LanguageModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, *, rngs: nnx.Rngs):
         self.cfg, self.vocab_size = cfg, vocab_size
         d = cfg.d_model
-        self.embed = nnx.Embed(vocab_size, d, embedding_init=normal_init(cfg.init_std), rngs=rngs)
+        # nnx.Embed fixes its output dtype at init (to the float32 table's unless told): with
+        # model.dtype=bfloat16 it must hand bfloat16 activations to the blocks.
+        self.embed = nnx.Embed(vocab_size, d, embedding_init=normal_init(cfg.init_std), dtype=DTYPES[cfg.dtype], rngs=rngs)
         self.blocks = nnx.List(
             Block(cfg.layer_mixer(i), cfg.ffn, LayerContext(d, cfg.n_layers, i, cfg.init_std), cfg.norm_eps, rngs=rngs)
             for i in range(cfg.n_layers)
