@@ -138,31 +138,14 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
+    """The settings every task has. Each task subclasses this with its own fields, in its own file
+    (`MQARConfig` in data/mqar.py, ...), and names the subclass as its `config_cls`; `data.task=NAME`
+    selects the task and with it its config class, so `data.FIELD=VALUE` sets a field of that task
+    (`cfm-jax list NAME` prints them)."""
+
     task: str = "text"  # a registered task: `cfm-jax list` shows them (text, mqar, ...)
     seq_len: int = 256  # tokens per training sequence
-    path: str = ""  # text: a UTF-8 file or directory; "" = this Python's standard-library sources
-    val_fraction: float = 0.05  # text: share of files held out for validation (split by file)
     vocab_size: int = 8192  # synthetic tasks: token vocabulary (text: set by data.tokenizer)
-    tokenizer: str = "bytes"  # text: bytes (vocabulary 256), bpe:N (trained on the training split, cached) or a tokenizer.json path
-    num_kv_pairs: int = 8  # mqar: key-value pairs per sequence
-    power_a: float = 0.01  # mqar: query gap distribution p(g) ~ g^(a-1) (Zoology's default)
-    # mqar: tokens between pairs and queries. zoology = uniform over the whole vocabulary (Zoology's
-    # random_non_queries: ~one stray copy of a bound key per sequence at a small vocabulary); unbound =
-    # the whole vocabulary less the sequence's bound keys (no stray bound key); nonkey = 0 and the value range
-    mqar_filler: Literal["zoology", "nonkey", "unbound"] = "zoology"
-    num_needles: int = 4  # niah_multikey / niah_multiquery: needles (distinct keys) in the haystack
-    num_values: int = 4  # niah_multivalue: values stored under the one key
-    num_queries: int = 4  # niah_multiquery: needles queried
-    value_len: int = 2  # niah_*: tokens per value; passkey: digits of the passkey
-    needle_depth: float = -1.0  # niah_* / passkey: depth in [0, 1] of the queried needle; -1 = uniform
-    eval_depths: int = 5  # niah_* / passkey: evenly spaced depths evaluated at seq_len (0 or 1 = off)
-    num_chains: int = 1  # variable_tracking: assignment chains (the others distract)
-    num_hops: int = 4  # variable_tracking: assignments after the first in each chain
-    num_targets: int = 16  # selective_copying: content tokens to copy
-    content_vocab: int = 16  # selective_copying: distinct content tokens
-    copy_min_len: int = 8  # copying: shortest training string
-    copy_max_len: int = 50  # copying: longest training string (clipped to (seq_len - 1) // 2)
-    mix_weights: tuple[int, ...] = (2, 1, 1)  # mix: rows of text, mqar, copy per batch, in these shares
     effective_threshold: float = 0.856  # eval: RULER's effective length = longest length scoring >= this
     eval_batches: int = 8  # batches (of train.batch_size) per validation / accuracy measurement
     # Context lengths at which eval measures synthetic-task accuracy; () = seq_len, 2x and 4x.
@@ -174,23 +157,33 @@ class DataConfig:
     def validate(self) -> None:
         from cfm_jax import data  # the task registry imports this module
 
-        _positive(self, "seq_len", "vocab_size", "num_kv_pairs", "eval_batches")
-        if not 0 < self.val_fraction < 1:
-            raise UserError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
-        if not (self.needle_depth == -1.0 or 0.0 <= self.needle_depth <= 1.0):
-            raise UserError(f"data.needle_depth={self.needle_depth} must be in [0, 1] or -1 (uniform)")
-        if self.eval_depths < 0 or not 0 < self.effective_threshold <= 1:
-            raise UserError("data.eval_depths must be >= 0 and data.effective_threshold in (0, 1]")
+        task = data.get_task_class(self.task)
+        if type(self) is not task.config_cls:
+            raise UserError(f"data.task={self.task!r} takes a {task.config_cls.__name__}, got a {type(self).__name__}")
+        _positive(self, "seq_len", "vocab_size", "eval_batches")
+        if not 0 < self.effective_threshold <= 1:
+            raise UserError(f"data.effective_threshold={self.effective_threshold} must be in (0, 1]")
         if any(length <= 0 for length in self.eval_lengths):
             raise UserError(f"data.eval_lengths={self.eval_lengths} must all be > 0")
-        data.get_task_class(self.task).validate(self)
+        task.validate(self)
+
+
+def task_config(name: str, carry: DataConfig | None = None) -> DataConfig:
+    """Task `name`'s config at its defaults, with every field it shares with `carry` (the config it
+    replaces: seq_len, vocab_size, ... and any task field both have) kept from there."""
+    from cfm_jax import data
+
+    cls = data.get_task_class(name).config_cls
+    names = {f.name for f in dataclasses.fields(cls)}
+    kept = {} if carry is None else {f.name: getattr(carry, f.name) for f in dataclasses.fields(carry) if f.name in names}
+    return cls(**{**kept, "task": name})
 
 
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=lambda: task_config("text"))
 
     def validate(self) -> "Config":
         _check_finite(self)
@@ -252,6 +245,8 @@ def resolve(scale: str = "cpu", overrides: typing.Sequence[str] = (), base: Conf
     if scale not in SCALES:
         raise UserError(f"unknown scale {scale!r}; allowed: {', '.join(SCALES)}")
     cfg = Config() if base is None else base
+    # `data.task=NAME` first: it selects the config class the other data.* fields belong to.
+    overrides = sorted(overrides, key=lambda item: not item.replace(" ", "").startswith("data.task="))
     for item in (*(SCALES[scale] if base is None else ()), *overrides):
         cfg = apply_override(cfg, item)
     return cfg.validate()
@@ -271,7 +266,15 @@ def _set(obj: Any, path: list[str], raw: str, full_key: str) -> Any:
     if head not in names:
         prefix = full_key[: len(full_key) - len(".".join(path))]
         allowed = ", ".join(prefix + n for n in names)
+        if isinstance(obj, DataConfig):
+            from cfm_jax.data import TASKS
+
+            owners = sorted(n for n, t in TASKS.items() if head in {f.name for f in dataclasses.fields(t.config_cls)})
+            hint = f" (a field of data.task={' / '.join(owners)})" if owners else ""
+            raise UserError(f"unknown key {full_key!r} for data.task={obj.task}{hint}; allowed here: {allowed}")
         raise UserError(f"unknown key {full_key!r}; allowed here: {allowed}")
+    if isinstance(obj, DataConfig) and head == "task" and len(path) == 1:
+        return task_config(raw, carry=obj)
     current = getattr(obj, head)
     if isinstance(obj, ModelConfig) and head == "mixers":
         return dataclasses.replace(obj, mixers=_set_pattern_mixer(obj.mixers, path[1:], raw, full_key))
@@ -408,6 +411,9 @@ def from_dict(d: dict) -> Config:
                 value = slot_config(f.name, value)  # slot fields are named after their slot
             elif f.name in _SLOT_TUPLES:
                 value = tuple(slot_config(_SLOT_TUPLES[f.name], item) for item in value)
+            elif hint is DataConfig:  # the task's own config class; fields of other tasks (older records) dropped
+                cls_ = task_config(value.get("task", "text")).__class__
+                value = build(cls_, {k: v for k, v in value.items() if k in {f.name for f in dataclasses.fields(cls_)}})
             elif isinstance(hint, type) and dataclasses.is_dataclass(hint):
                 value = build(hint, value)
             elif typing.get_origin(hint) is tuple:
@@ -451,14 +457,24 @@ def describe_fields(name: str) -> str:
     as `name: type = default  # comment` (comments read from the class source)."""
     import inspect
 
+    from cfm_jax.data import TASKS
+
+    registry.load_plugins()  # a plugin's kinds and tasks are listed too
     sections = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
     if name in sections:
         cls, title = sections[name], f"{name} (set as {name}.FIELD=VALUE)"
+        if name == "data":
+            title += f"; each task adds its own fields: cfm-jax list TASK ({', '.join(sorted(TASKS))})"
+    elif name in TASKS:
+        cls = TASKS[name].config_cls
+        title = (f"data task {name!r} (select with data.task={name}, set data.FIELD=VALUE); {cls.__module__}."
+                 f"{cls.__name__}")
     else:
         slots = [slot for slot in registry.SLOTS if name in registry.kinds(slot)]
         if not slots:
             every = ", ".join(sorted({k for slot in registry.SLOTS for k in registry.kinds(slot)}))
-            raise UserError(f"unknown name {name!r}; allowed: model, train, data, or a kind: {every}")
+            raise UserError(f"unknown name {name!r}; allowed: model, train, data, a task ({', '.join(sorted(TASKS))}) "
+                            f"or a kind: {every}")
         entry = registry.get(slots[0], name)
         cls, title = entry.config_cls, (f"{slots[0]} kind {name!r} (select with model.{slots[0]}={name}, set "
                                         f"model.{slots[0]}.FIELD=VALUE); {entry.module_cls.__module__}")
@@ -479,6 +495,8 @@ def describe_fields(name: str) -> str:
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "")
         if isinstance(default, SlotConfig):
             default = default.kind
+        if f.name == "task" and name in TASKS:
+            default = name
         hint = hints[f.name]
         hint = str(hint).replace("typing.", "") if typing.get_origin(hint) else getattr(hint, "__name__", str(hint))
         comment = f"  # {comments[f.name]}" if f.name in comments else ""

@@ -17,6 +17,7 @@ Expected: attention retrieves at the training length and degrades past it (RoPE 
 import re
 
 from cfm_jax.config import layer_pattern
+from cfm_jax.data import get_task_class
 from cfm_jax.harness.plots import grouped_lines
 
 MIXERS = ("attention", "sliding_window", "mla", "linear_attention", "gla", "mamba", "rwkv")
@@ -54,7 +55,8 @@ def cells(scale):
         for task in TASKS[scale]:
             out[f"{name}-{task}"] = [
                 f"data.task={task}", "data.vocab_size=64", f"data.seq_len={L}",
-                "data.eval_lengths=" + ",".join(str(L * k) for k in COLUMNS_LENGTHS), "data.eval_depths=0",
+                "data.eval_lengths=" + ",".join(str(L * k) for k in COLUMNS_LENGTHS),
+                *(["data.eval_depths=0"] if get_task_class(task).has_depth else []),  # needle tasks' depth sweep off
                 f"model.d_model={s['d']}", f"model.n_layers={n_layers}", *mixer, *extra, "train.batch_size=32",
                 f"train.steps={s['steps']}", "train.lr=3e-3", "train.checkpoint_every=1000",
             ]

@@ -66,7 +66,7 @@ def test_copy_batch_scores_the_copy():
 def sparse_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("ns") / "w"
     cfg = resolve("smoke", ["model.ffn=neuron_sparse", "model.d_model=32", "data.seq_len=64", "train.batch_size=4",
-                            "train.steps=10", "data.eval_batches=2", "data.num_kv_pairs=4"])
+                            "train.steps=10", "data.eval_batches=2"])
     train(cfg, workdir, progress=False)
     return workdir
 
@@ -97,7 +97,7 @@ def test_eval_with_all_analyses(sparse_run, capsys):
 def test_bricks_at_expert_granularity_for_moe(tmp_path):
     workdir = tmp_path / "moe"
     cfg = resolve("smoke", ["model.ffn=moe", "model.d_model=32", "data.seq_len=64", "train.batch_size=4",
-                            "train.steps=5", "data.eval_batches=2", "data.num_kv_pairs=4"])
+                            "train.steps=5", "data.eval_batches=2"])
     train(cfg, workdir, progress=False)
     assert main(["eval", "--workdir", str(workdir), "--analysis", "all"]) == 0
     result = json.loads((workdir / "eval.json").read_text())

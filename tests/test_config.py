@@ -83,3 +83,34 @@ def test_round_trip_and_diff():
     other = apply_override(cfg, "model.d_model=32")
     assert diff(cfg, other) == ["model.d_model: 64 -> 32"]
     assert Config() == from_dict(to_dict(Config()))
+
+
+def test_each_task_has_its_own_config_class_and_flat_overrides_reach_it():
+    from cfm_jax.config import to_dict
+    from cfm_jax.data.mix import MixConfig
+    from cfm_jax.data.mqar import MQARConfig
+    from cfm_jax.data.text import TextConfig
+
+    assert type(resolve("smoke").data) is TextConfig
+    a = resolve("smoke", ["data.task=mqar", "data.num_kv_pairs=4", "data.seq_len=64"])
+    b = resolve("smoke", ["data.num_kv_pairs=4", "data.seq_len=64", "data.task=mqar"])  # data.task goes first
+    assert a == b and type(a.data) is MQARConfig and a.data.num_kv_pairs == 4
+    assert not hasattr(a.data, "path") and not hasattr(resolve("smoke").data, "num_kv_pairs")
+    # switching keeps what both tasks have: seq_len, and (mqar -> mix) the MQAR fields
+    mixed = resolve("smoke", ["data.task=mqar", "data.num_kv_pairs=4", "data.seq_len=64"], base=None)
+    mixed = apply_override(mixed, "data.task=mix")
+    assert type(mixed.data) is MixConfig and mixed.data.num_kv_pairs == 4 and mixed.data.seq_len == 64
+    assert to_dict(a)["data"]["num_kv_pairs"] == 4 and "path" not in to_dict(a)["data"]
+    with pytest.raises(UserError, match=r"unknown key 'data.path' for data.task=mqar \(a field of data.task=mix / text\)"):
+        resolve("smoke", ["data.task=mqar", "data.path=x"])
+
+
+def test_a_flat_data_config_from_before_task_classes_loads_with_its_task_fields():
+    """config.json files written when `data` held every task's fields (committed run records)."""
+    from cfm_jax.config import from_dict, to_dict
+
+    old = to_dict(resolve("smoke", ["data.task=mqar", "data.num_kv_pairs=4"]))
+    old["data"].update(path="", val_fraction=0.05, tokenizer="bytes", num_needles=4, needle_depth=-1.0,
+                       copy_min_len=8, mix_weights=[2, 1, 1])
+    cfg = from_dict(old)
+    assert cfg == resolve("smoke", ["data.task=mqar", "data.num_kv_pairs=4"])

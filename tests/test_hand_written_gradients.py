@@ -26,9 +26,12 @@ def test_rms_norm_matches_flax(dtype, tol):
     x = (jax.random.normal(jax.random.key(2), (3, 7, 24)) * 3).astype(dtype)
 
     def apply(module):
+        # Our RMSNorm returns x's dtype (a float32 scale must not lift bfloat16 activations to float32);
+        # flax's promotes to float32: its result, cast back to x's dtype, is the reference.
         graphdef, _ = nnx.split(module)
-        return lambda s, x: nnx.merge(graphdef, nnx.State({"scale": nnx.Param(s)}))(x)
+        return lambda s, x: nnx.merge(graphdef, nnx.State({"scale": nnx.Param(s)}))(x).astype(x.dtype)
 
+    assert apply(ours)(scale, x).dtype == dtype
     np.testing.assert_allclose(apply(ours)(scale, x), apply(ref)(scale, x), rtol=tol, atol=tol)
     (l_ours, g_ours), (l_ref, g_ref) = grads(apply(ours), scale, x), grads(apply(ref), scale, x)
     np.testing.assert_allclose(l_ours, l_ref, rtol=tol)

@@ -7,6 +7,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from cfm_jax.config import DataConfig
+
 IGNORE = -1  # label of positions that are not scored
 EVAL_STREAM = 0x5EED  # seeds evaluation data apart from every training seed's stream
 
@@ -19,6 +21,8 @@ class Task(abc.ABC):
     imported (the package's modules, or a plugin's: CFM_JAX_PLUGINS)."""
 
     name: ClassVar[str]
+    config_cls: ClassVar[type[DataConfig]] = DataConfig  # the task's settings: DataConfig + its own fields
+    has_depth: ClassVar[bool] = False  # whether a needle depth in [0, 1] applies (needle_depth, eval_depths)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -12,8 +12,11 @@ length L the string fills the context, (L - 1) // 2 tokens, so longer eval lengt
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from cfm_jax.config import DataConfig
 from cfm_jax.data.base import IGNORE
 from cfm_jax.data.synthetic import BLANK, MARKER, PAD, SEP, SyntheticTask, shift_targets, token_ranges
 from cfm_jax.errors import UserError
@@ -48,8 +51,21 @@ def copying_batch(rng, batch: int, length: int, vocab_size: int, lengths: np.nda
     return shift_targets(tokens, second)
 
 
+@dataclass(frozen=True)
+class SelectiveCopyingConfig(DataConfig):
+    num_targets: int = 16  # content tokens to copy
+    content_vocab: int = 16  # distinct content tokens
+
+
+@dataclass(frozen=True)
+class CopyingConfig(DataConfig):
+    copy_min_len: int = 8  # shortest training string
+    copy_max_len: int = 50  # longest training string (clipped to (seq_len - 1) // 2)
+
+
 class SelectiveCopyingTask(SyntheticTask):
     name = "selective_copying"
+    config_cls = SelectiveCopyingConfig
 
     @classmethod
     def check(cls, cfg, length: int) -> None:
@@ -65,6 +81,7 @@ class SelectiveCopyingTask(SyntheticTask):
 
 class CopyingTask(SyntheticTask):
     name = "copying"
+    config_cls = CopyingConfig
 
     @classmethod
     def check(cls, cfg, length: int) -> None:

@@ -10,12 +10,14 @@ Eval sets: "val" (held-out text; val/loss is the text loss), "mqar" and "copy" (
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from cfm_jax.data.base import EVAL_STREAM, Task
-from cfm_jax.data.copying import repeat_copy_batch
-from cfm_jax.data.mqar import check_mqar, mqar_batch
-from cfm_jax.data.text import VOCAB_SIZE, TextTask
+from cfm_jax.data.copying import CopyingConfig, repeat_copy_batch
+from cfm_jax.data.mqar import MQARConfig, check_mqar, mqar_batch
+from cfm_jax.data.text import VOCAB_SIZE, TextConfig, TextTask
 from cfm_jax.errors import UserError
 
 PARTS = ("text", "mqar", "copy")
@@ -31,8 +33,16 @@ def split_rows(batch: int, weights: tuple[int, ...]) -> list[int]:
     return rows
 
 
+@dataclass(frozen=True)
+class MixConfig(TextConfig, MQARConfig, CopyingConfig):
+    """The text, MQAR and copy settings of its three row kinds, and their shares."""
+
+    mix_weights: tuple[int, ...] = (2, 1, 1)  # rows of text, mqar, copy per batch, in these shares
+
+
 class MixTask(Task):
     name = "mix"
+    config_cls = MixConfig
     vocab_size = VOCAB_SIZE
     bytes_per_token = 1.0  # its "val" set is byte-level text
 

@@ -16,8 +16,12 @@ equally fast, but "nonkey" (and filler from one half of the vocabulary, either h
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import numpy as np
 
+from cfm_jax.config import DataConfig
 from cfm_jax.data.base import EVAL_STREAM, IGNORE, Task
 from cfm_jax.errors import UserError
 
@@ -85,8 +89,25 @@ def mqar_batch(
     return inputs.astype(np.int32), labels.astype(np.int32)
 
 
+@dataclass(frozen=True)
+class MQARConfig(DataConfig):
+    num_kv_pairs: int = 8  # key-value pairs per sequence
+    power_a: float = 0.01  # query gap distribution p(g) ~ g^(a-1) (Zoology's default)
+    # Tokens between pairs and queries. zoology = uniform over the whole vocabulary (Zoology's
+    # random_non_queries: ~one stray copy of a bound key per sequence at a small vocabulary); unbound =
+    # the whole vocabulary less the sequence's bound keys (no stray bound key); nonkey = 0 and the value range
+    mqar_filler: Literal["zoology", "nonkey", "unbound"] = "zoology"
+
+
+def probe_settings(data_cfg: DataConfig) -> MQARConfig:
+    """MQAR settings for probing a trained model: its own (data.num_kv_pairs, power_a, ...) when it
+    trained on MQAR rows (mqar, mix), else MQAR's defaults."""
+    return data_cfg if isinstance(data_cfg, MQARConfig) else MQARConfig()
+
+
 class MQARTask(Task):
     name = "mqar"
+    config_cls = MQARConfig
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -20,10 +20,12 @@ forcing: every scored token of a sequence correct.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
+from cfm_jax.config import DataConfig
 from cfm_jax.data.synthetic import NEEDLE, QUERY, SyntheticTask, distinct, insert_blocks, shift_targets, token_ranges
 from cfm_jax.errors import UserError
 
@@ -83,8 +85,30 @@ def passkey_batch(rng, batch: int, length: int, vocab_size: int, digits: int, de
     return shift_targets(tokens, answer)
 
 
+@dataclass(frozen=True)
+class PasskeyConfig(DataConfig):
+    value_len: int = 2  # tokens per value (niah_*); digits of the passkey (passkey)
+    needle_depth: float = -1.0  # depth in [0, 1] of the queried needle in training sequences; -1 = uniform
+    eval_depths: int = 5  # evenly spaced depths evaluated at seq_len (0 or 1 = off)
+
+
+    def validate_depths(self) -> None:
+        if not (self.needle_depth == -1.0 or 0.0 <= self.needle_depth <= 1.0):
+            raise UserError(f"data.needle_depth={self.needle_depth} must be in [0, 1] or -1 (uniform)")
+        if self.eval_depths < 0:
+            raise UserError(f"data.eval_depths={self.eval_depths} must be >= 0")
+
+
+@dataclass(frozen=True)
+class NeedleConfig(PasskeyConfig):
+    num_needles: int = 4  # niah_multikey / niah_multiquery: needles (distinct keys) in the haystack
+    num_values: int = 4  # niah_multivalue: values stored under the one key
+    num_queries: int = 4  # niah_multiquery: needles queried
+
+
 class _NeedleTask(SyntheticTask):
     has_depth = True
+    config_cls = NeedleConfig
     shape: ClassVar[str]  # "single", "multikey", "multivalue", "multiquery"
 
     @classmethod
@@ -134,6 +158,7 @@ class NIAHMultiQuery(_NeedleTask):
 class PasskeyTask(SyntheticTask):
     name = "passkey"
     has_depth = True
+    config_cls = PasskeyConfig
 
     @classmethod
     def check(cls, cfg, length: int) -> None:

@@ -72,8 +72,6 @@ def shift_targets(tokens: np.ndarray, answer: np.ndarray) -> tuple[np.ndarray, n
 class SyntheticTask(Task):
     """A task defined by `generate(rng, batch, length, depth)`; eval sets per length (and depth)."""
 
-    has_depth: ClassVar[bool] = False  # whether a needle depth in [0, 1] applies
-
     def __init__(self, cfg):
         super().__init__(cfg)
         self.vocab_size = cfg.vocab_size
@@ -86,6 +84,8 @@ class SyntheticTask(Task):
     def validate(cls, cfg) -> None:
         if cfg.vocab_size < MIN_VOCAB:
             raise UserError(f"data.vocab_size={cfg.vocab_size} must be >= {MIN_VOCAB} for data.task={cls.name}")
+        if cls.has_depth:
+            cfg.validate_depths()
         for length in (cfg.seq_len, *cfg.lengths()):
             cls.check(cfg, length)
 
@@ -94,7 +94,7 @@ class SyntheticTask(Task):
         """(inputs, labels): (batch, length) int32 each; depth in [0, 1] or None (task's choice)."""
 
     def train_batch(self, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
-        depth = self.cfg.needle_depth if self.cfg.needle_depth >= 0 else None
+        depth = self.cfg.needle_depth if self.has_depth and self.cfg.needle_depth >= 0 else None
         inputs, labels = self.generate(np.random.default_rng((seed, step)), batch_size, self.cfg.seq_len, depth)
         return {"inputs": inputs, "labels": labels}
 
@@ -102,7 +102,7 @@ class SyntheticTask(Task):
         """`lenL` per length in data.lengths() (random depth), and for needle tasks `lenL_depthD`
         at the training length for data.eval_depths evenly spaced depths D (percent)."""
         specs = [(f"len{length}", length, None) for length in self.cfg.lengths()]
-        if self.has_depth and self.cfg.eval_depths > 1:
+        if self.has_depth and self.cfg.eval_depths > 1:  # needle tasks' PasskeyConfig field
             for d in np.linspace(0.0, 1.0, self.cfg.eval_depths):
                 specs.append((f"len{self.cfg.seq_len}_depth{round(100 * d)}", self.cfg.seq_len, float(d)))
         sets = {}

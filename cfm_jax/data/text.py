@@ -17,11 +17,13 @@ import functools
 import os
 import sysconfig
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from cfm_jax.config import DataConfig
 from cfm_jax.data.base import Task
 from cfm_jax.errors import UserError
 
@@ -88,8 +90,16 @@ def _windows(data: np.ndarray, starts: np.ndarray, seq_len: int) -> dict[str, np
     return {"inputs": chunk[:, :-1], "labels": chunk[:, 1:]}
 
 
+@dataclass(frozen=True)
+class TextConfig(DataConfig):
+    path: str = ""  # a UTF-8 file, directory or glob of text / JSONL / Parquet, or a saved HF dataset; "" = this Python's standard-library sources
+    val_fraction: float = 0.05  # share of documents held out for validation (split by document name)
+    tokenizer: str = "bytes"  # bytes (vocabulary 256), bpe:N (trained on the training split, cached) or a tokenizer.json path
+
+
 class TextTask(Task):
     name = "text"
+    config_cls = TextConfig
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -116,6 +126,8 @@ class TextTask(Task):
 
         import glob
 
+        if not 0 < cfg.val_fraction < 1:
+            raise UserError(f"data.val_fraction={cfg.val_fraction} must be in (0, 1)")
         if cfg.path and not glob.has_magic(cfg.path) and not Path(cfg.path).expanduser().exists():
             raise UserError(
                 f"data.path={cfg.path!r} does not exist (give a UTF-8 text file, a directory or glob of text / JSONL / "

@@ -9,8 +9,11 @@ x_0 .. x_H of chain 0, in assignment order (scored).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from cfm_jax.config import DataConfig
 from cfm_jax.data.synthetic import EQ, QUERY, VAR, SyntheticTask, distinct, insert_blocks, shift_targets, token_ranges
 from cfm_jax.errors import UserError
 
@@ -47,8 +50,15 @@ def variable_tracking_batch(rng, batch: int, length: int, vocab_size: int, num_c
     return shift_targets(tokens, answer)
 
 
+@dataclass(frozen=True)
+class VariableTrackingConfig(DataConfig):
+    num_chains: int = 1  # assignment chains (the others distract)
+    num_hops: int = 4  # assignments after the first in each chain
+
+
 class VariableTrackingTask(SyntheticTask):
     name = "variable_tracking"
+    config_cls = VariableTrackingConfig
 
     @classmethod
     def check(cls, cfg, length: int) -> None:

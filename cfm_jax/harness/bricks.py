@@ -27,7 +27,7 @@ import numpy as np
 
 from cfm_jax.data import IGNORE
 from cfm_jax.data.copying import repeat_copy_batch as copy_batch
-from cfm_jax.data.mqar import mqar_batch
+from cfm_jax.data.mqar import mqar_batch, probe_settings
 from cfm_jax.harness.neurons import analysis_units, make_capture_forward, make_masked_forward, mean_loss
 
 TOP_FRACTION = 0.05
@@ -44,7 +44,7 @@ def skill_batches(task, data_cfg, vocab_size: int, batch_size: int) -> dict[str,
 
         text = task if task.name == "text" else TextTask(data_cfg)
         skills["text"] = next(iter(text.eval_sets(batch_size).values()))
-    kv = max(1, min(data_cfg.num_kv_pairs, length // 4, vocab_size // 2 - 1))
+    kv = max(1, min(probe_settings(data_cfg).num_kv_pairs, length // 4, vocab_size // 2 - 1))
     v = vocab_size - vocab_size % 2
     skills["mqar"] = [dict(zip(("inputs", "labels"), mqar_batch(rng, batch_size, length, v, kv))) for _ in range(n)]
     skills["copy"] = [copy_batch(rng, batch_size, length, vocab_size) for _ in range(n)]

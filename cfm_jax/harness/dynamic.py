@@ -16,7 +16,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from cfm_jax.data.mqar import check_mqar, mqar_batch
+from cfm_jax.data.mqar import check_mqar, mqar_batch, probe_settings
 from cfm_jax.errors import UserError
 from cfm_jax.harness.neurons import analysis_units, make_capture_forward, spearman
 
@@ -53,7 +53,7 @@ def summarize(counts: np.ndarray, losses: np.ndarray, mask: np.ndarray) -> dict:
 
 def mqar_settings(data_cfg, vocab_size: int) -> dict[str, int]:
     """Easy and hard pair counts at the trained length: kv//4 (>= 1) and 2*kv (clipped to what fits)."""
-    kv, length = data_cfg.num_kv_pairs, data_cfg.seq_len
+    kv, length = probe_settings(data_cfg).num_kv_pairs, data_cfg.seq_len
     hard = min(2 * kv, length // 4, vocab_size // 2 - 1)
     return {"easy": max(1, kv // 4), "hard": max(hard, 1)}
 
@@ -69,14 +69,14 @@ def dynamic_analysis(model, task, data_cfg, batch_size: int, plot_path: Path | N
     vocab = model.vocab_size - model.vocab_size % 2
     for name, kv in mqar_settings(data_cfg, vocab).items():
         try:
-            check_mqar(data_cfg.seq_len, vocab, kv, data_cfg.power_a)
+            check_mqar(data_cfg.seq_len, vocab, kv, probe_settings(data_cfg).power_a)
         except UserError as e:
             out[f"mqar_{name}"] = {"skipped": str(e)}
             continue
         rng = np.random.default_rng((0xD1CE, kv))
         batches = []
         for _ in range(data_cfg.eval_batches):
-            inputs, labels = mqar_batch(rng, batch_size, data_cfg.seq_len, vocab, kv, data_cfg.power_a)
+            inputs, labels = mqar_batch(rng, batch_size, data_cfg.seq_len, vocab, kv, probe_settings(data_cfg).power_a)
             batches.append({"inputs": inputs, "labels": labels})
         out[f"mqar_{name}"] = {"num_kv_pairs": kv, **summarize(*counts_and_losses(capture, batches, per_unit))}
     if plot_path is not None:
