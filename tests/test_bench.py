@@ -17,7 +17,7 @@ from cfm_jax.cli import main
 
 @pytest.mark.slow  # default tier kept near 10 min on 2 cores; `make test-slow` runs it
 def test_bench_smoke_suites_write_md_and_json(tmp_path, capsys):
-    assert main(["bench", "--suite", "ceilings,sparse_decode,moe", "--scale", "smoke", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "--suite", "ceilings,sparse_decode,sparse_loss,moe", "--scale", "smoke", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "bench_smoke.json").read_text())
     assert result["ceilings"]["matmul_float32_flops"] > 1e8
     sparse = result["sparse_decode"]
@@ -27,7 +27,15 @@ def test_bench_smoke_suites_write_md_and_json(tmp_path, capsys):
         assert r["theoretical_speedup"] > 1 and r["speedup"] > 0 and r["perfect_predictor_speedup"] > 0
         assert 0 < r["active"] <= r["budget"]
     md = (tmp_path / "bench_smoke.md").read_text()
-    assert "cfm-jax bench --suite ceilings,sparse_decode,moe --scale smoke" in md and "| 0.25 |" in md
+    assert "cfm-jax bench --suite ceilings,sparse_decode,sparse_loss,moe --scale smoke" in md and "| 0.25 |" in md
+    at_loss = result["sparse_loss"]
+    if "skipped" not in at_loss:  # models fine-tuned at each ratio's threshold, their loss beside a control's
+        assert len(at_loss["control"]["loss"]) == at_loss["setup"]["seeds"] == 2
+        for ratio in ("0.25", "0.1", "0.05"):
+            row = at_loss[ratio]
+            assert min(row["threshold"]) >= 0 and len(row["loss"]) == 2 and row["vs_control"]["test"] == "paired t"
+            assert abs(np.mean(row["last_layer_ratio"]) - float(ratio)) < 0.1 and row["timing"]["speedup"] > 0
+        assert "## Sparse decode at a measured loss" in md and "dense control" in md
     predicted = sparse["predicted"]
     if "skipped" not in predicted:  # the C++ kernel built: the predicted path on a (briefly) trained FFN
         assert predicted["model"]["train_steps"] == 5 and 0 < predicted["model"]["rank_energy"] <= 1 + 1e-6

@@ -31,8 +31,7 @@ RECALL = 0.999  # recall the margin is fitted for, on the fitting inputs
 
 
 def trained_ffn(d: int, f: int, steps: int, seed: int = 0) -> dict:
-    """Train the model; return its last FFN's W_up (d, f) and W_down (f, d), its inputs on training
-    text ("fit", (4096, d)) and held-out text ("held_out", (N, d)), and the final training loss."""
+    """Train the model; return `model_view` of it and the final training loss."""
     cfg = resolve("smoke", [f"model.d_model={d}", "model.n_layers=2", "model.ffn=neuron_sparse",
                             f"model.ffn.d_ff={f}", "data.task=text", "data.seq_len=128", "train.batch_size=8",
                             f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}", f"train.seed={seed}"])
@@ -44,13 +43,18 @@ def trained_ffn(d: int, f: int, steps: int, seed: int = 0) -> dict:
         params, rest, opt, metrics = step_fn(params, rest, opt, task.train_batch(seed, step, 8), step)
     model = nnx.merge(graphdef, params, rest)
     model.eval()
+    return {**model_view(model, task, seed), "train_loss": float(metrics["ce"]) if steps else None, "steps": steps}
+
+
+def model_view(model, task, seed: int) -> dict:
+    """A trained model's last FFN: W_up (d, f) and W_down (f, d), its inputs on training text ("fit",
+    (4096, d), windows the training run did not draw) and on held-out text ("held_out", (N, d))."""
     fit_tokens = np.concatenate([task.train_batch(seed + 1, i, 8)["inputs"] for i in range(4)])  # unseen windows
     held_out = np.concatenate([b["inputs"] for b in task.eval_sets(8)["val"]])
-    last = cfg.model.n_layers - 1
+    last = len(model.blocks) - 1
     ffn = model.blocks[last].ffn
     return {"up": np.asarray(ffn.up.kernel[...]), "down": np.asarray(ffn.down.kernel[...]),
-            "fit": np.asarray(ffn_inputs(model, fit_tokens, last)), "held_out": np.asarray(ffn_inputs(model, held_out, last)),
-            "train_loss": float(metrics["ce"]) if steps else None, "steps": steps}
+            "fit": np.asarray(ffn_inputs(model, fit_tokens, last)), "held_out": np.asarray(ffn_inputs(model, held_out, last))}
 
 
 def predicted_decode(d: int, f: int, steps: int, ratios, tokens: int, rounds: int, dram_layers: int = 0) -> dict:
@@ -60,47 +64,57 @@ def predicted_decode(d: int, f: int, steps: int, ratios, tokens: int, rounds: in
     if why := active_rows.available():
         return {"skipped": why}
     model = trained_ffn(d, f, steps)
-    up, down = model["up"], model["down"]
-    xs = jnp.asarray(model["held_out"][:: max(1, len(model["held_out"]) // tokens)][:tokens])  # (T, d), spread out
-    up_j, up_rows, down_j = jnp.asarray(up), jnp.asarray(up.T), jnp.asarray(down)
-    selector_fit, selector_held_out = model["fit"] @ up, model["held_out"] @ up
-    n = int(xs.shape[0])
+    selector_fit, selector_held_out = model["fit"] @ model["up"], model["held_out"] @ model["up"]
     out = {"model": {"d_model": d, "d_ff": f, "layers": 2, "train_steps": steps, "train_loss": model["train_loss"],
-                     "fit_tokens": len(model["fit"]), "held_out_tokens": len(model["held_out"]), "timed_tokens": n,
-                     "rank": RANK, "recall_target": RECALL, "natural_ratio": float(np.mean(selector_held_out > 0))}}
-    every = padded_lists(np.ones((n, f), bool))
-    dense_in_place = jax.jit(lambda xs, idx, u, w: jax.lax.map(  # every row read and used: a dense FFN's work
-        lambda a: active_rows.active_rows_ffn_in_place(a[0], u, w, a[1], -np.inf), (xs, idx)))
+                     "fit_tokens": len(model["fit"]), "held_out_tokens": len(model["held_out"]), "rank": RANK,
+                     "recall_target": RECALL, "natural_ratio": float(np.mean(selector_held_out > 0))}}
     for ratio in ratios:
-        t = float(np.quantile(selector_fit, 1 - ratio))
-        pred = fit_predictor(model["fit"], up, t, RANK, RECALL)
-        quality = evaluate(pred, model["held_out"], up, down, t)
-        pred = jax.tree.map(jnp.asarray, pred)
-        dense = jax.jit(lambda xs, u, w, t=t: jax.lax.map(lambda x: fat_relu(x @ u, t) @ w, xs))
-        fast = jax.jit(lambda xs, p, u, w, t=t: jax.lax.map(
-            lambda x: active_rows.predicted_rows_ffn_in_place(x, p, u, w, t), xs))
-        reference = jax.jit(lambda xs, p, u, w, t=t: jax.lax.map(lambda x: predicted_ffn_reference(x, p, u, w, t), xs))
-        got = fast(xs, pred, up_rows, down_j)
-        if not np.allclose(got, reference(xs, pred, up_rows, down_j), rtol=1e-4, atol=1e-5):
-            raise RuntimeError("the predicted in-place FFN differs from its reference: the timing would mislead")
-        exact = dense(xs, up_j, down_j)
-        firing = np.asarray(xs @ up_j > t)
-        given = jax.jit(lambda xs, idx, u, w, t=t: jax.lax.map(
-            lambda a: active_rows.active_rows_ffn_in_place(a[0], u, w, a[1], t), (xs, idx)))
-        others = {"predicted": (fast, pred), "perfect": (given, padded_lists(firing)),
-                  "exact_in_place": (given, every), "dense_in_place": (dense_in_place, every)}
-        row = {**quality, "threshold": t, "timed_output_error": float(jnp.linalg.norm(got - exact) / jnp.linalg.norm(exact)),
-               "timed_firing_ratio": float(firing.mean()), "predictor_weights_share": RANK * (d + f) / (2 * d * f)}
-        row.update(against_dense(lambda: jax.block_until_ready(dense(xs, up_j, down_j)), {
-            name: lambda fn=fn, arg=arg: jax.block_until_ready(fn(xs, arg, up_rows, down_j))
-            for name, (fn, arg) in others.items()}, rounds, n))
-        if dram_layers:
-            row["dram"] = from_dram(xs[: max(1, n // 8)], up, down, pred, t, dram_layers, rounds)
+        row = measure_threshold(model, float(np.quantile(selector_fit, 1 - ratio)), tokens, rounds, dram_layers)
+        out["model"]["timed_tokens"] = row.pop("timed_tokens")
+        lift = row.pop("lift")
         out[str(ratio)] = row
     # Share of ||S||^2 in the predictor's subspace (lift: orthonormal rows). The subspace depends on S
     # only, not on the threshold: the same for every ratio.
-    out["model"]["rank_energy"] = float(np.sum((selector_held_out @ np.asarray(pred.lift).T) ** 2) / np.sum(selector_held_out**2))
+    out["model"]["rank_energy"] = float(np.sum((selector_held_out @ lift.T) ** 2) / np.sum(selector_held_out**2))
     return out
+
+
+def measure_threshold(model: dict, t: float, tokens: int, rounds: int, dram_layers: int = 0) -> dict:
+    """A predictor fitted at FATReLU threshold t on `model_view`'s fitting inputs, its quality on the
+    held-out inputs, and its in-place path timed against the dense FFN (and the exact active set, and
+    the kernel reading every row) on `tokens` held-out inputs, one per call."""
+    up, down = model["up"], model["down"]
+    d, f = up.shape
+    xs = jnp.asarray(model["held_out"][:: max(1, len(model["held_out"]) // tokens)][:tokens])  # (T, d), spread out
+    up_j, up_rows, down_j = jnp.asarray(up), jnp.asarray(up.T), jnp.asarray(down)
+    n = int(xs.shape[0])
+    every = padded_lists(np.ones((n, f), bool))
+    dense_in_place = jax.jit(lambda xs, idx, u, w: jax.lax.map(  # every row read and used: a dense FFN's work
+        lambda a: active_rows.active_rows_ffn_in_place(a[0], u, w, a[1], -np.inf), (xs, idx)))
+    pred = fit_predictor(model["fit"], up, t, RANK, RECALL)
+    quality = evaluate(pred, model["held_out"], up, down, t)
+    pred = jax.tree.map(jnp.asarray, pred)
+    dense = jax.jit(lambda xs, u, w: jax.lax.map(lambda x: fat_relu(x @ u, t) @ w, xs))
+    fast = jax.jit(lambda xs, p, u, w: jax.lax.map(lambda x: active_rows.predicted_rows_ffn_in_place(x, p, u, w, t), xs))
+    reference = jax.jit(lambda xs, p, u, w: jax.lax.map(lambda x: predicted_ffn_reference(x, p, u, w, t), xs))
+    got = fast(xs, pred, up_rows, down_j)
+    if not np.allclose(got, reference(xs, pred, up_rows, down_j), rtol=1e-4, atol=1e-5):
+        raise RuntimeError("the predicted in-place FFN differs from its reference: the timing would mislead")
+    exact = dense(xs, up_j, down_j)
+    firing = np.asarray(xs @ up_j > t)
+    given = jax.jit(lambda xs, idx, u, w: jax.lax.map(
+        lambda a: active_rows.active_rows_ffn_in_place(a[0], u, w, a[1], t), (xs, idx)))
+    others = {"predicted": (fast, pred), "perfect": (given, padded_lists(firing)),
+              "exact_in_place": (given, every), "dense_in_place": (dense_in_place, every)}
+    row = {**quality, "threshold": t, "timed_output_error": float(jnp.linalg.norm(got - exact) / jnp.linalg.norm(exact)),
+           "timed_firing_ratio": float(firing.mean()), "predictor_weights_share": RANK * (d + f) / (2 * d * f),
+           "timed_tokens": n, "lift": np.asarray(pred.lift)}
+    row.update(against_dense(lambda: jax.block_until_ready(dense(xs, up_j, down_j)), {
+        name: lambda fn=fn, arg=arg: jax.block_until_ready(fn(xs, arg, up_rows, down_j))
+        for name, (fn, arg) in others.items()}, rounds, n))
+    if dram_layers:
+        row["dram"] = from_dram(xs[: max(1, n // 8)], up, down, pred, t, dram_layers, rounds)
+    return row
 
 
 def from_dram(xs: jax.Array, up: np.ndarray, down: np.ndarray, pred, t: float, layers: int, rounds: int) -> dict:

@@ -10,6 +10,8 @@ Suites (all by default):
     seqlen         training step time and memory per mixer at growing length, constant tokens/batch
     decode         batch-1 per-token decode latency per mixer against context length
     sparse_decode  neuron-sparse gather FFN vs dense FFN at batch 1 for several activation ratios
+    sparse_loss    the predicted sparse-decode speedup of models fine-tuned at each ratio's FATReLU
+                   threshold, with their validation loss beside a dense control's (over seeds)
     moe            MoE layer forward+backward (input and parameter gradients) vs a dense FFN of equal
                    active parameters
     accel          the accelerator run: ceilings, train, seqlen, decode and moe in bfloat16 compute
@@ -42,6 +44,7 @@ from flax import nnx
 from cfm_jax import registry
 from cfm_jax.bench import matmuls as bench_matmuls
 from cfm_jax.bench import predictor as bench_predictor
+from cfm_jax.bench import sparse_at_loss as bench_sparse_at_loss
 from cfm_jax.bench.timing import counting_faults, paired_rounds, timed
 from cfm_jax.config import ModelConfig, TrainConfig
 from cfm_jax.errors import UserError
@@ -51,19 +54,23 @@ from cfm_jax.layers.precision import DTYPES, compute_view
 from cfm_jax.registry import LayerContext
 from cfm_jax.train import make_optimizer, make_train_step
 
-SUITES = ("ceilings", "train", "compile", "torch", "seqlen", "decode", "sparse_decode", "moe")
+SUITES = ("ceilings", "train", "compile", "torch", "seqlen", "decode", "sparse_decode", "sparse_loss", "moe")
 ACCEL_SUITES = ("ceilings", "train", "seqlen", "decode", "moe")
 ACCEL_BUDGET_S = 420.0  # the accel run must end within 8 minutes on one H100, compile included
 VOCAB = 256
 SPARSE_RATIOS = (0.5, 0.25, 0.1, 0.05)  # activation ratios of the sparse_decode suite
+SPARSE_LOSS_RATIOS = (0.25, 0.1, 0.05)  # the sparse_loss suite's: the targets' ratios and one sparser
 
 SIZES = {  # per scale: model and problem sizes
     "smoke": dict(d=64, layers=2, seq=128, batch=4, matmul=512, copy_mb=16, lengths=(128, 256, 512),
-                  tokens=1024, contexts=(128, 512), sparse=(256, 1024), sparse_train_steps=5, sparse_tokens=16, sparse_dram_layers=2, moe_tokens=512, reps=3),
+                  tokens=1024, contexts=(128, 512), sparse=(256, 1024), sparse_train_steps=5, sparse_tokens=16, sparse_dram_layers=2, moe_tokens=512, reps=3,
+                  sparse_finetune_steps=3, sparse_seeds=2),
     "cpu": dict(d=512, layers=6, seq=512, batch=8, matmul=2048, copy_mb=256, lengths=(1024, 4096, 16384),
-                tokens=16384, contexts=(1024, 4096, 16384), sparse=(1024, 4096), sparse_train_steps=200, sparse_tokens=64, sparse_dram_layers=16, moe_tokens=4096, reps=5),
+                tokens=16384, contexts=(1024, 4096, 16384), sparse=(1024, 4096), sparse_train_steps=200, sparse_tokens=64, sparse_dram_layers=16, moe_tokens=4096, reps=5,
+                sparse_finetune_steps=50, sparse_seeds=3),
     "full": dict(d=1024, layers=12, seq=2048, batch=16, matmul=8192, copy_mb=2048, lengths=(1024, 4096, 16384),
-                 tokens=65536, contexts=(1024, 4096, 16384), sparse=(4096, 16384), sparse_train_steps=200, sparse_tokens=64, sparse_dram_layers=0, moe_tokens=16384, reps=10),
+                 tokens=65536, contexts=(1024, 4096, 16384), sparse=(4096, 16384), sparse_train_steps=200, sparse_tokens=64, sparse_dram_layers=0, moe_tokens=16384, reps=10,
+                 sparse_finetune_steps=50, sparse_seeds=3),
 }
 
 
@@ -440,6 +447,9 @@ def run(suites: tuple[str, ...], scale: str, dtype: str = "float32", budget_s: f
     runners = {"train": lambda: suite_train(s, ceiling), "compile": lambda: suite_compile(s),
                "torch": lambda: suite_torch(s), "seqlen": lambda: suite_seqlen(s),
                "decode": lambda: suite_decode(s), "sparse_decode": lambda: suite_sparse_decode(s),
+               "sparse_loss": lambda: bench_sparse_at_loss.at_measured_loss(
+                   *s["sparse"], s["sparse_train_steps"], s["sparse_finetune_steps"], SPARSE_LOSS_RATIOS,
+                   s["sparse_seeds"], s["sparse_tokens"], 2 * s["reps"] + 1, s["sparse_dram_layers"]),
                "moe": lambda: suite_moe(s)}
     for name in suites:
         if name in runners:
@@ -772,6 +782,8 @@ def to_markdown(result: dict, command: str) -> str:
                   "before the product reads it; reading them in place does not. " + _ceiling_reading(result["sparse_decode"])
                   + " The next table measures a real predictor.", ""]
         lines += predicted_markdown(result["sparse_decode"].get("predicted", {}))
+    if "sparse_loss" in result:
+        lines += ["## Sparse decode at a measured loss", ""] + bench_sparse_at_loss.markdown(result["sparse_loss"])
     if "compile" in result:
         lines += [f"First-step compile of the 8-layer dense transformer: {result['compile']['compile_s']:.1f} s.", ""]
     if "torch" in result:
