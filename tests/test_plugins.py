@@ -142,7 +142,7 @@ def test_plugin_kind_in_a_parallel_sweep(tmp_path):
 
 def test_a_task_in_one_file_registers_with_its_own_config(tmp_path):
     """docs/CONFIGURATION.md's task example as a plugin: listed with its field, trained with a flat
-    data.FIELD override given before data.task, and another task's field is one error line."""
+    data.FIELD override given before data.task (another task's field: tests/test_config.py)."""
     text = (ROOT / "docs" / "CONFIGURATION.md").read_text()
     section = text[text.index("### Add a task"):]
     plugin = tmp_path / "my_task.py"
@@ -152,12 +152,8 @@ def test_a_task_in_one_file_registers_with_its_own_config(tmp_path):
     assert "task: str = 'repeat'" in listed.stdout
     workdir = tmp_path / "run"
     trained = cli("--plugin", str(plugin), "train", "--workdir", str(workdir), "--scale", "smoke", "--no-progress",
-                  "data.period=8", "data.task=repeat", "data.vocab_size=32", "data.seq_len=32", "train.steps=30",
-                  "train.lr=1e-2", "model.d_model=32")
+                  "data.period=8", "data.task=repeat", "data.vocab_size=32", "data.seq_len=32", "train.steps=3",
+                  "model.d_model=32")
     assert trained.returncode == 0, trained.stderr[-2000:]
     config = json.loads((workdir / "config.json").read_text())["config"]["data"]
     assert config["task"] == "repeat" and config["period"] == 8 and "num_kv_pairs" not in config
-    wrong = cli("--plugin", str(plugin), "train", "--workdir", str(tmp_path / "x"), "--dry-run",
-                "data.task=repeat", "data.num_kv_pairs=4")
-    assert wrong.returncode == 2 and "a field of data.task=mix / mqar" in wrong.stderr
-    assert len(wrong.stderr.strip().splitlines()) == 1

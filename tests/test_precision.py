@@ -53,7 +53,9 @@ def _matmul_dtypes(closed_jaxpr) -> list[tuple[str, str]]:
     return out
 
 
-@pytest.mark.parametrize("backend", ["cpu", "tpu"])
+# The accelerator path (faked tpu: XLA's fused attention, plain autodiff) in the default tier; the CPU
+# path (hand-written VJPs, CPU attention layouts; bfloat16 is slower than float32 there) in the slow one.
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=pytest.mark.slow), "tpu"])
 @pytest.mark.parametrize("slot,kind", [("mixer", k) for k in registry.kinds("mixer")]
                          + [("ffn", k) for k in registry.kinds("ffn")])
 def test_bfloat16_compute_runs_the_projections_in_bfloat16(slot, kind, backend, monkeypatch):
