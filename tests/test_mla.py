@@ -91,7 +91,8 @@ def test_bad_config_is_one_line_error(override, fragment):
     assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("fast", [dict(query_chunk=8), dict(query_chunk=0, causal_block=8)], ids=["chunked", "blocks"])
+@pytest.mark.parametrize("fast", [pytest.param(dict(query_chunk=8), marks=pytest.mark.slow),  # default tier near 10 min
+                                  dict(query_chunk=0, causal_block=8)], ids=["chunked", "blocks"])
 def test_query_chunked_forward_and_grads_match_unchunked(fast):
     x = jax.random.normal(jax.random.key(3), (2, 37, 32))
     chunked, whole = build(**fast), build(query_chunk=0, causal_block=0)

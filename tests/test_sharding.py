@@ -27,7 +27,9 @@ def run_check(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("mesh,fsdp", [("data:8", "nofsdp"), ("data:8", "fsdp"), ("data:4", "fsdp")])
+# data:8 with FSDP in the default tier; the other two meshes in the slow one (default tier near 10 min)
+@pytest.mark.parametrize("mesh,fsdp", [pytest.param("data:8", "nofsdp", marks=pytest.mark.slow), ("data:8", "fsdp"),
+                                       pytest.param("data:4", "fsdp", marks=pytest.mark.slow)])
 def test_sharded_step_equals_single_device(mesh, fsdp):
     r = run_check("step", mesh, fsdp, "dense")
     assert r["loss_n"] == pytest.approx(r["loss_1"], rel=1e-6)
@@ -36,6 +38,7 @@ def test_sharded_step_equals_single_device(mesh, fsdp):
         assert any("data" in spec for spec in r["specs"]), "FSDP shards some weights over `data`"
 
 
+@pytest.mark.slow  # default tier near 10 min; tests/test_moe_expert_parallel.py covers expert parallelism there
 def test_expert_parallel_training_step_equals_single_device():
     """MoE under train.mesh: experts sharded over `expert`, tokens exchanged by all_to_all."""
     r = run_check("step", "data:2,expert:4", "nofsdp", "moe")
