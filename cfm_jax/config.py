@@ -412,7 +412,9 @@ def from_dict(d: dict) -> Config:
             elif f.name in _SLOT_TUPLES:
                 value = tuple(slot_config(_SLOT_TUPLES[f.name], item) for item in value)
             elif hint is DataConfig:  # the task's own config class; fields of other tasks (older records) dropped
-                cls_ = task_config(value.get("task", "text")).__class__
+                from cfm_jax import data
+
+                cls_ = data.get_task_class(value.get("task", "text")).config_cls
                 value = build(cls_, {k: v for k, v in value.items() if k in {f.name for f in dataclasses.fields(cls_)}})
             elif isinstance(hint, type) and dataclasses.is_dataclass(hint):
                 value = build(hint, value)

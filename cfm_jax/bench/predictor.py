@@ -30,20 +30,32 @@ RANK = 64  # predictor rank: (d + f) * 64 weights, 4 % of a d=1024, f=4096 FFN's
 RECALL = 0.999  # recall the margin is fitted for, on the fitting inputs
 
 
-def trained_ffn(d: int, f: int, steps: int, seed: int = 0) -> dict:
-    """Train the model; return `model_view` of it and the final training loss."""
+def train_at(d: int, f: int, steps: int, seed: int, threshold: float = 0.0, start=None):
+    """The suite's model (2 layers, ReLU neuron-sparse FFN of width f, byte-level text) trained `steps`
+    steps at FATReLU `threshold` (every layer), from `start` (params, rest) when fine-tuning (on batches
+    the first run never drew), else from its initialisation. -> (model in eval mode, task, last CE)."""
     cfg = resolve("smoke", [f"model.d_model={d}", "model.n_layers=2", "model.ffn=neuron_sparse",
-                            f"model.ffn.d_ff={f}", "data.task=text", "data.seq_len=128", "train.batch_size=8",
-                            f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}", f"train.seed={seed}"])
+                            f"model.ffn.d_ff={f}", f"model.ffn.threshold={threshold}", "data.task=text",
+                            "data.seq_len=128", "train.batch_size=8", f"train.steps={steps}",
+                            f"train.warmup_steps={max(1, steps // 10)}", f"train.seed={seed}"])
     task = make_task(cfg.data)
     graphdef, state, tx, _ = init_state(cfg, task.vocab_size)
+    params, rest = (state["params"], state["rest"]) if start is None else start
+    opt = tx.init(params)
     step_fn = make_train_step(graphdef, tx)
-    params, rest, opt = state["params"], state["rest"], state["opt_state"]
+    first, ce = (0 if start is None else 10**6), None
     for step in range(steps):
-        params, rest, opt, metrics = step_fn(params, rest, opt, task.train_batch(seed, step, 8), step)
+        params, rest, opt, metrics = step_fn(params, rest, opt, task.train_batch(seed, first + step, 8), step)
+        ce = metrics["ce"]
     model = nnx.merge(graphdef, params, rest)
     model.eval()
-    return {**model_view(model, task, seed), "train_loss": float(metrics["ce"]) if steps else None, "steps": steps}
+    return model, task, None if ce is None else float(ce)
+
+
+def trained_ffn(d: int, f: int, steps: int, seed: int = 0) -> dict:
+    """Train the model; return `model_view` of it and the final training loss."""
+    model, task, train_loss = train_at(d, f, steps, seed)
+    return {**model_view(model, task, seed), "train_loss": train_loss, "steps": steps}
 
 
 def model_view(model, task, seed: int) -> dict:

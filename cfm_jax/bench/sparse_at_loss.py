@@ -24,32 +24,10 @@ import numpy as np
 from flax import nnx
 
 from cfm_jax.bench import predictor
-from cfm_jax.config import resolve
-from cfm_jax.data import make_task
 from cfm_jax.harness import stats
-from cfm_jax.train import cross_entropy, init_state, make_train_step
+from cfm_jax.train import cross_entropy
 
 WITHIN = 0.01  # "at matched quality": the loss at most 1 % above the dense control's
-
-
-def train_at(d: int, f: int, steps: int, seed: int, threshold: float, start=None):
-    """The predictor suite's model trained `steps` steps at FATReLU `threshold` (every layer), from
-    `start` (params, rest) when fine-tuning, else from its initialisation. -> (model in eval mode, task)."""
-    cfg = resolve("smoke", [f"model.d_model={d}", "model.n_layers=2", "model.ffn=neuron_sparse",
-                            f"model.ffn.d_ff={f}", f"model.ffn.threshold={threshold}", "data.task=text",
-                            "data.seq_len=128", "train.batch_size=8", f"train.steps={steps}",
-                            f"train.warmup_steps={max(1, steps // 10)}", f"train.seed={seed}"])
-    task = make_task(cfg.data)
-    graphdef, state, tx, _ = init_state(cfg, task.vocab_size)
-    params, rest = (state["params"], state["rest"]) if start is None else start
-    opt = tx.init(params)
-    step_fn = make_train_step(graphdef, tx)
-    first = 0 if start is None else 10**6  # fine-tuning sees batches the base run never drew
-    for step in range(steps):
-        params, rest, opt, _ = step_fn(params, rest, opt, task.train_batch(seed, first + step, 8), step)
-    model = nnx.merge(graphdef, params, rest)
-    model.eval()
-    return model, task
 
 
 def val_loss(model, task) -> float:
@@ -77,15 +55,15 @@ def at_measured_loss(d: int, f: int, steps: int, finetune_steps: int, ratios, se
                      "seeds": seeds, "timed_seed": 0}}
     control, rows = [], {str(r): {"threshold": [], "loss": [], "last_layer_ratio": []} for r in ratios}
     for seed in range(seeds):
-        base, task = train_at(d, f, steps, seed, 0.0)
+        base, task, _ = predictor.train_at(d, f, steps, seed)
         fit = predictor.model_view(base, task, seed)
         selector_fit = fit["fit"] @ fit["up"]
-        reference, _ = train_at(d, f, finetune_steps, seed, 0.0, start=state_of(base))
+        reference, _, _ = predictor.train_at(d, f, finetune_steps, seed, 0.0, start=state_of(base))
         control.append(val_loss(reference, task))
         for ratio in ratios:
             row = rows[str(ratio)]
             t = max(0.0, float(np.quantile(selector_fit, 1 - ratio)))
-            tuned, _ = train_at(d, f, finetune_steps, seed, t, start=state_of(base))
+            tuned, _, _ = predictor.train_at(d, f, finetune_steps, seed, t, start=state_of(base))
             view = predictor.model_view(tuned, task, seed)
             row["threshold"].append(t)
             row["loss"].append(val_loss(tuned, task))
