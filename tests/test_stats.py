@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,3 +244,24 @@ def test_lr_grid_tunes_then_runs_seeds_at_the_picked_lr(tmp_path, capsys):
     shutil.rmtree(runs)
     report(experiment, "smoke", runs, results)
     assert {p.name: p.read_bytes() for p in results.iterdir() if p.is_file()} == first
+
+
+def test_margin_comparison_tests_within_a_relative_margin():
+    """margin=0.01, expect less: 'a below 1.01 x b'. A cell 0.3 % worse than the reference in every
+    seed is shown within 1 %; one 3 % worse is found outside it; the table names the scaled side."""
+    from cfm_jax.harness.experiments import Experiment
+    from cfm_jax.harness.report import comparisons_markdown, run_comparisons
+
+    ref = [2.00, 2.10, 1.95, 2.05, 2.00]
+    noise = [0.001, -0.002, 0.0, 0.002, -0.001]
+    cells = {"ref": ref, "near": [v * 1.003 + e for v, e in zip(ref, noise)], "far": [v * 1.03 + e for v, e in zip(ref, noise)]}
+    rows = [{"base": c, "seed": s, "val/loss": v} for c, vals in cells.items() for s, v in enumerate(vals)]
+    within = lambda a: stats.Comparison(a, "ref", "val/loss", "less", f"{a} within 1 %", margin=0.01)
+    experiment = Experiment("x", Path("x.py"), lambda scale: {c: [] for c in cells}, (), "", comparisons=(within("near"), within("far")))
+    near, far = run_comparisons(experiment, "smoke", rows)
+    assert near["verdict"] == "as expected" and far["verdict"] == "opposite"
+    assert near["mean_b"] == pytest.approx(1.01 * sum(ref) / 5)
+    assert near["text"].startswith("near < 1.01 x ref on val/loss")
+    assert "| far within 1 % | far | 1.01 x ref | val/loss |" in comparisons_markdown([near, far])
+    with pytest.raises(ValueError, match="margin=-2"):
+        stats.Comparison("a", "b", "val/loss", "less", margin=-2)

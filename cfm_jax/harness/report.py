@@ -158,18 +158,18 @@ def run_comparisons(experiment: Experiment, scale: str, rows: list[dict]) -> lis
                 for cell, col in zip((c.a, c.b), c.columns)]
         seeds = sorted(s for s in side[0] if s in side[1] and _numeric([side[0][s], side[1][s]])
                        and all(math.isfinite(v) for v in (side[0][s], side[1][s])))
-        a, b = [side[0][s] for s in seeds], [side[1][s] for s in seeds]
+        a, b = [side[0][s] for s in seeds], [side[1][s] * (1 + c.margin) for s in seeds]
         solved = experiment.solved_at if all(is_accuracy(col) for col in c.columns) else None
         bimodal = stats.is_bimodal(a, solved) or stats.is_bimodal(b, solved)
         result = stats.compare(a, b, bimodal=bimodal) if seeds else {
             "n": 0, "mean_a": math.nan, "mean_b": math.nan, "diff": math.nan, "ci": (math.nan, math.nan),
             "test": "none", "p": math.nan, "p_floor": math.nan}
-        out.append({"a": c.a, "b": c.b, "column": c.label, "expect": c.expect, "claim": c.claim, **result})
+        out.append({"a": c.a, "b": c.b, "b_label": c.b_label, "column": c.label, "expect": c.expect, "claim": c.claim, **result})
     for result, p in zip(out, stats.holm([r["p"] for r in out])):
         result["p_holm"] = p
     for result, c in zip(out, declared):
         result["verdict"] = stats.verdict(result, c.expect) if result["n"] else "not run"
-        result["text"] = stats.wording(result, c) if result["n"] else f"{c.a} vs {c.b} on {c.label}: not run"
+        result["text"] = stats.wording(result, c) if result["n"] else f"{c.a} vs {c.b_label} on {c.label}: not run"
     return out
 
 
@@ -235,7 +235,7 @@ def comparisons_markdown(tests: list[dict]) -> str:
         lo, hi = t["ci"]
         floor = f" (min {_short(t['p_floor'])})" if t["test"] == "sign-flip" else ""
         lines.append(
-            f"| {t['claim']} | {t['a']} | {t['b']} | {t['column']} | a {'>' if t['expect'] == 'greater' else '<'} b "
+            f"| {t['claim']} | {t['a']} | {t.get('b_label', t['b'])} | {t['column']} | a {'>' if t['expect'] == 'greater' else '<'} b "
             f"| {_short(t['mean_a'])} | {_short(t['mean_b'])} | {_short(t['diff'])} [{_short(lo)}, {_short(hi)}] "
             f"| {t['n']} | {t['test']} | {_short(t['p'])}{floor} | {_short(t['p_holm'])} | {t['verdict']} |")
     return "\n".join(lines) + "\n"

@@ -38,6 +38,9 @@ class Comparison:
 
     expect: "greater" if the literature expects a's value above b's, "less" if below.
     claim:  the sentence being tested, e.g. "attention recalls better than a sliding window (Based)".
+    margin: b's values are scaled by (1 + margin) before pairing, so expect="less", margin=0.01 tests
+            "a is below 1.01 x b": a's loss within 1 % of b's (a non-inferiority test; ProSparse's
+            "within 1 % of the dense loss").
     """
 
     a: str
@@ -46,6 +49,12 @@ class Comparison:
     expect: str
     claim: str = ""
     column_b: str | None = None
+    margin: float = 0.0
+
+    @property
+    def b_label(self) -> str:
+        """'b', or '1.01 x b' with a margin."""
+        return self.b if not self.margin else f"{1 + self.margin:g} x {self.b}"
 
     @property
     def columns(self) -> tuple[str, str]:
@@ -59,6 +68,8 @@ class Comparison:
     def __post_init__(self):
         if self.expect not in EXPECTATIONS:
             raise ValueError(f"Comparison expect={self.expect!r}; allowed: {', '.join(EXPECTATIONS)}")
+        if not (math.isfinite(self.margin) and self.margin > -1):
+            raise ValueError(f"Comparison margin={self.margin!r}; allowed: a finite number > -1 (0 = none)")
 
 
 def t_interval(values: list[float], level: float = LEVEL) -> tuple[float, float]:
@@ -159,7 +170,7 @@ def verdict(result: dict, expect: str, alpha: float = ALPHA) -> str:
 
 def wording(result: dict, comparison: Comparison, alpha: float = ALPHA) -> str:
     """The sentence a reading may use for one tested comparison."""
-    a, b, col = comparison.a, comparison.b, comparison.label
+    a, b, col = comparison.a, comparison.b_label, comparison.label
     means = f"{result['mean_a']:.4g} vs {result['mean_b']:.4g}"
     p = f"p = {result['p']:.2g}, Holm-adjusted {result['p_holm']:.2g}, {result['test']}"
     v = verdict(result, comparison.expect, alpha)
