@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="speed / memory benchmarks -> experiments/results/bench[_SCALE].md/.json")
     b.add_argument("--suite", default="all",
-                   help="comma list of: ceilings, train, compile, torch, seqlen, decode, sparse_decode, sparse_loss, moe; or all; "
+                   help="comma list of: ceilings, train, compile, torch, seqlen, decode, sparse_decode, sparse_loss, moe, seed_batch; or all; "
                         "or accel (the accelerator run in bf16 -> bench_SCALE_DEVICE.md)")
     b.add_argument("--scale", default="cpu", choices=list(SCALES))
     b.add_argument("--out", type=Path, default=None, help="default: experiments/results")

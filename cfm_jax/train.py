@@ -55,11 +55,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.
     return jnp.sum(ce * mask), jnp.sum(correct), jnp.sum(mask)
 
 
-def make_train_step(graphdef, tx, skip_nonfinite: bool = False, dtype: str = "float32"):
+def make_train_step(graphdef, tx, skip_nonfinite: bool = False, dtype: str = "float32", jit: bool = True):
     """The jitted step: (params, rest, opt_state, batch, step) -> (params, rest, opt_state, metrics).
 
     `rest` is every non-parameter variable of the model (e.g. a router's selection bias); whatever
-    the forward pass writes into it is carried to the next step.
+    the forward pass writes into it is carried to the next step. jit=False: the plain function, to
+    transform further (cfm_jax.bench.seed_batch vmaps it over seeds).
     """
 
     def loss_fn(params, rest, batch):
@@ -72,7 +73,6 @@ def make_train_step(graphdef, tx, skip_nonfinite: bool = False, dtype: str = "fl
         new_rest = nnx.state(model, nnx.Not(nnx.Param))
         return ce + aux["loss"], (ce, aux, new_rest)
 
-    @jax.jit
     def train_step(params, rest, opt_state, batch, step):
         rest = with_training_step(graphdef, params, rest, step)
         (loss, (ce, aux, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
@@ -89,7 +89,7 @@ def make_train_step(graphdef, tx, skip_nonfinite: bool = False, dtype: str = "fl
                    "params_finite": params_finite.astype(jnp.float32)}
         return *new, {**metrics, **aux["stats"]}
 
-    return train_step
+    return jax.jit(train_step) if jit else train_step
 
 
 def with_training_step(graphdef, params, rest, step):

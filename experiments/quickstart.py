@@ -6,7 +6,8 @@ Command:  cfm-jax sweep quickstart --scale smoke --workers 2 && cfm-jax report q
           committed table from its run records)
 Runtime:  about two minutes at smoke scale on 2 CPU cores (4 cells x 5 seeds, text 200 steps, MQAR
           400 steps of 16-token sequences, two processes); cpu scale (d_model 256, 4 layers) 400 /
-          800 steps, measured in that table's header.
+          800 steps, about 4 core-minutes per text run (measured), not committed: the smoke table is
+          the quickstart's.
 Expected: text cells reach ~3.7-3.8 bits per byte at smoke scale (SwiGLU expected lower: Shazeer
           2020; measured, ReLU is lower after these 200 steps, p < 0.01 over 5 seeds). MQAR with 2
           key-value pairs in 16 tokens (64-token vocabulary, Zoology's filler): attention learns the

@@ -269,3 +269,38 @@ def test_accel_targets_say_how_far_each_measurement_is_from_its_target():
 def test_device_slug_names_an_accelerator_file():
     assert bench.device_slug("NVIDIA H100 80GB HBM3") == "h100" and bench.device_slug("cpu") == "cpu"
     assert bench._stem("full", "NVIDIA H200") == "bench_full_h200" and bench._stem("full") == "bench_full"
+
+
+@pytest.mark.slow  # about 25 s: two compiles of the vmapped step and the suite's timings
+def test_seed_batch_vmapped_step_gives_each_seed_its_separate_run_numbers(tmp_path, capsys):
+    """The vmapped step over 2 seeds equals each seed's own step (losses to rounding) over 3 steps, and
+    the suite writes its table."""
+    from cfm_jax.bench import seed_batch
+    from cfm_jax.config import resolve
+    from cfm_jax.data import make_task
+    from cfm_jax.train import init_state, make_train_step
+
+    cfgs = [resolve("smoke", ["data.task=mqar", "data.vocab_size=64", "data.seq_len=16", "data.num_kv_pairs=2",
+                              "model.d_model=32", "model.n_layers=2", "model.mixer=mamba", f"train.seed={k}"]) for k in (0, 1)]
+    task = make_task(cfgs[0].data)
+    inits = [init_state(c, task.vocab_size) for c in cfgs]
+    graphdef, tx = inits[0][0], inits[0][2]
+    single = make_train_step(graphdef, tx)
+    vmapped = jax.jit(jax.vmap(make_train_step(graphdef, tx, jit=False), in_axes=(0, 0, 0, 0, None)))
+    states = [i[1] for i in inits]
+    together = seed_batch._stack(states)
+    for step in range(3):
+        batches = [task.train_batch(k, step, 8) for k in (0, 1)]
+        losses = []
+        for k, (st, b) in enumerate(zip(states, batches)):
+            p, r, o, m = single(st["params"], st["rest"], st["opt_state"], b, step)
+            states[k] = {"params": p, "rest": r, "opt_state": o}
+            losses.append(float(m["loss"]))
+        p, r, o, m = vmapped(together["params"], together["rest"], together["opt_state"], seed_batch._stack(batches), step)
+        together = {"params": p, "rest": r, "opt_state": o}
+        np.testing.assert_allclose(np.asarray(m["loss"]), losses, rtol=1e-5)
+    assert losses[0] != losses[1]  # two different seeds, not one run twice
+    result = bench.run(("seed_batch",), "smoke")
+    [row] = result["seed_batch"]["models"]
+    assert row["seeds"] == 2 and row["gain"] > 0 and row["max_loss_diff"] < 1e-4
+    assert "## Several seeds in one jitted step (seed_batch)" in bench.to_markdown(result, "cfm-jax bench")

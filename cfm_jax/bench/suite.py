@@ -14,6 +14,8 @@ Suites (all by default):
                    threshold, with their validation loss beside a dense control's (over seeds)
     moe            MoE layer forward+backward (input and parameter gradients) vs a dense FFN of equal
                    active parameters
+    seed_batch     the long-context grids' tiny MQAR training step: one seed per step vs jax.vmap over
+                   several seeds in one step (does batching seeds in one process pay?)
     accel          the accelerator run: ceilings, train, seqlen, decode and moe in bfloat16 compute
                    (`model.dtype=bfloat16`), MFU against the bf16 matmul ceiling, the accelerator targets,
                    within a time budget (ACCEL_BUDGET_S: variants left when it runs out are marked skipped),
@@ -44,6 +46,7 @@ from flax import nnx
 from cfm_jax import registry
 from cfm_jax.bench import matmuls as bench_matmuls
 from cfm_jax.bench import predictor as bench_predictor
+from cfm_jax.bench import seed_batch as bench_seed_batch
 from cfm_jax.bench import sparse_at_loss as bench_sparse_at_loss
 from cfm_jax.bench.timing import counting_faults, paired_rounds, timed
 from cfm_jax.config import ModelConfig, TrainConfig
@@ -54,7 +57,8 @@ from cfm_jax.layers.precision import DTYPES, compute_view
 from cfm_jax.registry import LayerContext
 from cfm_jax.train import make_optimizer, make_train_step
 
-SUITES = ("ceilings", "train", "compile", "torch", "seqlen", "decode", "sparse_decode", "sparse_loss", "moe")
+SUITES = ("ceilings", "train", "compile", "torch", "seqlen", "decode", "sparse_decode", "sparse_loss", "moe",
+          "seed_batch")
 ACCEL_SUITES = ("ceilings", "train", "seqlen", "decode", "moe")
 ACCEL_BUDGET_S = 420.0  # the accel run must end within 8 minutes on one H100, compile included
 VOCAB = 256
@@ -450,7 +454,7 @@ def run(suites: tuple[str, ...], scale: str, dtype: str = "float32", budget_s: f
                "sparse_loss": lambda: bench_sparse_at_loss.at_measured_loss(
                    *s["sparse"], s["sparse_train_steps"], s["sparse_finetune_steps"], SPARSE_LOSS_RATIOS,
                    s["sparse_seeds"], s["sparse_tokens"], 2 * s["reps"] + 1, s["sparse_dram_layers"]),
-               "moe": lambda: suite_moe(s)}
+               "moe": lambda: suite_moe(s), "seed_batch": lambda: bench_seed_batch.suite_seed_batch(scale, 2 * s["reps"])}
     for name in suites:
         if name in runners:
             print(f"bench: suite {name} ({time.strftime('%H:%M:%S')})", file=sys.stderr, flush=True)
@@ -854,6 +858,8 @@ def to_markdown(result: dict, command: str) -> str:
                   "Both differentiate their input and their parameters, as inside a training step.", "",
                   f"MoE {m['moe_fwd_bwd_s'] * 1e3:.1f} ms, dense {m['dense_fwd_bwd_s'] * 1e3:.1f} ms: "
                   f"{m['moe_vs_dense']:.2f}x the dense time.", ""]
+    if "seed_batch" in result:
+        lines += bench_seed_batch.markdown(result["seed_batch"])
     rows = targets(result)
     if rows:
         lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
