@@ -81,7 +81,7 @@ def _method(cell: str) -> str:
 def plot(table, path):
     grouped_lines(table, x=lambda r: r.get("stats/ffn/activation_ratio"), y=lambda r: r.get("val/loss"),
                   ystd=lambda r: r.get("val/loss_std"), group=lambda r: _method(r["cell"]), path=path,
-                  xlabel="activation ratio (share of FFN neurons active per token, measured)",
+                  xlabel="activation ratio (FFN neurons active per token)",
                   ylabel="validation loss (nats)", title="loss vs activation ratio, per sparsity method", logx=True)
 
 
