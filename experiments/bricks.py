@@ -5,7 +5,9 @@ co-activation clusters in a neuron-sparse model, and at expert granularity in a 
 
 Command:  cfm-jax sweep bricks --scale cpu --workers 2 && cfm-jax report bricks --scale cpu
 Runtime:  smoke ~2 min; cpu: 2 models x 5 seeds x 1000 steps at d_model 64 (2 layers) + the analysis,
-          measured in the table's header; full (accelerator): d_model 512, 4 layers, 5000 steps.
+          measured in the table's header; full (accelerator): d_model 512, 4 layers, 5000 steps,
+          about 10 x 0.2 = 2 H100-hours at float32 (a rough estimate from sparsity_pareto's
+          model size, not measured).
 Expected: (CFM 4.4-4.5) skills' top-5 % neuron sets overlap little (0-9 %); pruning a skill's top
           neurons hurts that skill more than random pruning; co-activation clusters (fitted on half
           the tokens) capture more of a held-out token's active neurons than a random partition.

@@ -5,7 +5,9 @@ parameters (top-p, and top-k, constant by construction), all trained on text mix
 
 Command:  cfm-jax sweep dynamic_activation --scale cpu --workers 2 && cfm-jax report dynamic_activation --scale cpu
 Runtime:  smoke ~2 min; cpu: 3 FFNs x 5 seeds x 1000 steps at d_model 64 (2 layers) plus the analysis,
-          measured in the table's header; full (accelerator): d_model 512, 4 layers, 5000 steps.
+          measured in the table's header; full (accelerator): d_model 512, 4 layers, 5000 steps,
+          about 15 x 0.2 = 3 H100-hours at float32 (a rough estimate from sparsity_pareto's
+          model size, not measured).
 Expected: (CFM) hard tokens light up more neurons: a positive Spearman correlation between active
           count and loss for the neuron-sparse FFN, and more active neurons on hard MQAR (16 pairs)
           than on easy (2 pairs); top-k MoE is flat by construction; top-p MoE varies somewhat.
