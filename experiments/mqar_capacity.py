@@ -22,6 +22,14 @@ Sizing for the redesign (single seed-0 probes, attention d 64, 2 layers, batch 6
           (vocabulary >= 4096, up to 64 pairs, 3 widths, 6 mixers, 3 seeds) therefore needs far more
           than the 8 CPU-hours budget at these step counts; why the nonkey filler slows learning at a
           small vocabulary is not understood yet.
+          Later probes (2026-12-07, same model, unbound filler, validation every 250 steps): the earlier
+          2000-step runs decayed their learning rate too soon. With a 4000-step cosine schedule attention
+          at vocabulary 4096, 64 tokens learns both 4 and 8 pairs: accuracy 0.02 / 0.01 at step 1000,
+          0.89 / 0.92 at 2000, 0.98 / 0.98 at 4000 (seed 0, ~340 s per run with two runs sharing the 2
+          cores). lr 1e-2 did not learn 8 pairs (0.00 at 1750 steps), and vocabulary 256 with 8 pairs in
+          64 tokens stayed at chance (0.13-0.14 for 2000 steps of a 3000-step run). A Zoology-sized grid
+          at one length is therefore within reach at d_model 64 (~6 core-minutes per run); widths 128
+          and 256 and lengths past 64 multiply that, which the redesign has to budget.
 Expected: attention near 1 at every width; fixed-state mixers (linear attention, GLA, Mamba, RWKV,
           sliding window below the context) fall off as key-value pairs grow at fixed width and need
           width that grows with the length (Zoology).
