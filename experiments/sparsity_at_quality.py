@@ -17,9 +17,10 @@ neurons in the selected experts, K / 8) and the FFN weights a sparse kernel read
 the rows of its active neurons; the MoE its router plus K experts).
 
 Command:  cfm-jax sweep sparsity_at_quality --scale cpu --workers 2 && cfm-jax report sparsity_at_quality --scale cpu
-Runtime:  smoke ~10 min (75 runs of 20 steps, mostly compilation); cpu: 15 cells x 5 seeds x 800 steps (1.6 M tokens per run), about 1 core-minute
-          per run (measured in the table's header); full (accelerator): d_model 512, 4 layers, 5000
-          steps, about 15 x 5 x 0.2 = 15 H100-hours at float32 (a rough estimate, not measured).
+Runtime:  smoke ~10 min (75 runs of 20 steps, mostly compilation); cpu: 15 cells x 5 seeds x 800
+          steps (1.6 M tokens per run), about 1 core-minute per run, 63 core-minutes measured (the
+          table's header); full (accelerator): d_model 512, 4 layers, 5000 steps, about 15 x 5 x 0.2 =
+          15 H100-hours at float32 (a rough estimate, not measured).
 Expected: ProSparse (Song et al. 2024): L1 with a progressive schedule plus FATReLU reaches ~89 %
           activation sparsity at near-dense quality; fixed top-k costs more loss at equal sparsity;
           Sparsing Law (App. B): at equal sparsity a top-k MoE is worse than neuron-level sparsity.
@@ -37,25 +38,22 @@ SIZES = {"smoke": dict(d=32, layers=2, steps=20), "cpu": dict(d=64, layers=2, st
 SEEDS = 5
 MARGIN = 0.01  # "within 1 % of the dense loss"
 REFERENCE = "relu"
-KNOBS = {"l1": ("c", (0.3, 1, 3, 10, 30)), "fatrelu": ("t", (0.1, 0.25, 0.5)), "topk": ("k", (32, 16, 8)),
-         "moe": ("k", (4, 2, 1))}
+KNOBS = {"l1": (0.3, 1, 3, 10, 30), "fatrelu": (0.1, 0.25, 0.5), "topk": (32, 16, 8), "moe": (4, 2, 1)}
 METHODS = {"l1": "L1 penalty (ProSparse schedule)", "fatrelu": "FATReLU threshold", "topk": "top-k neurons",
            "moe": f"MoE top-k of {E} ReLU experts"}
 COLUMNS = ["val/loss", "stats/ffn/activation_ratio", "ffn_params_active_per_token", "ffn_flops_per_token"]
 
 
 def _knob_cells(scale: str) -> dict[str, list[str]]:
-    """method-knob cell -> the overrides that make the reference FFN sparser that way."""
-    d, steps = SIZES[scale]["d"], SIZES[scale]["steps"]
-    f = 4 * d
-    out = {}
-    for c in KNOBS["l1"][1]:
-        out[f"l1-c{c:g}"] = ["model.ffn.l1_coef=" + f"{c:g}", "model.ffn.l1_schedule=prosparse", "model.ffn.l1_stages=4",
-                             f"model.ffn.l1_stage_steps={max(1, steps // 8)}"]
-    out |= {f"fatrelu-t{t:g}": [f"model.ffn.threshold={t:g}"] for t in KNOBS["fatrelu"][1]}
-    out |= {f"topk-k{k}": [f"model.ffn.top_k={min(k, f)}"] for k in KNOBS["topk"][1]}
+    """method-knob cell -> the overrides that make the reference FFN sparser that way (appended to the
+    reference's; `model.ffn=moe` replaces its FFN)."""
+    f, steps = 4 * SIZES[scale]["d"], SIZES[scale]["steps"]
+    out = {f"l1-c{c:g}": [f"model.ffn.l1_coef={c:g}", "model.ffn.l1_schedule=prosparse", "model.ffn.l1_stages=4",
+                          f"model.ffn.l1_stage_steps={max(1, steps // 8)}"] for c in KNOBS["l1"]}
+    out |= {f"fatrelu-t{t:g}": [f"model.ffn.threshold={t:g}"] for t in KNOBS["fatrelu"]}
+    out |= {f"topk-k{k}": [f"model.ffn.top_k={min(k, f)}"] for k in KNOBS["topk"]}
     out |= {f"moe-k{k}": ["model.ffn=moe", "model.ffn.expert_activation=relu", f"model.ffn.n_experts={E}",
-                          f"model.ffn.top_k={k}", f"model.ffn.d_expert={f // E}"] for k in KNOBS["moe"][1]}
+                          f"model.ffn.top_k={k}", f"model.ffn.d_expert={f // E}"] for k in KNOBS["moe"]}
     return out
 
 
