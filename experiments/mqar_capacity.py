@@ -29,7 +29,14 @@ Sizing for the redesign (single seed-0 probes, attention d 64, 2 layers, batch 6
           cores). lr 1e-2 did not learn 8 pairs (0.00 at 1750 steps), and vocabulary 256 with 8 pairs in
           64 tokens stayed at chance (0.13-0.14 for 2000 steps of a 3000-step run). A Zoology-sized grid
           at one length is therefore within reach at d_model 64 (~6 core-minutes per run); widths 128
-          and 256 and lengths past 64 multiply that, which the redesign has to budget.
+          and 256 and lengths past 64 multiply that, which the redesign has to budget. The fixed-state
+          mixers are the obstacle, not the cost: at the same setting (8 pairs, vocabulary 4096, 4000
+          steps) Mamba and GLA with a 4-tap short convolution never left the uniform-over-values plateau
+          (loss 7.63 = ln 2048, accuracy 0.00) at lr 3e-3, nor did Mamba at d_model 128 (3250 steps);
+          Mamba at lr 1e-3 began to move (loss 6.77 at 4000 steps, accuracy 0.01). Attention left the
+          plateau at step ~1000-1500 (loss 7.23 -> 0.80 by step 2000). A capacity table needs the
+          fixed-state mixers trained past that plateau first (lr grid, longer runs), else it measures
+          trainability again.
 Expected: attention near 1 at every width; fixed-state mixers (linear attention, GLA, Mamba, RWKV,
           sliding window below the context) fall off as key-value pairs grow at fixed width and need
           width that grows with the length (Zoology).
