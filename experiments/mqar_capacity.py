@@ -36,7 +36,10 @@ Sizing for the redesign (single seed-0 probes, attention d 64, 2 layers, batch 6
           Mamba at lr 1e-3 began to move (loss 6.77 at 4000 steps, accuracy 0.01). Attention left the
           plateau at step ~1000-1500 (loss 7.23 -> 0.80 by step 2000). A capacity table needs the
           fixed-state mixers trained past that plateau first (lr grid, longer runs), else it measures
-          trainability again.
+          trainability again. Two more probes: Based's block (model.mixer=based_linear: Taylor feature
+          map, 3-tap short convolution) learns the same setting faster than attention (0.98 at step
+          1000, 1.00 from step 2000); Mamba at lr 1e-3 on an 8000-step schedule climbs slowly (accuracy
+          0.05 at 4000, 0.09 at 8000; loss 5.17), about 17 minutes per run with two runs sharing the cores.
 Expected: attention near 1 at every width; fixed-state mixers (linear attention, GLA, Mamba, RWKV,
           sliding window below the context) fall off as key-value pairs grow at fixed width and need
           width that grows with the length (Zoology).
