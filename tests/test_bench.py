@@ -286,7 +286,7 @@ def test_seed_batch_vmapped_step_gives_each_seed_its_separate_run_numbers(tmp_pa
     inits = [init_state(c, task.vocab_size) for c in cfgs]
     graphdef, tx = inits[0][0], inits[0][2]
     single = make_train_step(graphdef, tx)
-    vmapped = jax.jit(jax.vmap(make_train_step(graphdef, tx, jit=False), in_axes=(0, 0, 0, 0, None)))
+    vmapped = seed_batch.vmapped_step(graphdef, tx)
     states = [i[1] for i in inits]
     together = seed_batch._stack(states)
     for step in range(3):

@@ -33,6 +33,11 @@ def _stack(trees):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
+def vmapped_step(graphdef, tx):
+    """The training step over stacked seeds: every argument with a leading seed axis but the step."""
+    return jax.jit(jax.vmap(make_train_step(graphdef, tx, jit=False), in_axes=(0, 0, 0, 0, None)))
+
+
 def measure(scale: str, mixer: str, vocab: int, length: int, pairs: int, d: int, seeds: int, reps: int) -> dict:
     overrides = ["data.task=mqar", f"data.vocab_size={vocab}", f"data.seq_len={length}", f"data.num_kv_pairs={pairs}",
                  "data.mqar_filler=unbound", f"model.d_model={d}", "model.n_layers=2", f"model.mixer={mixer}",
@@ -44,7 +49,7 @@ def measure(scale: str, mixer: str, vocab: int, length: int, pairs: int, d: int,
     states = [i[1] for i in inits]
     batches = [task.train_batch(k, 0, BATCH) for k in range(seeds)]
     single = make_train_step(graphdef, tx)
-    vmapped = jax.jit(jax.vmap(make_train_step(graphdef, tx, jit=False), in_axes=(0, 0, 0, 0, None)))
+    vmapped = vmapped_step(graphdef, tx)
     args = lambda st, b: (st["params"], st["rest"], st["opt_state"], b, 0)
     stacked = args(_stack(states), _stack(batches))
     single_s = timed(single, *args(states[0], batches[0]), reps=reps)
