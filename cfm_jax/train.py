@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 from pathlib import Path
 
@@ -238,19 +239,20 @@ def train(cfg: Config, workdir: Path, progress: bool = True, reconfigure: bool =
 
 def make_validation(graphdef, task, cfg: Config):
     """`train.eval_every`: fn(params, rest) -> {"eval/SET/loss", "eval/SET/accuracy", ...} on the
-    task's evaluation set at the training length (text: "val"; synthetic tasks: "lenL", L = seq_len,
-    else the first set), in evaluation mode. The keys' "eval/" prefix tells them from training values
+    task's evaluation set at the training length (text: "val"; synthetic tasks: "lenL", L = seq_len, or
+    every "lenLkvK" of MQAR with data.eval_kv_pairs; else the first set), in evaluation mode. The keys' "eval/" prefix tells them from training values
     in metrics.jsonl; `cfm-jax report` draws the curves from them."""
     from cfm_jax.harness.evaluate import evaluate_sets
 
     sets = task.eval_sets(cfg.train.batch_size)
-    name = f"len{cfg.data.seq_len}" if f"len{cfg.data.seq_len}" in sets else next(iter(sets))
+    at_length = re.compile(rf"len{cfg.data.seq_len}(kv\d+)?")  # MQAR with data.eval_kv_pairs: one set per count
+    names = [n for n in sets if at_length.fullmatch(n)] or [next(iter(sets))]
 
     def validate(params, rest) -> dict:
         model = nnx.merge(graphdef, params, rest)
         model.eval()
-        results, _ = evaluate_sets(model, task, {name: sets[name]})
-        return {f"eval/{name}/{k}": float(v) for k, v in results[name].items() if k != "tokens"}
+        results, _ = evaluate_sets(model, task, {n: sets[n] for n in names})
+        return {f"eval/{n}/{k}": float(v) for n in names for k, v in results[n].items() if k != "tokens"}
 
     return validate
 

@@ -39,6 +39,30 @@ def test_param_counts():
     assert counts["params_total"] == counts["params_embedding"] + counts["params_non_embedding"]
 
 
+@pytest.mark.parametrize("mixer", ["attention", "mamba"])
+def test_mixer_only_blocks(mixer):
+    """model.use_ffn=false (Zoology's MQAR models): no FFN parameters, the accounting counts none, and
+    token-by-token decoding still equals the forward."""
+    from cfm_jax.layers.model import efficiency, forward_flops_per_token
+
+    over = ["model.d_model=32", "model.n_layers=2", f"model.mixer={mixer}"]
+    with_ffn, without = (LanguageModel(resolve("smoke", over + [f"model.use_ffn={u}"]).model, vocab_size=50, rngs=nnx.Rngs(0))
+                         for u in ("true", "false"))
+    ffn_params = sum(x.size for b in with_ffn.blocks for x in jax.tree.leaves(nnx.state(b.ffn, nnx.Param)))
+    norm_params = 2 * 32  # one RMSNorm per block goes with its FFN
+    assert param_counts(with_ffn)["params_total"] - param_counts(without)["params_total"] == ffn_params + norm_params
+    assert forward_flops_per_token(with_ffn, 16) - forward_flops_per_token(without, 16) == sum(
+        b.ffn.flops_per_token() for b in with_ffn.blocks)
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 50)
+    logits, aux = without(tokens)
+    assert efficiency(without, aux["stats"], train_len=9)["ffn_params_active_per_token"] == 0
+    state, outs = without.init_state(2, 9), []
+    for t in range(9):
+        lt, state = without.step(tokens[:, t], state)
+        outs.append(lt)
+    np.testing.assert_allclose(jnp.stack(outs, 1), logits, rtol=1e-4, atol=1e-4)
+
+
 def test_collect_aux_sums_losses_and_averages_stats():
     per_layer = [
         {"ffn": {"loss": jnp.float32(1.0), "stats": {"ratio": jnp.float32(0.2)}}, "mixer": {"loss": jnp.float32(0.5), "stats": {}}},

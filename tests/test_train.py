@@ -368,14 +368,15 @@ def test_head_at_scored_positions_only_gives_the_full_loss_and_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_train_step_with_scored_positions_equals_the_full_head_step():
+@pytest.mark.parametrize("counts", ["data.num_kv_pairs=4", "data.train_kv_pairs=2,4,8"])
+def test_train_step_with_scored_positions_equals_the_full_head_step(counts):
     """Through make_train_step itself: an MQAR batch with its positions and the same batch without
-    them give the same loss and the same updated parameters."""
+    them give the same loss and the same updated parameters (also with a pair-count mixture, whose
+    short rows pad their positions with an unscored one)."""
     from cfm_jax.data import make_task
     from cfm_jax.train import init_state, make_train_step
 
-    cfg = resolve("smoke", ["data.task=mqar", "data.vocab_size=512", "data.seq_len=32", "data.num_kv_pairs=4",
-                            "model.d_model=32"])
+    cfg = resolve("smoke", ["data.task=mqar", "data.vocab_size=512", "data.seq_len=32", counts, "model.d_model=32"])
     task = make_task(cfg.data)
     batch = task.train_batch(0, 0, 4)
     graphdef, state, tx, _ = init_state(cfg, task.vocab_size)

@@ -97,6 +97,14 @@ class MQARConfig(DataConfig):
     # random_non_queries: ~one stray copy of a bound key per sequence at a small vocabulary); unbound =
     # the whole vocabulary less the sequence's bound keys (no stray bound key); nonkey = 0 and the value range
     mqar_filler: Literal["zoology", "nonkey", "unbound"] = "zoology"
+    # Based's protocol (Arora et al. 2024): train one model on several pair counts and score it per
+    # count. train_kv_pairs: each training batch's rows split evenly over these counts (() = num_kv_pairs);
+    # eval_kv_pairs: one eval set per count and length, named lenLkvK (() = num_kv_pairs only, named lenL).
+    train_kv_pairs: tuple[int, ...] = ()
+    eval_kv_pairs: tuple[int, ...] = ()
+    # Each eval set holds at least this many scored answers (more batches than eval_batches where
+    # needed; 0 = eval_batches): ~10,000 puts an accuracy's 95 % interval within +-0.01.
+    eval_answers: int = 0
 
 
 def probe_settings(data_cfg: DataConfig) -> MQARConfig:
@@ -115,28 +123,48 @@ class MQARTask(Task):
 
     @classmethod
     def validate(cls, cfg) -> None:
-        for length in (cfg.seq_len, *cfg.lengths()):
-            check_mqar(length, cfg.vocab_size, cfg.num_kv_pairs, cfg.power_a)
+        for name, counts in (("train_kv_pairs", cfg.train_kv_pairs), ("eval_kv_pairs", cfg.eval_kv_pairs)):
+            if counts and (len(set(counts)) != len(counts) or min(counts) < 1):
+                raise UserError(f"data.{name}={counts} must be distinct pair counts >= 1 (() = data.num_kv_pairs)")
+        if cfg.eval_answers < 0:
+            raise UserError(f"data.eval_answers={cfg.eval_answers} must be >= 0 (0 = data.eval_batches batches)")
+        for kv in cfg.train_kv_pairs or (cfg.num_kv_pairs,):
+            check_mqar(cfg.seq_len, cfg.vocab_size, kv, cfg.power_a)
+        for length in cfg.lengths():
+            for kv in cfg.eval_kv_pairs or (cfg.num_kv_pairs,):
+                check_mqar(length, cfg.vocab_size, kv, cfg.power_a)
 
-    def _batch(self, rng, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
+    def _batch(self, rng, batch_size: int, seq_len: int, kv: int | None = None) -> dict[str, np.ndarray]:
         c = self.cfg
-        inputs, labels = mqar_batch(rng, batch_size, seq_len, c.vocab_size, c.num_kv_pairs, c.power_a, c.mqar_filler)
+        inputs, labels = mqar_batch(rng, batch_size, seq_len, c.vocab_size, kv or c.num_kv_pairs, c.power_a, c.mqar_filler)
         return {"inputs": inputs, "labels": labels}
 
     def train_batch(self, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
-        """inputs, labels and "positions" (batch, num_kv_pairs): the scored positions, in order (every
-        sequence has exactly one per pair), so training computes the output head only there."""
-        batch = self._batch(np.random.default_rng((seed, step)), batch_size, self.cfg.seq_len)
-        scored = batch["labels"] != IGNORE
-        batch["positions"] = np.sort(np.argsort(~scored, axis=1, kind="stable")[:, : self.cfg.num_kv_pairs], axis=1).astype(np.int32)
+        """inputs, labels and "positions" (batch, max pair count): the scored positions, in order, so
+        training computes the output head only there. A row with fewer pairs than the most (with
+        data.train_kv_pairs) pads its positions with 0, which is never scored (its label is IGNORE)."""
+        rng = np.random.default_rng((seed, step))
+        counts = self.cfg.train_kv_pairs or (self.cfg.num_kv_pairs,)
+        parts = [self._batch(rng, rows, self.cfg.seq_len, kv) for kv, rows in zip(counts, even_split(batch_size, len(counts))) if rows]
+        batch = {k: np.concatenate([p[k] for p in parts]) for k in ("inputs", "labels")}
+        scored = batch["labels"] != IGNORE  # each row scores exactly its own pair count
+        first = np.argsort(~scored, axis=1, kind="stable")[:, : max(counts)]  # scored positions first, in order
+        batch["positions"] = np.sort(np.where(np.take_along_axis(scored, first, axis=1), first, 0), axis=1).astype(np.int32)
         return batch
 
     def eval_sets(self, batch_size: int) -> dict[str, list[dict[str, np.ndarray]]]:
-        """One set per context length in data.eval_lengths (default: seq_len, 2x, 4x)."""
-        return {
-            f"len{length}": [
-                self._batch(np.random.default_rng((EVAL_STREAM, length, i)), batch_size, length)
-                for i in range(self.cfg.eval_batches)
-            ]
-            for length in self.cfg.lengths()
-        }
+        """One set per context length in data.eval_lengths (default: seq_len, 2x, 4x), named lenL, or
+        with data.eval_kv_pairs one per length and pair count, named lenLkvK."""
+        c, out = self.cfg, {}
+        for length in c.lengths():
+            for kv in c.eval_kv_pairs or (c.num_kv_pairs,):
+                batches = max(c.eval_batches, -(-c.eval_answers // (batch_size * kv)))
+                name = f"len{length}kv{kv}" if c.eval_kv_pairs else f"len{length}"
+                stream = (EVAL_STREAM, length, kv) if c.eval_kv_pairs else (EVAL_STREAM, length)
+                out[name] = [self._batch(np.random.default_rng((*stream, i)), batch_size, length, kv) for i in range(batches)]
+        return out
+
+
+def even_split(total: int, parts: int) -> list[int]:
+    """total split into `parts` near-equal counts, the larger ones first: even_split(10, 4) = [3, 3, 2, 2]."""
+    return [total // parts + (i < total % parts) for i in range(parts)]

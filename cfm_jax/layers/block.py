@@ -12,11 +12,13 @@ from cfm_jax.registry import LayerContext, SlotConfig
 
 
 class Block(nnx.Module):
-    def __init__(self, mixer: SlotConfig, ffn: SlotConfig, ctx: LayerContext, norm_eps: float, *, rngs: nnx.Rngs):
+    def __init__(self, mixer: SlotConfig, ffn: SlotConfig | None, ctx: LayerContext, norm_eps: float, *,
+                 rngs: nnx.Rngs):
+        """ffn None: a mixer-only block, x + mixer(norm(x)) (model.use_ffn=false)."""
         self.mixer_norm = RMSNorm(ctx.d_model, epsilon=norm_eps, rngs=rngs)
         self.mixer = registry.build(mixer, ctx, rngs)
-        self.ffn_norm = RMSNorm(ctx.d_model, epsilon=norm_eps, rngs=rngs)
-        self.ffn = registry.build(ffn, ctx, rngs)
+        self.ffn_norm = None if ffn is None else RMSNorm(ctx.d_model, epsilon=norm_eps, rngs=rngs)
+        self.ffn = None if ffn is None else registry.build(ffn, ctx, rngs)
 
     def __call__(self, x: jax.Array, neuron_hook=None):
         """x: (batch, seq, d_model) -> (x, {"mixer": aux, "ffn": aux}).
@@ -27,6 +29,8 @@ class Block(nnx.Module):
         """
         h, mixer_aux = self.mixer(self.mixer_norm(x))
         x = x + h
+        if self.ffn is None:
+            return x, {"mixer": mixer_aux}
         if neuron_hook is None:
             h, ffn_aux = self.ffn(self.ffn_norm(x))
         elif isinstance(self.ffn, ExpertFFN):
@@ -39,5 +43,7 @@ class Block(nnx.Module):
         """One token. x: (batch, d_model) -> (x, new mixer state)."""
         h, state = self.mixer.step(self.mixer_norm(x), state)
         x = x + h
+        if self.ffn is None:
+            return x, state
         h, _ = self.ffn(self.ffn_norm(x)[:, None, :])
         return x + h[:, 0, :], state

@@ -24,7 +24,7 @@ class LanguageModel(nnx.Module):
         # model.dtype=bfloat16 it must hand bfloat16 activations to the blocks.
         self.embed = nnx.Embed(vocab_size, d, embedding_init=normal_init(cfg.init_std), dtype=DTYPES[cfg.dtype], rngs=rngs)
         self.blocks = nnx.List(
-            Block(cfg.layer_mixer(i), cfg.ffn, LayerContext(d, cfg.n_layers, i, cfg.init_std), cfg.norm_eps, rngs=rngs)
+            Block(cfg.layer_mixer(i), cfg.ffn if cfg.use_ffn else None, LayerContext(d, cfg.n_layers, i, cfg.init_std), cfg.norm_eps, rngs=rngs)
             for i in range(cfg.n_layers)
         )
         self.final_norm = RMSNorm(d, epsilon=cfg.norm_eps, rngs=rngs)
@@ -106,7 +106,9 @@ def forward_flops_per_token(model: LanguageModel, context_len: int) -> float:
     (training on length L: L / 2 on average for causal attention) and FFN, plus the output head."""
     total = 2 * model.cfg.d_model * model.vocab_size
     for block in model.blocks:
-        total += block.mixer.flops_per_token(max(1, context_len)) + block.ffn.flops_per_token()
+        total += block.mixer.flops_per_token(max(1, context_len))
+        if block.ffn is not None:
+            total += block.ffn.flops_per_token()
     return float(total)
 
 
@@ -133,6 +135,8 @@ def efficiency(model: LanguageModel, stats: dict, train_len: int, context_len: i
     counts = param_counts(model)
     ffn_total, ffn_active = 0, 0.0
     for i, block in enumerate(model.blocks):
+        if block.ffn is None:
+            continue
         ffn_total += sum(x.size for x in jax.tree.leaves(nnx.state(block.ffn, nnx.Param)))
         layer = {k.split("/")[1]: v for k, v in stats.items() if k.startswith("ffn/") and k.endswith(f"/layer{i}")}
         ffn_active += ffn_active_params(block.ffn, layer)
