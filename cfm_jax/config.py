@@ -35,8 +35,7 @@ class ModelConfig:
     n_layers: int = 4  # number of blocks
     mixer: SlotConfig = _slot_default("mixer", "attention")  # sequence mixer of every layer
     ffn: SlotConfig = _slot_default("ffn", "dense")  # channel mixer (FFN) of every layer
-    # False: blocks are x + mixer(norm(x)) only, no FFN (Zoology's MQAR models: recall is the mixer's job)
-    use_ffn: bool = True
+    use_ffn: bool = True  # false: blocks are x + mixer(norm(x)) only, no FFN (Zoology's MQAR models)
     # Per-layer mixer kinds, tiled to depth; () = `mixer` in every layer. Syntax on the command line:
     # `model.layers=gla*3+attention`, `model.layers=gla,gla,attention` or a preset (`LAYER_PRESETS`).
     # A layer whose kind equals `mixer.kind` uses `mixer`; another kind uses its entry in `mixers`.

@@ -86,18 +86,18 @@ def test_mqar_batches_are_a_function_of_seed_and_step():
 
 
 def test_mqar_pair_count_mixture_and_per_count_eval_sets():
-    """data.train_kv_pairs: rows split evenly over the counts, each row scoring its own count, the
+    """data.train_kv_pairs: rows split ~1/count over the counts (equal answers per count), each row scoring its own count, the
     positions padded with 0 (an unscored position) to the largest; data.eval_kv_pairs: a set per
     length and count, sized by data.eval_answers; a single count draws the same batches as before."""
     cfg = resolve("smoke", ["data.task=mqar", "data.vocab_size=512", "data.seq_len=64", "data.train_kv_pairs=4,8,16",
                             "data.eval_kv_pairs=4,16", "data.eval_lengths=64,128", "data.eval_answers=1000"]).data
     task = make_task(cfg)
-    batch = task.train_batch(0, 3, 10)  # 10 rows over 3 counts -> 4, 3, 3
-    assert list((batch["labels"] != IGNORE).sum(axis=1)) == [4] * 4 + [8] * 3 + [16] * 3
+    batch = task.train_batch(0, 3, 10)  # 10 rows ~ 1/count -> 6, 3, 1: 24, 24 and 16 answers
+    assert list((batch["labels"] != IGNORE).sum(axis=1)) == [4] * 6 + [8] * 3 + [16]
     assert batch["positions"].shape == (10, 16)
     picked = np.take_along_axis(batch["labels"], batch["positions"], axis=1)
-    assert list((picked != IGNORE).sum(axis=1)) == [4] * 4 + [8] * 3 + [16] * 3  # every answer, each once
-    assert np.all(batch["positions"][:4, :12] == 0) and batch["labels"][0, 0] == IGNORE
+    assert list((picked != IGNORE).sum(axis=1)) == [4] * 6 + [8] * 3 + [16]  # every answer, each once
+    assert np.all(batch["positions"][:6, :12] == 0) and batch["labels"][0, 0] == IGNORE
     sets = task.eval_sets(8)
     assert {k: len(v) for k, v in sets.items()} == {"len64kv4": 32, "len64kv16": 8, "len128kv4": 32, "len128kv16": 8}
     assert np.all((sets["len128kv16"][0]["labels"] != IGNORE).sum(axis=1) == 16)

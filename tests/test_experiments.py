@@ -94,6 +94,38 @@ def test_long_context_reading_tests_the_claims_from_the_numbers():
     assert reading.__globals__["chance"]("niah_single", 64) == 1 / 16  # one of the 16 value tokens
 
 
+def test_mqar_capacity_declares_zoologys_claims_and_words_them_from_the_tests():
+    """The comparisons are Zoology's two claims per fixed-state mixer (fewer pairs better at the
+    smallest width; more width better at the most pairs); the reading flags attention below 0.95 and
+    words each claim by its test's verdict only."""
+    experiment = load_experiment("mqar_capacity")
+    comps = experiment.comparisons_for("cpu")
+    assert len(comps) == 2 * 5 and {c.a.split("-")[0] for c in comps} == {"based", "mamba", "gla", "rwkv", "sliding_window"}
+    few = next(c for c in comps if c.a == "mamba-d64" and c.b == "mamba-d64")
+    assert (few.column, few.column_b, few.expect) == ("len64kv4/accuracy", "len64kv16/accuracy", "greater")
+    wide = next(c for c in comps if c.a == "mamba-d256")
+    assert (wide.b, wide.column, wide.expect) == ("mamba-d64", "len64kv16/accuracy", "greater")
+
+    def row(cell, *accs):
+        return {"cell": cell, **{f"len64kv{k}/accuracy": a for k, a in zip((4, 8, 12, 16), accs)}}
+
+    table = [row("attention-d64", 1.0, 0.99, 0.97, 0.90), row("attention-d256", 1.0, 1.0, 1.0, 0.99),
+             row("mamba-d64", 0.8, 0.5, 0.3, 0.1), row("mamba-d256", 0.9, 0.8, 0.7, 0.6)]
+    tests = [{"a": "mamba-d64", "b": "mamba-d64", "column": "len64kv4/accuracy vs len64kv16/accuracy",
+              "claim": "mamba: 4 pairs recalled better than 16 at width 64", "verdict": "as expected", "diff": 0.7,
+              "ci": (0.6, 0.8), "p_holm": 0.01},
+             {"a": "mamba-d256", "b": "mamba-d64", "column": "len64kv16/accuracy",
+              "claim": "mamba: width 256 recalls 16 pairs better than width 64", "verdict": "not distinguishable",
+              "diff": 0.5, "ci": (-0.2, 1.2), "p_holm": 0.3}]
+    text = experiment.reading_fn(table, tests)
+    assert "Attention does NOT reach 0.95 everywhere: attention-d64 at 16 pairs 0.90" in text
+    assert "- mamba: d64 0.80 / 0.50 / 0.30 / 0.10; d256 0.90 / 0.80 / 0.70 / 0.60." in text
+    assert "4 pairs recalled better than 16 at width 64: found (difference +0.70" in text
+    assert "width 256 recalls 16 pairs better than width 64: not shown (difference +0.50" in text
+    table[0] = row("attention-d64", 1.0, 0.99, 0.97, 0.96)
+    assert "Attention reaches >= 0.95 mean accuracy in every cell" in experiment.reading_fn(table, tests)
+
+
 def test_committed_quickstart_table_regenerates_from_its_records(tmp_path, monkeypatch):
     """What a fresh clone can do without training: `cfm-jax report quickstart --scale smoke` rebuilds
     the committed md and csv byte for byte from the committed run records (and draws the plots)."""

@@ -97,14 +97,10 @@ class MQARConfig(DataConfig):
     # random_non_queries: ~one stray copy of a bound key per sequence at a small vocabulary); unbound =
     # the whole vocabulary less the sequence's bound keys (no stray bound key); nonkey = 0 and the value range
     mqar_filler: Literal["zoology", "nonkey", "unbound"] = "zoology"
-    # Based's protocol (Arora et al. 2024): train one model on several pair counts and score it per
-    # count. train_kv_pairs: each training batch's rows split evenly over these counts (() = num_kv_pairs);
-    # eval_kv_pairs: one eval set per count and length, named lenLkvK (() = num_kv_pairs only, named lenL).
-    train_kv_pairs: tuple[int, ...] = ()
-    eval_kv_pairs: tuple[int, ...] = ()
-    # Each eval set holds at least this many scored answers (more batches than eval_batches where
-    # needed; 0 = eval_batches): ~10,000 puts an accuracy's 95 % interval within +-0.01.
-    eval_answers: int = 0
+    # Based's protocol (Arora et al. 2024): one model trained on several pair counts, scored per count.
+    train_kv_pairs: tuple[int, ...] = ()  # train on these pair counts, rows ~ 1/count (equal answers each); () = num_kv_pairs
+    eval_kv_pairs: tuple[int, ...] = ()  # one eval set per count and length, named lenLkvK; () = num_kv_pairs, named lenL
+    eval_answers: int = 0  # each eval set holds >= this many answers (10,000: accuracy within +-0.01); 0 = eval_batches
 
 
 def probe_settings(data_cfg: DataConfig) -> MQARConfig:
@@ -145,7 +141,7 @@ class MQARTask(Task):
         data.train_kv_pairs) pads its positions with 0, which is never scored (its label is IGNORE)."""
         rng = np.random.default_rng((seed, step))
         counts = self.cfg.train_kv_pairs or (self.cfg.num_kv_pairs,)
-        parts = [self._batch(rng, rows, self.cfg.seq_len, kv) for kv, rows in zip(counts, even_split(batch_size, len(counts))) if rows]
+        parts = [self._batch(rng, rows, self.cfg.seq_len, kv) for kv, rows in zip(counts, rows_per_count(batch_size, counts)) if rows]
         batch = {k: np.concatenate([p[k] for p in parts]) for k in ("inputs", "labels")}
         scored = batch["labels"] != IGNORE  # each row scores exactly its own pair count
         first = np.argsort(~scored, axis=1, kind="stable")[:, : max(counts)]  # scored positions first, in order
@@ -165,6 +161,14 @@ class MQARTask(Task):
         return out
 
 
-def even_split(total: int, parts: int) -> list[int]:
-    """total split into `parts` near-equal counts, the larger ones first: even_split(10, 4) = [3, 3, 2, 2]."""
-    return [total // parts + (i < total % parts) for i in range(parts)]
+def rows_per_count(batch: int, counts: tuple[int, ...]) -> list[int]:
+    """Rows of each pair count such that every count contributes about the same number of answers:
+    rows proportional to 1 / count, by largest remainder, at least one row each (when batch allows).
+    rows_per_count(64, (4, 8, 12, 16)) = [31, 15, 10, 8]."""
+    exact = [batch * (1 / k) / sum(1 / c for c in counts) for k in counts]
+    rows = [max(int(x), 1 if batch >= len(counts) else 0) for x in exact]
+    for i in sorted(range(len(counts)), key=lambda i: rows[i] - exact[i])[: max(0, batch - sum(rows))]:
+        rows[i] += 1
+    while sum(rows) > batch:  # the minimum of one row overshot: take from the largest
+        rows[rows.index(max(rows))] -= 1
+    return rows

@@ -114,6 +114,8 @@ def evaluate(workdir: Path, analyses: tuple[str, ...] = ()) -> dict:
         "device": f"{jax.default_backend()}: {jax.devices()[0].device_kind}",
         "provenance": provenance.provenance(cfg),
     }
+    # One number per run for picking a learning rate over several sets (MQAR's per-pair-count sets)
+    result["metrics"]["mean_accuracy"] = sum(entry["accuracy"] for entry in sets.values()) / len(sets)
     if hasattr(task, "corpus"):
         result["corpus"] = {"fingerprint": task.corpus.fingerprint, "files": task.corpus.n_files,
                             "train_bytes": int(len(task.corpus.train)), "val_bytes": int(len(task.corpus.val)),
