@@ -1,115 +1,126 @@
-"""Recall vs state size (Based): MQAR accuracy against decoding-state bytes per sequence, sweeping the
-knob that sets each mixer's state (window, key dim, d_state, heads).
+"""Recall vs state size (the Based paper's frontier): MQAR accuracy against decoding-state bytes per
+sequence, sweeping the knob that sets each mixer's state at one width.
 
-Command:  cfm-jax sweep recall_vs_state --scale cpu && cfm-jax report recall_vs_state --scale cpu
-Runtime:  smoke ~2 min; cpu: 6 families x 3 knob values x 3 seeds x 1000 steps on MQAR at 32 tokens,
-          3 pairs and a 64-token vocabulary (a shape a d=64 attention model learns on a CPU budget; 4
-          pairs does not, see mqar_capacity), ~42 min on 2 cores with one --shard per core (measured:
-          83 core-minutes of training, 19 of them RWKV's; Mamba cells take 3-4 min each).
-Expected: attention's state grows with length and it recalls best; at equal state, input-dependent
-          recurrences (GLA, Mamba, RWKV) beat linear attention; sliding window is worst at equal state (Based).
+Every cell is mqar_capacity's narrowest cell of its mixer (same data, model, budget, lr grid and seeds:
+vocabulary 4,096, a mixture of 4-16 key-value pairs at 64 tokens, scored per pair count) with one
+state knob changed; the frontier is read at the most pairs (the demanding setting) and the table shows
+every count. Knobs (three values each, the middle or last one mqar_capacity's default):
+  attention        KV heads 1 / 2 / 4 (grouped-query attention: KV cache 8 / 16 / 32 KB per layer at 64 tokens)
+  sliding_window   window 8 / 16 / 32 tokens (no sink tokens)
+  based            key dim before the Taylor map 4 / 8 / 16 (feature dim 21 / 73 / 273)
+  mamba            d_state 4 / 8 / 16
+  gla              key width expand_k 0.25 / 0.5 / 1
+  rwkv             heads 16 / 8 / 4 (head size 4 / 8 / 16: state d_model x head size)
+
+Command:  cfm-jax sweep recall_vs_state --scale cpu --workers 2 && cfm-jax report recall_vs_state --scale cpu
+Runtime:  smoke ~4 min; cpu: 18 cells x (2 tuning runs + 2 more seeds) x 4000 steps at d_model 64, ~6-9
+          minutes per run with two sharing the cores: an estimated ~4.5 hours on 2 cores (the table's
+          header states what was measured); full: mqar_capacity's full shapes, about 18 x 4 x 0.3 = 22
+          H100-hours at float32 (a rough estimate, not measured).
+Expected (Based, Arora et al. 2024, fig. 2): accuracy rises with state for every mixer; at equal
+          state the sliding window is worst, and Based's linear attention sits on or near the frontier
+          (above Mamba at equal state); attention recalls best but with the largest state.
 """
 
-import re
-
+from cfm_jax.harness.experiments import load_experiment
 from cfm_jax.harness.plots import grouped_lines, parse_cell
+from cfm_jax.harness.stats import Comparison
 
-KNOBS = {  # family -> (knob override template, values)
+KNOBS = {  # mixer -> (knob override template, values); cells are MIXER-vV (gla: v x 100)
     "attention": ("model.mixer.n_kv_heads={}", (1, 2, 4)),
-    "sliding_window": ("model.mixer.window={}", (4, 8, 16)),
-    "linear_attention": ("model.mixer.d_key={}", (4, 8, 16)),
-    "gla": ("model.mixer.expand_k={}", (0.25, 0.5, 1.0)),
+    "sliding_window": ("model.mixer.window={}", (8, 16, 32)),
+    "based": ("model.mixer.d_key={}", (4, 8, 16)),
     "mamba": ("model.mixer.d_state={}", (4, 8, 16)),
-    "rwkv": ("model.mixer.n_heads={}", (16, 8, 4)),  # head size d_model / n_heads: state d_model x head size
+    "gla": ("model.mixer.expand_k={}", (0.25, 0.5, 1.0)),
+    "rwkv": ("model.mixer.n_heads={}", (16, 8, 4)),
 }
-SIZES = {"smoke": dict(steps=30, values=1, L=128, kv=8, vocab=512), "cpu": dict(steps=1000, values=3, L=32, kv=3, vocab=64),
-         "full": dict(steps=5000, values=3, L=512, kv=32, vocab=8192)}
 SEEDS = 3
+SOLVED = 0.9
+LR_GRID = [1e-3, 3e-3]
+# Claims at about equal state (4-6 KB per layer: window 8, Based key dim 4, Mamba d_state 4, GLA
+# expand_k 1, RWKV 4 heads) and attention vs the window at 8 KB each; every family's largest knob vs
+# its smallest.
+EQUAL_STATE = [("based-v4", "sliding_window-v8"), ("mamba-v4", "sliding_window-v8"), ("gla-v100", "sliding_window-v8"),
+               ("rwkv-v4", "sliding_window-v8"), ("attention-v1", "sliding_window-v16"), ("based-v4", "mamba-v4")]
+
+
+def _name(mixer: str, value: float) -> str:
+    return f"{mixer}-v{round(value * 100) if mixer == 'gla' else value:g}"
+
+
+def _capacity():
+    return load_experiment("mqar_capacity")
+
+
+def SELECT(scale):
+    return _capacity().select_for(scale)
+
+
+def _base(scale):
+    """mqar_capacity's narrowest cell per mixer: mixer -> overrides."""
+    cap = _capacity().base_cells(scale)
+    width = lambda o: int(next(x.split("=")[1] for x in o if x.startswith("model.d_model=")))
+    return {m: min((o for c, o in cap.items() if c.startswith(f"{m}-d")), key=width) for m in KNOBS}
+
+
+def _setting(scale) -> tuple[int, list[int]]:
+    """(sequence length, pair counts) of the cells."""
+    o = next(iter(_base(scale).values()))
+    get = lambda key: next(x.split("=")[1] for x in o if x.startswith(key + "="))
+    return int(get("data.seq_len")), [int(k) for k in get("data.eval_kv_pairs").split(",")]
 
 
 def cells(scale):
-    s = SIZES[scale]
-    out = {}
-    for family, (template, values) in KNOBS.items():
-        for v in values[: s["values"]]:
-            out[f"{family}-k{v}"] = [
-                "data.task=mqar", f"data.vocab_size={s['vocab']}", f"data.seq_len={s['L']}",
-                f"data.num_kv_pairs={s['kv']}", f"data.eval_lengths={s['L']}", "model.d_model=64", "model.n_layers=2",
-                f"model.mixer={family}", template.format(v), "train.batch_size=64", f"train.steps={s['steps']}", "train.lr=3e-3",
-                "train.warmup_steps=50", "train.checkpoint_every=1000",
-            ]
-    return out
+    base = _base(scale)
+    return {_name(m, v): [*base[m], template.format(f"{v:g}")] for m, (template, values) in KNOBS.items()
+            for v in (values[:1] if scale == "smoke" else values)}
 
 
 def COLUMNS(scale):
-    L = SIZES[scale]["L"]
-    return [f"len{L}/accuracy", f"state_bytes/{L}"]
+    L, pairs = _setting(scale)
+    return [f"len{L}kv{kv}/accuracy" for kv in pairs] + ["mean_accuracy", f"state_bytes/{L}"]
 
 
-def _length(table):
-    """The evaluated length: the N of the table's lenN/accuracy columns."""
-    for r in table:
-        for k in r:
-            if k.startswith("len") and k.endswith("/accuracy"):
-                return int(k[3:].split("/")[0])
-    return None
+def COMPARISONS(scale):
+    if scale == "smoke":
+        return []
+    L, pairs = _setting(scale)
+    col = f"len{L}kv{pairs[-1]}/accuracy"
+    out = [Comparison(a, b, col, "greater", claim=f"{a} above {b} at about equal state (Based)") for a, b in EQUAL_STATE]
+    out += [Comparison(_name(m, values[-1]), _name(m, values[0]), col, "greater", claim=f"{m}: more state, better recall")
+            for m, (_, values) in KNOBS.items()]
+    return out
+
+
+def _state_key(table):
+    return next((k for r in table for k in r if k.startswith("state_bytes/") and not k.endswith(("_std", "_ci"))), None)
+
+
+def _most_key(table):
+    keys = [k for r in table for k in r if k.startswith("len") and k.endswith("/accuracy") and "kv" in k]
+    return max(keys, key=lambda k: int(k.split("kv")[1].split("/")[0])) if keys else None
 
 
 def plot(table, path):
-    L = _length(table)
-    grouped_lines(table, x=lambda r: r.get(f"state_bytes/{L}"), y=lambda r: r.get(f"len{L}/accuracy"),
-                  ystd=lambda r: r.get(f"len{L}/accuracy_std"), group=lambda r: parse_cell(r["cell"])["kind"],
-                  path=path, xlabel="decoding state per sequence (bytes, fp32)", ylabel="MQAR accuracy",
-                  title=f"recall vs state (MQAR, L={L})", logx=True)
-
-
-def _best_within(points, family, max_state):
-    """Best accuracy of `family` among its points with state <= max_state (None if it has none)."""
-    accs = [a for b, a, c in points if parse_cell(c)["kind"] == family and b <= max_state]
-    return max(accs) if accs else None
-
-
-def _compare(points, better, worse, chance):
-    """'A beats B at equal state': the best accuracy of each with state up to the smallest budget at which
-    both have a point (the larger of the two families' smallest states)."""
-    cap = max(min(b for b, _, c in points if parse_cell(c)["kind"] == f) for f in (better, worse))
-    a, b = _best_within(points, better, cap), _best_within(points, worse, cap)
-    if a is None or b is None:
-        return None
-    if max(a, b) < chance + 0.05:
-        verdict = "untested (both at chance)"
-    else:
-        verdict = "agrees" if a > b + 0.02 else ("disagrees" if a < b - 0.02 else "tie")
-    return f"{better} {a:.2f} vs {worse} {b:.2f} with state <= {cap:.0f} bytes: {verdict}"
+    s, a = _state_key(table), _most_key(table)
+    grouped_lines(table, x=lambda r: r.get(s), y=lambda r: r.get(a), ystd=lambda r: r.get(f"{a}_std"),
+                  group=lambda r: parse_cell(r["cell"])["kind"], path=path, logx=True,
+                  xlabel="decoding state per sequence (bytes, fp32)", ylabel=f"MQAR accuracy ({a.split('/')[0]})",
+                  title="recall vs state (Based frontier)")
 
 
 def reading(table, tests=()):
-    L = _length(table)
-    pts = [(r.get(f"state_bytes/{L}"), r.get(f"len{L}/accuracy"), r["cell"]) for r in table
-           if r.get(f"len{L}/accuracy") is not None]
+    s, a = _state_key(table), _most_key(table)
+    pts = sorted((r[s], r[a], r["cell"]) for r in table if a and r.get(a) is not None and r.get(s) is not None)
     if not pts:
         return "No finished cells."
-    best = max(pts, key=lambda p: p[1])
-    smallest_good = min((p for p in pts if p[1] >= 0.9 * best[1]), key=lambda p: p[0])
-    pairs = [int(m.group(1)) for r in table if (m := re.search(r"num_kv_pairs=(\d+)", r.get("command", "")))]
-    chance = 1 / pairs[0] if pairs else 0.0
-    lines = [f"- {c}: accuracy {a:.2f} with {b:.0f} bytes of state" for b, a, c in sorted(pts, key=lambda p: p[0])]
-    lines += ["", f"Chance (guessing among the sequence's {pairs[0] if pairs else '?'} values) is {chance:.2f}. "
-              f"Best accuracy {best[1]:.2f} ({best[2]}, {best[0]:.0f} bytes of state); the smallest state within 90 % "
-              f"of it is {smallest_good[0]:.0f} bytes ({smallest_good[2]}).", "",
-              "The Based paper's claims, each tested at equal state (best accuracy of each family with at most "
-              "the smallest state budget at which both have a point):"]
-    families = {parse_cell(c)["kind"] for _, _, c in pts}
-    claims = [("gla", "linear_attention"), ("mamba", "linear_attention"), ("rwkv", "linear_attention"),
-              ("attention", "sliding_window"), ("gla", "sliding_window"), ("mamba", "sliding_window"),
-              ("rwkv", "sliding_window")]
-    for better, worse in claims:
-        if better in families and worse in families:
-            lines.append(f"- {_compare(pts, better, worse, chance)}")
-    if "attention" in families:
-        top = max((a for _, a, c in pts if parse_cell(c)["kind"] == "attention"))
-        others = max((a for _, a, c in pts if parse_cell(c)["kind"] != "attention"), default=None)
-        if others is not None:
-            lines.append(f"- attention recalls best overall: {top:.2f} vs {others:.2f} for the best other family: "
-                         + ("agrees" if top > others + 0.02 else "disagrees" if top < others - 0.02 else "tie"))
+    lines = [f"Accuracy at the most pairs ({a.split('/')[0]}), mean over seeds, by decoding state (fp32 bytes per "
+             "sequence, all layers):", ""]
+    lines += [f"- {c}: {acc:.2f} with {b / 1024:.1f} KB" for b, acc, c in pts]
+    lines += ["", "Declared comparisons (Holm-adjusted over the table; a claim counts as found only where its test passed):"]
+    for t in tests:
+        diff, (lo, hi) = t.get("diff"), t.get("ci", (float("nan"), float("nan")))
+        what = {"as expected": "found", "opposite": "the opposite found"}.get(t.get("verdict"), "not shown")
+        lines.append(f"- {t['claim']}: {what} (difference {diff:+.2f}, 95 % interval [{lo:+.2f}, {hi:+.2f}], "
+                     f"Holm p = {t.get('p_holm', float('nan')):.2g}).")
     return "\n".join(lines)

@@ -126,6 +126,24 @@ def test_mqar_capacity_declares_zoologys_claims_and_words_them_from_the_tests():
     assert "Attention reaches >= 0.95 mean accuracy in every cell" in experiment.reading_fn(table, tests)
 
 
+def test_recall_vs_state_varies_one_knob_of_mqar_capacitys_narrowest_cells():
+    """Each cell is mqar_capacity's narrowest cell of its mixer plus one state knob; the equal-state
+    claims name existing cells, and the reading lists cells by state and words claims by verdict."""
+    experiment, capacity = load_experiment("recall_vs_state"), load_experiment("mqar_capacity")
+    cells, base = experiment.base_cells("cpu"), capacity.base_cells("cpu")
+    assert len(cells) == 18 and cells["mamba-v4"] == [*base["mamba-d64"], "model.mixer.d_state=4"]
+    assert cells["gla-v25"][-1] == "model.mixer.expand_k=0.25"
+    comps = experiment.comparisons_for("cpu")  # raises if a claim names a cell that does not exist
+    assert len(comps) == 12 and all(c.column == "len64kv16/accuracy" for c in comps)
+    table = [{"cell": "mamba-v4", "len64kv16/accuracy": 0.2, "state_bytes/64": 7168},
+             {"cell": "sliding_window-v8", "len64kv16/accuracy": 0.1, "state_bytes/64": 8192}]
+    tests = [{"claim": "mamba-v4 above sliding_window-v8 at about equal state (Based)", "verdict": "not distinguishable",
+              "diff": 0.1, "ci": (-0.1, 0.3), "p_holm": 0.4}]
+    text = experiment.reading_fn(table, tests)
+    assert text.index("- mamba-v4: 0.20 with 7.0 KB") < text.index("- sliding_window-v8: 0.10 with 8.0 KB")
+    assert "at about equal state (Based): not shown (difference +0.10" in text
+
+
 def test_committed_quickstart_table_regenerates_from_its_records(tmp_path, monkeypatch):
     """What a fresh clone can do without training: `cfm-jax report quickstart --scale smoke` rebuilds
     the committed md and csv byte for byte from the committed run records (and draws the plots)."""
