@@ -50,6 +50,33 @@ def test_sweep_skips_finished_cells_and_reports_one_row_per_cell(tmp_path, capsy
     assert (runs / "tiny" / "smoke" / "mqar" / "eval.json").exists()
 
 
+def test_a_cell_identical_to_another_experiments_run_is_shared_not_retrained(tmp_path, capsys):
+    """Experiment b repeats one of a's cells exactly: b's sweep trains only its other cell, b's report
+    reads the shared run and exports it as b's own record (a fresh clone regenerates b from b's records);
+    a cell that differs in one setting is not shared, and --retrain shares nothing."""
+    base = "['model.d_model=32', 'data.seq_len=32', 'train.batch_size=4', 'train.steps=4', 'data.eval_batches=1']"
+    (tmp_path / "a.py").write_text(f'"""A."""\ndef cells(scale):\n    return {{"x": {base}}}\n')
+    (tmp_path / "b.py").write_text(f'"""B."""\ndef cells(scale):\n    return {{"same": {base}, '
+                                   f'"other": {base} + ["train.lr=0.002"]}}\n')
+    a, b = load_experiment(str(tmp_path / "a.py")), load_experiment(str(tmp_path / "b.py"))
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    assert sweep(a, "smoke", runs, progress=False) == []
+    capsys.readouterr()
+    assert sweep(b, "smoke", runs, progress=False, results_dir=results) == []
+    err = capsys.readouterr().err
+    assert "same: the same run finished for a, skipped" in err and "other: training in" in err
+    assert not (runs / "b" / "smoke" / "same").exists()
+    report(b, "smoke", runs, results)
+    rows = list(csv.DictReader((results / "b_smoke.csv").open()))
+    assert [r["cell"] for r in rows] == ["same", "other"] and all(r["val/bits_per_byte"] for r in rows)
+    assert (results / "runs" / "b" / "smoke" / "same" / "eval.json").read_text() == (runs / "a" / "smoke" / "x" / "eval.json").read_text()
+    shutil.rmtree(runs)  # a fresh clone: b regenerates from its own records
+    report(b, "smoke", runs, results)
+    assert list(csv.DictReader((results / "b_smoke.csv").open())) == rows
+    assert sweep(b, "smoke", tmp_path / "runs2", progress=False, results_dir=results, retrain=True) == []
+    assert (tmp_path / "runs2" / "b" / "smoke" / "same" / "eval.json").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["memory_horizon", "moe_balance"])
 def test_experiment_smoke_sweep_and_report(tmp_path, name):

@@ -34,14 +34,51 @@ def record_dir(results_dir: Path, experiment: str, scale: str, cell: str) -> Pat
     return Path(results_dir) / RECORDS / experiment / scale / cell
 
 
-def finder(experiment: str, scale: str, runs_dir: Path, results_dir: Path | None):
+def finder(experiment: str, scale: str, runs_dir: Path, results_dir: Path | None, shared: bool = True):
     """find(run, cfg) -> the local workdir or else the committed record holding a finished or
-    diverged run of cfg, or None (results_dir None: local workdirs only)."""
+    diverged run of cfg, else (shared) a finished identical run of another experiment, or None
+    (results_dir None: local workdirs only)."""
+    elsewhere = identical_finder(experiment, scale, runs_dir, results_dir) if shared else (lambda cfg: None)
+
     def find(run: str, cfg: Config) -> Path | None:
         dirs = [cell_workdir(runs_dir, experiment, scale, run)]
         if results_dir is not None:
             dirs.append(record_dir(results_dir, experiment, scale, run))
-        return next((d for d in dirs if finished(d, cfg) or diverged(d, cfg)), None)
+        return next((d for d in dirs if finished(d, cfg) or diverged(d, cfg)), None) or elsewhere(cfg)
+
+    return find
+
+
+def result_key(cfg: Config) -> str:
+    """What decides a run's result: its config less the keys a resume may change (train.steps kept),
+    as canonical JSON. Two runs with one key are the same run (config_matches)."""
+    ignored = set(wd.RESUMABLE_KEYS) - {"train.steps"}
+    flat = config_lib.flatten(config_lib.to_dict(cfg))
+    return json.dumps({k: v for k, v in flat.items() if k not in ignored}, sort_keys=True, default=str)
+
+
+def identical_finder(experiment: str, scale: str, runs_dir: Path, results_dir: Path | None):
+    """find(cfg) -> a finished run of exactly cfg made for another experiment at this scale (its local
+    workdir, else its committed record), or None. One experiment's cells may repeat another's (e.g.
+    recall_vs_state's default-knob cells are mqar_capacity's narrowest): such a run is trained once.
+    The index of the other experiments' finished runs is built at the first lookup."""
+    index: dict[str, Path] | None = None
+
+    def find(cfg: Config) -> Path | None:
+        nonlocal index
+        if index is None:
+            index = {}
+            roots = [Path(runs_dir)] + ([Path(results_dir) / RECORDS] if results_dir is not None else [])
+            for run_dir in (d for root in roots for d in sorted(root.glob(f"*/{scale}/*"))):
+                if run_dir.parts[-3] == experiment or not (run_dir / wd.EVAL).exists():
+                    continue
+                saved = read_json(run_dir / wd.CONFIG)
+                try:
+                    index.setdefault(result_key(config_lib.from_dict(saved["config"])), run_dir)
+                except (ValueError, KeyError, TypeError):  # unreadable or from an incompatible version
+                    continue
+        found = index.get(result_key(cfg))
+        return found if found is not None and finished(found, cfg) else None
 
     return find
 

@@ -3,8 +3,9 @@ experiment's own plot), _curves.png (learning curves) and the committed run reco
 
 Every number comes from a run's eval.json: the local workdir (runs/EXP/SCALE/CELL) where it holds a
 finished run of the cell's current config, else the committed record (experiments/results/runs/...,
-see records.py). Runs read from local workdirs are exported as records, so the committed files
-regenerate from git alone. The .csv has one row per run (every seed); the .md one row per cell with
+see records.py), else a finished run of the identical config made for another experiment (shared, not
+retrained). Runs read from local workdirs or shared are exported as this experiment's records, so the
+committed files regenerate from git alone. The .csv has one row per run (every seed); the .md one row per cell with
 mean, 95 % interval, per-seed values, then the declared comparisons with their tests (stats.py), the
 experiment's plot, the curves, and its reading, which receives the test results.
 """
@@ -69,13 +70,14 @@ def collect_runs(experiment: Experiment, scale: str, runs_dir: Path, results_dir
     rows = []
     bases = experiment.base_cells(scale)
     configs = experiment.configs(scale, picks)
+    shared = records.identical_finder(experiment.name, scale, runs_dir, results_dir)
     for cell, overrides in experiment.cells(scale, picks).items():
         workdir = cell_workdir(runs_dir, experiment.name, scale, cell)
         record = records.record_dir(results_dir, experiment.name, scale, cell)
         m = SEED_SUFFIX.search(cell)
         base = cell if cell in bases else experiment.base_of(cell) if experiment.lr_grid else SEED_SUFFIX.sub("", cell)
         row = {"cell": cell, "base": base, "seed": int(m.group(1)) if m and cell not in bases else 0}
-        source = next((d for d in (workdir, record) if records.finished(d, configs[cell])), None)
+        source = next((d for d in (workdir, record) if records.finished(d, configs[cell])), None) or shared(configs[cell])
         stopped = next((d for d in (workdir, record) if records.diverged(d, configs[cell])), None)
         if source is not None:
             result = records.read_json(source / wd.EVAL)
@@ -89,7 +91,8 @@ def collect_runs(experiment: Experiment, scale: str, runs_dir: Path, results_dir
             row["status"] = "not run" if not workdir.exists() else "unfinished"
         if source or stopped:
             found = source or stopped
-            row["source"] = "runs" if found == workdir else "record"
+            # "shared": the same run made for another experiment, exported as this one's record too
+            row["source"] = "runs" if found == workdir else "record" if found == record else "shared"
             row["_config"] = records.read_json(found / wd.CONFIG)
             row["_metrics"] = records.downsample(wd.read_metrics(found))
             row["_workdir"] = found
@@ -367,7 +370,7 @@ def report(experiment: Experiment, scale: str, runs_dir: Path, results_dir: Path
     csv_columns = ["cell", "seed", *columns, *(["status"] if any("status" in r for r in all_rows) else []), "command"]
     wd.write_atomic(results_dir / f"{stem}.csv", to_csv(csv_columns, all_rows))
     for r in all_rows:
-        if r.get("source") == "runs":
+        if r.get("source") in ("runs", "shared"):
             records.export(r["_workdir"], records.record_dir(results_dir, experiment.name, scale, r["cell"]))
     return md_path, markdown
 

@@ -58,7 +58,7 @@ def sweep(experiment: Experiment, scale: str, runs_dir: Path, progress: bool = T
     launchers.SlurmOptions to run the cells as SLURM jobs (one per cell) instead of here."""
     if workers < 1:
         raise UserError(f"--workers {workers} must be >= 1")
-    find = records.finder(experiment.name, scale, runs_dir, None if retrain else results_dir)
+    find = records.finder(experiment.name, scale, runs_dir, None if retrain else results_dir, shared=not retrain)
     failed: list[str] = []
     while True:
         picks = None
@@ -101,8 +101,10 @@ def _unfinished(experiment, scale, runs_dir, configs, shard, find) -> list[tuple
         found = find(cell, configs[cell])
         if found == workdir:
             print(f"[{i}/{len(names)}] {cell}: done, skipped", file=sys.stderr)
-        elif found is not None:
+        elif found is not None and found.parts[-3] == experiment.name:
             print(f"[{i}/{len(names)}] {cell}: committed record matches, skipped ({found})", file=sys.stderr)
+        elif found is not None:
+            print(f"[{i}/{len(names)}] {cell}: the same run finished for {found.parts[-3]}, skipped ({found})", file=sys.stderr)
         else:
             todo.append((cell, workdir))
     return todo
