@@ -5,7 +5,8 @@ Every cell is mqar_capacity's narrowest cell of its mixer (same data, model, bud
 vocabulary 4,096, a mixture of 4-16 key-value pairs at 64 tokens, scored per pair count) with one
 state knob changed; the frontier is read at the most pairs (the demanding setting) and the table shows
 every count. Knobs (three values each, the middle or last one mqar_capacity's default):
-  attention        KV heads 1 / 2 / 4 (grouped-query attention: KV cache 8 / 16 / 32 KB per layer at 64 tokens)
+  attention        4 / 2 / 1 query heads sharing one KV head (head size 16 / 32 / 64: KV cache 8 / 16 / 32 KB
+                   per layer at 64 tokens)
   sliding_window   window 8 / 16 / 32 tokens (no sink tokens)
   based            key dim before the Taylor map 4 / 8 / 16 (feature dim 21 / 73 / 273)
   mamba            d_state 4 / 8 / 16
@@ -27,7 +28,8 @@ from cfm_jax.harness.plots import grouped_lines, parse_cell
 from cfm_jax.harness.stats import Comparison
 
 KNOBS = {  # mixer -> (knob override template, values); cells are MIXER-vV (gla: v x 100)
-    "attention": ("model.mixer.n_kv_heads={}", (1, 2, 4)),
+    # attention: 1 / 2 / 4 query heads sharing one KV head (head size 64 / 32 / 16): the KV cache shrinks
+    "attention": ("model.mixer.n_heads={}", (4, 2, 1)),
     "sliding_window": ("model.mixer.window={}", (8, 16, 32)),
     "based": ("model.mixer.d_key={}", (4, 8, 16)),
     "mamba": ("model.mixer.d_state={}", (4, 8, 16)),
@@ -38,10 +40,10 @@ SEEDS = 3
 SOLVED = 0.9
 LR_GRID = [1e-3, 3e-3]
 # Claims at about equal state (4-6 KB per layer: window 8, Based key dim 4, Mamba d_state 4, GLA
-# expand_k 1, RWKV 4 heads) and attention vs the window at 8 KB each; every family's largest knob vs
-# its smallest.
+# expand_k 1, RWKV 4 heads) and attention vs the window at 8 KB each (4 heads of size 16 sharing one KV
+# head; window 16); every family's largest knob vs its smallest.
 EQUAL_STATE = [("based-v4", "sliding_window-v8"), ("mamba-v4", "sliding_window-v8"), ("gla-v100", "sliding_window-v8"),
-               ("rwkv-v4", "sliding_window-v8"), ("attention-v1", "sliding_window-v16"), ("based-v4", "mamba-v4")]
+               ("rwkv-v4", "sliding_window-v8"), ("attention-v4", "sliding_window-v16"), ("based-v4", "mamba-v4")]
 
 
 def _name(mixer: str, value: float) -> str:
@@ -70,9 +72,15 @@ def _setting(scale) -> tuple[int, list[int]]:
     return int(get("data.seq_len")), [int(k) for k in get("data.eval_kv_pairs").split(",")]
 
 
+def _knob(mixer: str, value: float) -> list[str]:
+    template = KNOBS[mixer][0]
+    multi_query = ["model.mixer.n_kv_heads=1"] if mixer == "attention" and value > 1 else []
+    return [template.format(f"{value:g}"), *multi_query]
+
+
 def cells(scale):
     base = _base(scale)
-    return {_name(m, v): [*base[m], template.format(f"{v:g}")] for m, (template, values) in KNOBS.items()
+    return {_name(m, v): [*base[m], *_knob(m, v)] for m, (_, values) in KNOBS.items()
             for v in (values[:1] if scale == "smoke" else values)}
 
 
