@@ -108,3 +108,22 @@ def test_killed_sweep_finishes_on_rerun(tmp_path):
     assert [r["cell"] for r in rows] == ["a", "b", "c"] and all(r["val/loss"] for r in rows)
     steps_b = [r["step"] for r in wd.read_metrics(runs / "three" / "smoke" / "b")]
     assert steps_b == sorted(set(steps_b)) and steps_b[-1] == 30
+
+
+def test_killed_parallel_sweep_leaves_no_worker_training(tmp_path):
+    """SIGKILL of a `--workers 2` sweep: its workers stop within seconds instead of finishing their cells
+    and starting the ones queued to them (seen on this machine: orphaned workers trained two more cells)."""
+    exp = tmp_path / "four.py"
+    exp.write_text(
+        '"""Four tiny cells."""\n'
+        "BASE = ['model.d_model=32', 'data.seq_len=32', 'train.batch_size=4', 'train.steps=400', 'data.eval_batches=1']\n"
+        "def cells(scale):\n"
+        "    return {c: BASE + [f'train.seed={i}'] for i, c in enumerate('abcd')}\n"
+    )
+    runs = tmp_path / "runs" / "four" / "smoke"
+    cmd = [EXE, "sweep", str(exp), "--scale", "smoke", "--runs-dir", str(tmp_path / "runs"), "--no-progress", "--workers", "2"]
+    started = lambda: all((runs / c / "metrics.jsonl").exists() for c in "ab")
+    assert kill_when(cmd, started)
+    time.sleep(30)  # orphaned workers (before the fix) finished a and b and started c within ~20 s here
+    assert not (runs / "c").exists() and not (runs / "d").exists(), "a worker went on to the next cell"
+    assert not any((runs / c / "eval.json").exists() for c in "ab"), "a worker went on training its cell"

@@ -137,9 +137,26 @@ def gpu_queue(context, workers: int):
     return devices
 
 
-def _worker_init(devices) -> None:
-    """A sweep worker's start: its own GPU (if any; set before JAX starts its backend), then the
-    allocator setting every cfm-jax process uses."""
+def _exit_with_parent(parent: int, every_s: float = 2.0) -> None:
+    """Stop this worker when the sweep process that spawned it is gone (killed, even by SIGKILL):
+    otherwise it would finish its cell and start the cells already queued to it, unwatched. Exiting
+    mid-training is safe: the cell resumes from its last checkpoint on the next sweep."""
+    import threading
+    import time
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+def _worker_init(devices, parent: int | None = None) -> None:
+    """A sweep worker's start: a watch on the sweep process, its own GPU (if any; set before JAX
+    starts its backend), then the allocator setting every cfm-jax process uses."""
+    if parent is not None:
+        _exit_with_parent(parent)
     device, share = devices.get()
     if device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = device
@@ -166,7 +183,7 @@ def _run_all(experiment, configs, todo, progress: bool, workers: int) -> list[st
     # machine with several GPUs takes its own (round robin), so workers do not share one device.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                             initargs=(gpu_queue(context, workers),)) as pool:
+                             initargs=(gpu_queue(context, workers), os.getpid())) as pool:
         futures = {cell: pool.submit(run_cell, configs[cell], workdir, experiment.analyses, False) for cell, workdir in todo}
         for cell, future in futures.items():
             error = future.result()
