@@ -149,6 +149,8 @@ def test_mqar_capacity_declares_zoologys_claims_and_words_them_from_the_tests():
     assert "- mamba: d64 0.80 / 0.50 / 0.30 / 0.10; d256 0.90 / 0.80 / 0.70 / 0.60." in text
     assert "4 pairs recalled better than 16 at width 64: found (difference +0.70" in text
     assert "width 256 recalls 16 pairs better than width 64: not shown (difference +0.50" in text
+    assert "a significant drop from the fewest to the most pairs at the smallest width in 1 of 5 fixed-state mixers (mamba)" in text
+    assert "a significant rise with width at the most pairs in 0 (none)" in text
     table[0] = row("attention-d64", 1.0, 0.99, 0.97, 0.96)
     assert "Attention reaches >= 0.95 mean accuracy in every cell" in experiment.reading_fn(table, tests)
 
