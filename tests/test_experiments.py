@@ -50,6 +50,25 @@ def test_sweep_skips_finished_cells_and_reports_one_row_per_cell(tmp_path, capsy
     assert (runs / "tiny" / "smoke" / "mqar" / "eval.json").exists()
 
 
+def test_sweep_runs_every_other_cell_when_one_workdir_holds_an_edited_cells_old_run(tmp_path, capsys):
+    """After an experiment file changes one cell, that cell's workdir holds a run of the old config:
+    the sweep leaves it untouched, trains the other cells, then stops with one error naming it."""
+    from cfm_jax.errors import UserError
+
+    base = "['model.d_model=32', 'data.seq_len=32', 'train.batch_size=4', 'train.steps=4', 'data.eval_batches=1']"
+    path = tmp_path / "e.py"
+    path.write_text(f'"""E."""\ndef cells(scale):\n    return {{"edited": {base}}}\n')
+    runs = tmp_path / "runs"
+    assert sweep(load_experiment(str(path)), "smoke", runs, progress=False) == []
+    old_eval = (runs / "e" / "smoke" / "edited" / "eval.json").read_text()
+    path.write_text(f'"""E."""\ndef cells(scale):\n    return {{"edited": {base} + ["train.lr=0.002"], "new": {base}}}\n')
+    with pytest.raises(UserError, match=r"1 cell\(s\) not run .* e.g. edited: .*train.lr.*move or delete"):
+        sweep(load_experiment(str(path)), "smoke", runs, progress=False)
+    assert "edited: NOT RUN" in capsys.readouterr().err
+    assert (runs / "e" / "smoke" / "new" / "eval.json").exists()
+    assert (runs / "e" / "smoke" / "edited" / "eval.json").read_text() == old_eval  # the old run is kept
+
+
 def test_a_cell_identical_to_another_experiments_run_is_shared_not_retrained(tmp_path, capsys):
     """Experiment b repeats one of a's cells exactly: b's sweep trains only its other cell, b's report
     reads the shared run and exports it as b's own record (a fresh clone regenerates b from b's records);

@@ -60,6 +60,7 @@ def sweep(experiment: Experiment, scale: str, runs_dir: Path, progress: bool = T
         raise UserError(f"--workers {workers} must be >= 1")
     find = records.finder(experiment.name, scale, runs_dir, None if retrain else results_dir, shared=not retrain)
     failed: list[str] = []
+    stale: dict[str, str] = {}  # cell -> why its workdir cannot be resumed
     while True:
         picks = None
         if experiment.lr_grid:
@@ -70,9 +71,9 @@ def sweep(experiment: Experiment, scale: str, runs_dir: Path, progress: bool = T
                 print(f"learning rate not picked yet for {len(waiting)} cell(s) (tuning runs unfinished): "
                       f"{', '.join(waiting[:5])}{' ...' if len(waiting) > 5 else ''}", file=sys.stderr)
         configs = experiment.configs(scale, picks)  # every run resolves before anything runs
-        todo = _unfinished(experiment, scale, runs_dir, configs, shard, find)
+        todo = _unfinished(experiment, scale, runs_dir, configs, shard, find, stale)
         if not todo:
-            return failed
+            return _done(failed, stale)
         if slurm is not None:
             from cfm_jax.harness.launchers import run_slurm
 
@@ -86,10 +87,21 @@ def sweep(experiment: Experiment, scale: str, runs_dir: Path, progress: bool = T
             else:
                 failed.append(cell)
         if not experiment.lr_grid:
-            return failed
+            return _done(failed, stale)
 
 
-def _unfinished(experiment, scale, runs_dir, configs, shard, find) -> list[tuple[str, Path]]:
+def _done(failed: list[str], stale: dict[str, str]) -> list[str]:
+    """The sweep's result, once every runnable cell ran; cells left stale need the user's decision."""
+    if stale:
+        cell, why = next(iter(stale.items()))
+        raise UserError(f"{len(stale)} cell(s) not run because their workdir holds a run of another config, "
+                        f"e.g. {cell}: {why}; move or delete those workdirs to retrain them")
+    return failed
+
+
+def _unfinished(experiment, scale, runs_dir, configs, shard, find, stale: dict[str, str]) -> list[tuple[str, Path]]:
+    """The runs of this shard still to train, in order; cells whose workdir holds another config (the
+    experiment file was edited since) go to `stale` instead, so the rest of the sweep still runs."""
     if experiment.lr_grid:  # by base cell: the run list grows as learning rates are picked
         bases = list(experiment.base_cells(scale))
         names = [n for n in configs if bases.index(experiment.base_of(n)) % shard[1] == shard[0]]
@@ -106,6 +118,13 @@ def _unfinished(experiment, scale, runs_dir, configs, shard, find) -> list[tuple
         elif found is not None:
             print(f"[{i}/{len(names)}] {cell}: the same run finished for {found.parts[-3]}, skipped ({found})", file=sys.stderr)
         else:
+            try:
+                wd.check_compatible(workdir, configs[cell])
+            except UserError as e:
+                if cell not in stale:
+                    print(f"[{i}/{len(names)}] {cell}: NOT RUN: {e}", file=sys.stderr)
+                stale[cell] = str(e)
+                continue
             todo.append((cell, workdir))
     return todo
 
