@@ -1,72 +1,112 @@
-"""Long-context suite: every mixer kind and two hybrids on the whole task suite, accuracy vs length
-(training length and 2x, 4x, 8x beyond), with state bytes and RULER's effective length.
+"""Long-context retrieval: which mixers retrieve by key, how far past the training length, and what
+one attention layer adds to a recurrent stack (RULER-style tasks at small scale).
 
-Command:  cfm-jax sweep long_context --scale cpu && cfm-jax report long_context --scale cpu
-Runtime:  smoke ~5 min (9 models x 4 tasks, 20 steps); cpu: 9 models x 2 tasks (passkey, single
-          needle) x 3 seeds at 64 tokens, 600 steps each: 119 core-minutes of training (measured; the two
-          4-layer hybrids take 51 of them), ~60 min on 2 cores with one --shard per core; full: 9 models
-          x 9 tasks at 512 tokens.
-          A d=64 2-layer attention model learns passkey and single-needle retrieval at 64 tokens in
-          600 steps (accuracy 1.00, measured), and variable tracking (0.96), but not multi-key needles
-          (0.12), so the cpu scale keeps the first two.
-Expected: attention retrieves at the training length and degrades past it (RoPE extrapolation);
-          sliding window fails needles beyond its window; fixed-state mixers fall off with length; the
-          hybrids recover much of attention's recall.
+Tasks (cfm_jax/data/needle.py, tracking.py; token vocabulary 256 with disjoint key, value and filler
+ranges, so a value token occurs only where it is stored):
+  passkey            control: one number in repeated filler, no key to match
+  niah_single        control: one needle [NEEDLE key v1 v2], queried by its key; the values occur
+                     nowhere else, so it is solvable without matching the key
+  niah_multiquery    4 needles with distinct keys, each queried: the answer depends on the key (RULER's
+                     multi-key needle, queried 4 times per sequence: one query per sequence gave a d_model-64
+                     attention model too little signal, 0.11 after 3,000 steps, measured)
+  niah_multivalue    4 values stored under one key, all recalled in order
+  variable_tracking  a chain X1 = v, X2 = X1, ... (4 hops) among noise: name every variable bound to v
+Models, all 2 layers of d_model 64 (the project's block: mixer + SwiGLU FFN): attention and sliding
+window (window 16, no sinks) with one head, Based (linear attention + short conv), GLA (short conv 4),
+Mamba, RWKV-6, and two hybrids of the same depth: a GLA and a Mamba layer each followed by one
+attention layer (`model.layers=gla,attention`); their parameter counts are in the table (params_total).
+Trained at 64 tokens; accuracy per scored token at 64 / 128 / 256 / 512 (8x) and, for the needle
+tasks, at the training length by needle depth 0 / 25 / 50 / 75 / 100 % (len64_depthD: depth 0 is the
+start of the haystack, the farthest from the query), which shows a window's reach.
+
+Command:  cfm-jax sweep long_context --scale cpu --workers 2 && cfm-jax report long_context --scale cpu
+Runtime:  smoke ~6 min (8 models x 5 tasks, 20 steps); cpu: 8 x 5 x 3 seeds x 3000 steps at batch 32,
+          an estimated ~5 hours on 2 cores (the table's header states what was measured); full: d_model
+          256, 8 layers, 512 tokens (RULER's single-query multi-key task), 5000 steps, about 40 x 3 x
+          0.3 = 36 H100-hours at float32 (a rough estimate, not measured).
+Sizing (seed 0, attention with one head, lr 1e-3): niah_multiquery is learned by step 1750 (0.98),
+          single-query niah_multikey not in 3000 steps (0.11).
+Expected: attention retrieves at the training length and degrades past it (RoPE extrapolation); the
+          window fails needles beyond its reach (low at depth 0, high at depth 100); fixed-state mixers
+          lose key-matched retrieval first (multi-query, variable tracking) while the controls stay easy;
+          one attention layer restores much of a recurrent stack's recall (Jamba, Zoology's hybrids).
 """
 
-import re
-
-from cfm_jax.config import layer_pattern
 from cfm_jax.data import get_task_class
 from cfm_jax.harness.plots import grouped_lines
+from cfm_jax.harness.stats import Comparison
 
-MIXERS = ("attention", "sliding_window", "mla", "linear_attention", "gla", "mamba", "rwkv")
-HYBRIDS = {  # name -> layer pattern
-    "smoke": {"hybrid_gla": "gla*3+attention", "hybrid_jamba": "jamba"},
-    # cpu: Jamba's 1 attention : 7 Mamba takes 8 layers of 7 Mamba scans per step, over this scale's
-    # budget; 3 : 1 keeps the idea (mostly Mamba, one attention layer) at 4 layers.
-    "cpu": {"hybrid_gla": "gla*3+attention", "hybrid_mamba": "mamba*3+attention"},
-    "full": {"hybrid_gla": "gla*3+attention", "hybrid_jamba": "jamba"},
+MODELS = {  # name -> overrides (every model: SIZES' depth and width)
+    "attention": ["model.mixer=attention", "model.mixer.n_heads=1"],
+    "sliding_window": ["model.mixer=sliding_window", "model.mixer.n_heads=1", "model.mixer.window={window}",
+                       "model.mixer.sinks=0"],
+    "based": ["model.mixer=based_linear"],
+    "gla": ["model.mixer=gla", "model.mixer.conv_size=4"],
+    "mamba": ["model.mixer=mamba"],
+    "rwkv": ["model.mixer=rwkv"],
+    "hybrid_gla": ["model.mixer=attention", "model.mixer.n_heads=1", "model.layers=gla,attention",
+                   "model.mixers.gla.conv_size=4"],
+    "hybrid_mamba": ["model.mixer=attention", "model.mixer.n_heads=1", "model.layers=mamba,attention"],
 }
 TASKS = {
-    "smoke": ("mqar", "niah_single", "passkey", "selective_copying"),
-    # cpu: the tasks a d=64 model learns within its budget; full: the whole suite.
-    "cpu": ("passkey", "niah_single"),
-    "full": ("mqar", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "passkey",
-             "variable_tracking", "selective_copying", "copying"),
+    "smoke": ("passkey", "niah_single", "niah_multiquery", "niah_multivalue", "variable_tracking"),
+    "cpu": ("passkey", "niah_single", "niah_multiquery", "niah_multivalue", "variable_tracking"),
+    "full": ("passkey", "niah_single", "niah_multikey", "niah_multiquery", "niah_multivalue", "variable_tracking"),
 }
-SIZES = {"smoke": dict(d=32, layers=2, L=64, steps=20, window=16), "cpu": dict(d=64, layers=2, L=64, steps=600, window=16),
-         "full": dict(d=256, layers=8, L=512, steps=5000, window=64)}  # jamba hybrids always use 8 layers
+SIZES = {"smoke": dict(d=32, layers=2, L=64, steps=20, window=16, batch=8),
+         "cpu": dict(d=64, layers=2, L=64, steps=3000, window=16, batch=32),
+         "full": dict(d=256, layers=8, L=512, steps=5000, window=64, batch=32)}
 SEEDS = 3
-COLUMNS_LENGTHS = (1, 2, 4, 8)
+SOLVED = 0.9
+LENGTH_FACTORS = (1, 2, 4, 8)
+DEPTHS = (0, 25, 50, 75, 100)
+KEYED = ("niah_multiquery", "variable_tracking")  # tasks whose answer needs the key matched
+
+
+def _needle(task: str) -> bool:
+    return get_task_class(task).has_depth
 
 
 def cells(scale):
     s = SIZES[scale]
     L = s["L"]
     out = {}
-    models = {name: ([f"model.mixer={name}"], s["layers"]) for name in MIXERS}
-    for name, pattern in HYBRIDS[scale].items():  # tiled to the scale's depth if it is whole periods
-        period = len(layer_pattern(pattern))
-        models[name] = (["model.mixer=attention", f"model.layers={pattern}"], s["layers"] if s["layers"] % period == 0 else period)
-    for name, (mixer, n_layers) in models.items():
-        # a window of L/4: needles further back are out of reach
-        extra = [f"model.mixer.window={s['window']}"] if name == "sliding_window" else []
-        for task in TASKS[scale]:
+    for task in TASKS[scale]:
+        depth = [f"data.eval_depths={len(DEPTHS)}"] if _needle(task) else []
+        for name, overrides in MODELS.items():  # hybrids: the 2-layer pattern tiled to the same depth
             out[f"{name}-{task}"] = [
-                f"data.task={task}", "data.vocab_size=64", f"data.seq_len={L}",
-                "data.eval_lengths=" + ",".join(str(L * k) for k in COLUMNS_LENGTHS),
-                *(["data.eval_depths=0"] if get_task_class(task).has_depth else []),  # needle tasks' depth sweep off
-                f"model.d_model={s['d']}", f"model.n_layers={n_layers}", *mixer, *extra, "train.batch_size=32",
-                f"train.steps={s['steps']}", "train.lr=3e-3", "train.checkpoint_every=1000",
+                f"data.task={task}", "data.vocab_size=256", f"data.seq_len={L}",
+                "data.eval_lengths=" + ",".join(str(L * k) for k in LENGTH_FACTORS), *depth, "data.eval_batches=16",
+                f"model.d_model={s['d']}", f"model.n_layers={s['layers']}", *(o.format(window=s["window"]) for o in overrides),
+                f"train.batch_size={s['batch']}", f"train.steps={s['steps']}", "train.lr=1e-3", "train.warmup_steps=50",
+                f"train.eval_every={max(1, s['steps'] // 6)}", f"train.checkpoint_every={s['steps']}",
             ]
     return out
 
 
 def COLUMNS(scale):
     L = SIZES[scale]["L"]
-    return ([f"len{L * k}/accuracy" for k in COLUMNS_LENGTHS] + ["effective_length"]
-            + [f"state_bytes/{L * k}" for k in (COLUMNS_LENGTHS[0], COLUMNS_LENGTHS[-1])])
+    return ([f"len{L * k}/accuracy" for k in LENGTH_FACTORS] + [f"len{L}_depth{d}/accuracy" for d in DEPTHS]
+            + ["effective_length", "params_total", f"state_bytes/{L * LENGTH_FACTORS[-1]}"])
+
+
+def COMPARISONS(scale):
+    if scale == "smoke":
+        return []
+    L, far = SIZES[scale]["L"], SIZES[scale]["L"] * LENGTH_FACTORS[-1]
+    train, depth0, depth100 = f"len{L}/accuracy", f"len{L}_depth0/accuracy", f"len{L}_depth100/accuracy"
+    out = [Comparison("attention-passkey", "attention-passkey", train, "greater", column_b=f"len{far}/accuracy",
+                      claim=f"attention degrades from {L} to {far} tokens (RoPE extrapolation)"),
+           Comparison("sliding_window-niah_single", "sliding_window-niah_single", depth100, "greater", column_b=depth0,
+                      claim="the window finds a needle near the query, not one at the start (its reach)"),
+           Comparison("attention-niah_single", "sliding_window-niah_single", depth0, "greater",
+                      claim="attention finds a needle at the start, the window does not")]
+    for task in KEYED:
+        out += [Comparison(f"hybrid_{m}-{task}", f"{m}-{task}", train, "greater",
+                           claim=f"{task}: one attention layer adds key-matched recall to {m} (Jamba)") for m in ("gla", "mamba")]
+        out += [Comparison(f"attention-{task}", f"{m}-{task}", train, "greater",
+                           claim=f"{task}: attention retrieves by key better than {m}") for m in ("based", "gla", "mamba", "rwkv")]
+    return out
 
 
 def _split(cell):
@@ -74,26 +114,25 @@ def _split(cell):
     return mixer, task
 
 
-def plot(table, path):
-    def points(r):
-        return [(int(k[3:].split("/")[0]), v) for k, v in r.items() if k.startswith("len") and k.endswith("/accuracy")]
+def _by_length(row) -> dict[int, float]:
+    return {int(k[3:].split("/")[0]): v for k, v in row.items()
+            if k.startswith("len") and "_" not in k and k.endswith("/accuracy") and v is not None}
 
-    rows = []
-    for r in table:
-        for length, acc in points(r):
-            rows.append({"mixer": _split(r["cell"])[0], "task": _split(r["cell"])[1], "L": length, "acc": acc})
+
+def _by_depth(row) -> dict[int, float]:
+    return {int(k.split("_depth")[1].split("/")[0]): v for k, v in row.items()
+            if "_depth" in k and k.endswith("/accuracy") and v is not None}
+
+
+def plot(table, path):
+    rows = [{"mixer": _split(r["cell"])[0], "task": _split(r["cell"])[1], "L": n, "acc": a}
+            for r in table for n, a in _by_length(r).items()]
     grouped_lines(rows, x=lambda r: r["L"], y=lambda r: r["acc"], group=lambda r: r["mixer"],
                   panels=lambda r: r["task"], path=path, xlabel="context length", ylabel="accuracy",
                   title="", logx=True)
 
 
-def _accuracy_by_length(row):
-    """{length: accuracy} of one table row."""
-    return {int(k[3:].split("/")[0]): v for k, v in row.items()
-            if k.startswith("len") and k.endswith("/accuracy") and v is not None}
-
-
-def chance(task: str, vocab_size: int = 64) -> float | None:
+def chance(task: str, vocab_size: int = 256) -> float | None:
     """Token accuracy of a model that knows the answer's alphabet but not the answer: passkey digits
     are one of 10, needle values one of the vocabulary's value range; None where not worked out."""
     from cfm_jax.data.needle import N_DIGITS
@@ -101,64 +140,42 @@ def chance(task: str, vocab_size: int = 64) -> float | None:
 
     if task == "passkey":
         return 1 / N_DIGITS
-    if task.startswith("niah") or task == "mqar":
+    if task.startswith("niah"):
         lo, hi = token_ranges(vocab_size)["values"]
         return 1 / (hi - lo)
     return None
 
 
-def _verdict(a: float, b: float) -> str:
-    return "agrees" if a > b + 0.05 else ("disagrees" if a < b - 0.05 else "tie")
-
-
 def reading(table, tests=()):
-    runs = {}  # (mixer, task) -> ({length: accuracy}, effective length)
-    windows = {m.group(1) for r in table if (m := re.search(r"model\.mixer\.window=(\d+)", r.get("command", "")))}
-    for r in table:
-        acc = _accuracy_by_length(r)
-        if acc:
-            runs[_split(r["cell"])] = (acc, r.get("effective_length") or 0)
+    runs = {_split(r["cell"]): r for r in table if _by_length(r)}
     if not runs:
         return "No finished cells."
     tasks = list(dict.fromkeys(t for _, t in runs))
-    lengths = sorted({n for acc, _ in runs.values() for n in acc})
+    lengths = sorted({n for r in runs.values() for n in _by_length(r)})
     train, longest = lengths[0], lengths[-1]
-    acc = lambda m, t, n=train: runs[(m, t)][0].get(n) if (m, t) in runs else None
-    chances = {t: chance(t) for t in tasks}
-    lines = ["Accuracy is per scored token at the training length "
-             f"{train} and at {longest // train}x it ({longest} tokens); chance (the answer's alphabet known, the "
-             "answer not): " + ", ".join(f"{t} {c:.2f}" for t, c in chances.items() if c is not None)
-             + ". Learned: >= 0.9 at the training length; at chance: within 0.05 of chance.", ""]
+    lines = [f"Accuracy per scored token, mean over seeds, at the training length {train} -> {longest} tokens "
+             f"({longest // train}x); learned: >= 0.9 at the training length. Chance (answer alphabet known): "
+             + ", ".join(f"{t} {c:.3f}" for t in tasks if (c := chance(t)) is not None) + ".", ""]
     for t in tasks:
-        mixers = sorted((m for m, tt in runs if tt == t), key=lambda m: -acc(m, t))
-        c = chances[t] or 0.0
-        learned = [m for m in mixers if acc(m, t) >= 0.9]
-        flat = [m for m in mixers if acc(m, t) < c + 0.05]
-        partial = [m for m in mixers if m not in learned and m not in flat]
-        fmt = lambda m: f"{m} {acc(m, t):.2f} -> {acc(m, t, longest):.2f} (eff. length {runs[(m, t)][1]:.0f})"
-        lines.append(f"- {t}: learned by {', '.join(map(fmt, learned)) or 'none'}; partly by "
-                     f"{', '.join(map(fmt, partial)) or 'none'}; at chance: {', '.join(flat) or 'none'}.")
-    lines += ["", "The published claims, per task:"]
-    for t in tasks:
-        if acc("attention", t) is not None:
-            a0, a1 = acc("attention", t), acc("attention", t, longest)
-            lines.append(f"- {t}, attention degrades beyond its training length (RoPE extrapolation): {a0:.2f} -> "
-                         f"{a1:.2f}: " + ("agrees" if a1 < a0 - 0.1 else "disagrees"))
-        if acc("sliding_window", t) is not None and acc("attention", t) is not None:
-            lines.append(f"- {t}, a window of {'/'.join(sorted(windows)) or '?'} cannot reach needles further back (below attention at the training "
-                         f"length): {acc('sliding_window', t):.2f} vs {acc('attention', t):.2f}: "
-                         + _verdict(acc("attention", t), acc("sliding_window", t)))
-        for h in (m for m, tt in runs if tt == t and m.startswith("hybrid")):
-            base = "mamba" if h.endswith(("mamba", "jamba")) else h.split("_", 1)[1]
-            if acc(base, t) is not None:
-                lines.append(f"- {t}, one attention layer adds recall to a {base} stack ({h} above {base}): "
-                             f"{acc(h, t):.2f} vs {acc(base, t):.2f}: " + _verdict(acc(h, t), acc(base, t)))
-        hybrids = [m for m, tt in runs if tt == t and m.startswith("hybrid")]
-        pure = [m for m, tt in runs if tt == t and m not in hybrids and m not in ("attention", "mla", "sliding_window")]
-        if hybrids and pure and acc("attention", t) is not None:
-            bh, bp = max(hybrids, key=lambda m: acc(m, t)), max(pure, key=lambda m: acc(m, t))
-            lines.append(f"- {t}, attention > hybrids > pure recurrences (RULER, Jamba): attention {acc('attention', t):.2f}, "
-                         f"best hybrid {bh} {acc(bh, t):.2f}, best recurrence {bp} {acc(bp, t):.2f}: attention over "
-                         f"hybrid {_verdict(acc('attention', t), acc(bh, t))}, hybrid over recurrence "
-                         f"{_verdict(acc(bh, t), acc(bp, t))}")
+        mine = sorted(((m, r) for (m, tt), r in runs.items() if tt == t), key=lambda mr: -_by_length(mr[1])[train])
+        fmt = lambda m, r: f"{m} {_by_length(r)[train]:.2f} -> {_by_length(r).get(longest, float('nan')):.2f}"
+        learned = [fmt(m, r) for m, r in mine if _by_length(r)[train] >= 0.9]
+        rest = [fmt(m, r) for m, r in mine if _by_length(r)[train] < 0.9]
+        lines.append(f"- {t}: learned by {', '.join(learned) or 'none'}; not by {', '.join(rest) or 'none'}.")
+        depth = {m: _by_depth(r) for m, r in mine if _by_depth(r)}
+        if "sliding_window" in depth:
+            lines.append("  By needle depth (0 = farthest from the query), sliding window: "
+                         + " / ".join(f"{d}% {a:.2f}" for d, a in sorted(depth["sliding_window"].items()))
+                         + ("; attention: " + " / ".join(f"{a:.2f}" for _, a in sorted(depth["attention"].items()))
+                            if "attention" in depth else "") + ".")
+    params = {m: r.get("params_total") for (m, _), r in runs.items() if r.get("params_total")}
+    if params:
+        lines += ["", "Parameters (all 2 layers): " + ", ".join(f"{m} {p / 1e3:.0f}K" for m, p in sorted(params.items()))
+                  + ". Each hybrid is compared with the pure models of its depth."]
+    lines += ["", "Declared comparisons (Holm-adjusted; a claim counts as found only where its test passed):"]
+    for t in tests:
+        diff, (lo, hi) = t.get("diff"), t.get("ci", (float("nan"), float("nan")))
+        what = {"as expected": "found", "opposite": "the opposite found"}.get(t.get("verdict"), "not shown")
+        lines.append(f"- {t['claim']}: {what} (difference {diff:+.2f}, 95 % interval [{lo:+.2f}, {hi:+.2f}], "
+                     f"Holm p = {t.get('p_holm', float('nan')):.2g}).")
     return "\n".join(lines)

@@ -116,28 +116,36 @@ def test_experiment_smoke_sweep_and_report(tmp_path, name):
         assert (tmp_path / "results" / f"{name}_smoke.png").stat().st_size > 0
 
 
-def test_long_context_reading_tests_the_claims_from_the_numbers():
-    """The reading sorts models into learned / partly / at chance per task and gives each published
-    claim a verdict computed from the table (synthetic rows: attention extrapolates badly, the GLA
-    hybrid beats plain GLA, a recurrence beats the hybrid)."""
-    reading = load_experiment("long_context").reading_fn
+def test_long_context_declares_its_claims_and_reads_depth_and_length():
+    """Hybrids have the depth of the pure models and within 10 % of the parameters of the recurrence
+    they are compared with; the reading sorts models per task, shows the window's accuracy by needle
+    depth, and words each declared claim by its test's verdict."""
+    from cfm_jax.layers.model import build_model, param_counts
 
-    def row(cell, *accs, eff=64):
-        r = {"cell": cell, "effective_length": eff, "command": "cfm-jax train model.mixer.window=16"}
-        r.update({f"len{64 * k}/accuracy": a for k, a in zip((1, 2, 4, 8), accs)})
+    experiment = load_experiment("long_context")
+    configs = experiment.configs("cpu")
+    params = {m: param_counts(build_model(configs[f"{m}-niah_multiquery.s0"].model, 256, 0))["params_total"]
+              for m in ("gla", "mamba", "hybrid_gla", "hybrid_mamba")}
+    for m in ("gla", "mamba"):
+        assert configs[f"hybrid_{m}-niah_multiquery.s0"].model.layer_kinds() == (m, "attention")
+        assert abs(params[f"hybrid_{m}"] / params[m] - 1) < 0.10
+    comps = experiment.comparisons_for("cpu")
+    assert any(c.a == c.b == "sliding_window-niah_single" and c.column_b == "len64_depth0/accuracy" for c in comps)
+
+    def row(cell, *accs, depths=()):
+        r = {"cell": cell, **{f"len{64 * k}/accuracy": a for k, a in zip((1, 2, 4, 8), accs)}}
+        r.update({f"len64_depth{d}/accuracy": a for d, a in zip((0, 25, 50, 75, 100), depths)})
         return r
 
-    table = [row("attention-passkey", 1.0, 0.9, 0.6, 0.3), row("sliding_window-passkey", 0.5, 0.3, 0.2, 0.15),
-             row("gla-passkey", 0.1, 0.1, 0.1, 0.1, eff=0), row("hybrid_gla-passkey", 0.6, 0.5, 0.4, 0.3),
-             row("rwkv-passkey", 1.0, 1.0, 0.99, 0.9, eff=512)]
-    text = reading(table)
-    assert "passkey 0.10" in text  # chance: one of 10 digits
-    assert "at chance: gla." in text and "learned by attention 1.00 -> 0.30" in text
-    assert "RoPE extrapolation): 1.00 -> 0.30: agrees" in text
-    assert "a window of 16 cannot reach" in text and "0.50 vs 1.00: agrees" in text
-    assert "(hybrid_gla above gla): 0.60 vs 0.10: agrees" in text
-    assert "hybrid over recurrence disagrees" in text  # rwkv 1.00 beats the hybrid's 0.60
-    assert reading.__globals__["chance"]("niah_single", 64) == 1 / 16  # one of the 16 value tokens
+    table = [row("attention-niah_single", 1.0, 0.9, 0.6, 0.3, depths=(1, 1, 1, 1, 1)),
+             row("sliding_window-niah_single", 0.5, 0.3, 0.2, 0.15, depths=(0.02, 0.1, 0.5, 0.9, 1.0))]
+    tests = [{"claim": "the window finds a needle near the query, not one at the start (its reach)",
+              "verdict": "as expected", "diff": 0.98, "ci": (0.9, 1.06), "p_holm": 0.001}]
+    text = experiment.reading_fn(table, tests)
+    assert "- niah_single: learned by attention 1.00 -> 0.30; not by sliding_window 0.50 -> 0.15." in text
+    assert "sliding window: 0% 0.02 / 25% 0.10 / 50% 0.50 / 75% 0.90 / 100% 1.00; attention: 1.00" in text
+    assert "(its reach): found (difference +0.98" in text
+    assert experiment.reading_fn.__globals__["chance"]("passkey") == 0.1
 
 
 def test_mqar_capacity_declares_zoologys_claims_and_words_them_from_the_tests():
