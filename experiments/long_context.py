@@ -24,8 +24,9 @@ Runtime:  smoke ~10 min (8 models x 2 tasks x 3 seeds, 20 steps); cpu: 8 x 5 x 3
           an estimated ~5 hours on 2 cores (the table's header states what was measured); full: d_model
           256, 8 layers, 512 tokens (RULER's single-query multi-key task), 5000 steps, about 40 x 3 x
           0.3 = 36 H100-hours at float32 (a rough estimate, not measured).
-Sizing (seed 0, attention with one head, lr 1e-3): niah_multiquery is learned by step 1750 (0.98),
-          single-query niah_multikey not in 3000 steps (0.11).
+Sizing (seed 0, lr 1e-3, 2 layers, d_model 64, 64 tokens): attention with one head learns
+          niah_multiquery by step 1750 (0.98) but single-query niah_multikey not in 3000 steps (0.11);
+          Mamba stays at chance on niah_multiquery (0.01 at step 2000).
 Expected: attention retrieves at the training length and degrades past it (RoPE extrapolation); the
           window fails needles beyond its reach (low at depth 0, high at depth 100); fixed-state mixers
           lose key-matched retrieval first (multi-query, variable tracking) while the controls stay easy;
