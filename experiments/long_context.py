@@ -34,6 +34,7 @@ Expected: attention retrieves at the training length and degrades past it (RoPE 
 """
 
 from cfm_jax.data import get_task_class
+from cfm_jax.harness import stats
 from cfm_jax.harness.plots import grouped_lines
 from cfm_jax.harness.stats import Comparison
 
@@ -174,9 +175,5 @@ def reading(table, tests=()):
         lines += ["", "Parameters (all 2 layers): " + ", ".join(f"{m} {p / 1e3:.0f}K" for m, p in sorted(params.items()))
                   + ". Each hybrid is compared with the pure models of its depth."]
     lines += ["", "Declared comparisons (Holm-adjusted; a claim counts as found only where its test passed):"]
-    for t in tests:
-        diff, (lo, hi) = t.get("diff"), t.get("ci", (float("nan"), float("nan")))
-        what = {"as expected": "found", "opposite": "the opposite found"}.get(t.get("verdict"), "not shown")
-        lines.append(f"- {t['claim']}: {what} (difference {diff:+.2f}, 95 % interval [{lo:+.2f}, {hi:+.2f}], "
-                     f"Holm p = {t.get('p_holm', float('nan')):.2g}).")
+    lines += [f"- {t['claim']}: {stats.short_wording(t)}." for t in tests]
     return "\n".join(lines)

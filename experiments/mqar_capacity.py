@@ -143,7 +143,7 @@ def reading(table, tests=()):
             lines.append("  Below 0.05 in every cell: it did not learn the task in this budget, so this says nothing "
                          "about its state capacity.")
         for t in (t for t in tests if parse_cell(t["a"])["kind"] == m):
-            lines.append(f"  {t['claim']}: {_verdict(t)}.")
+            lines.append(f"  {t['claim']}: {stats.short_wording(t)}.")
     found = lambda word: sorted({parse_cell(t["a"])["kind"] for t in tests if word in t["claim"] and t.get("verdict") == "as expected"})
     drop, rise = found("recalled better than"), found("recalls")
     lines += ["", "Zoology's findings, as tested here: attention near-perfect everywhere: "
@@ -157,8 +157,3 @@ def reading(table, tests=()):
               "undertraining as well as a full state; the rise with width is what separates the two."]
     return "\n".join(lines)
 
-
-def _verdict(t: dict) -> str:
-    diff, (lo, hi) = t.get("diff"), t.get("ci", (float("nan"), float("nan")))
-    what = {"as expected": "found", "opposite": "the opposite found"}.get(t.get("verdict"), "not shown")
-    return f"{what} (difference {diff:+.2f}, 95 % interval [{lo:+.2f}, {hi:+.2f}], Holm p = {t.get('p_holm', float('nan')):.2g})"

@@ -24,6 +24,7 @@ Expected (Based, Arora et al. 2024, fig. 2): accuracy rises with state for every
 """
 
 from cfm_jax.harness.experiments import load_experiment
+from cfm_jax.harness import stats
 from cfm_jax.harness.plots import grouped_lines, parse_cell
 from cfm_jax.harness.stats import Comparison
 
@@ -126,9 +127,5 @@ def reading(table, tests=()):
              "sequence, all layers):", ""]
     lines += [f"- {c}: {acc:.2f} with {b / 1024:.1f} KB" for b, acc, c in pts]
     lines += ["", "Declared comparisons (Holm-adjusted over the table; a claim counts as found only where its test passed):"]
-    for t in tests:
-        diff, (lo, hi) = t.get("diff"), t.get("ci", (float("nan"), float("nan")))
-        what = {"as expected": "found", "opposite": "the opposite found"}.get(t.get("verdict"), "not shown")
-        lines.append(f"- {t['claim']}: {what} (difference {diff:+.2f}, 95 % interval [{lo:+.2f}, {hi:+.2f}], "
-                     f"Holm p = {t.get('p_holm', float('nan')):.2g}).")
+    lines += [f"- {t['claim']}: {stats.short_wording(t)}." for t in tests]
     return "\n".join(lines)

@@ -181,3 +181,13 @@ def wording(result: dict, comparison: Comparison, alpha: float = ALPHA) -> str:
     rel = ">" if result["diff"] > 0 else "<"
     tail = "as expected" if v == "as expected" else "the opposite of the expected direction"
     return f"{a} {rel} {b} on {col}: {means} ({p}); {tail}"
+
+
+def short_wording(test: dict) -> str:
+    """A tested comparison as a reading's clause: "found (difference +0.70, 95 % interval [+0.60,
+    +0.80], Holm p = 0.01)", "the opposite found (...)" or "not shown (...)"; `test` is a row of the
+    report's comparisons (verdict, diff, ci, p_holm)."""
+    diff, (lo, hi) = test.get("diff", math.nan), test.get("ci", (math.nan, math.nan))
+    what = {"as expected": "found", "opposite": "the opposite found"}.get(test.get("verdict"), "not shown")
+    return f"{what} (difference {diff:+.2f}, 95 % interval [{lo:+.2f}, {hi:+.2f}], Holm p = {test.get('p_holm', math.nan):.2g})"
+
