@@ -81,9 +81,13 @@ def _knob(mixer: str, value: float) -> list[str]:
 
 
 def cells(scale):
-    base = _base(scale)
-    return {_name(m, v): [*base[m], *_knob(m, v)] for m, (_, values) in KNOBS.items()
-            for v in (values[:1] if scale == "smoke" else values)}
+    base, out = _base(scale), {}
+    for m, (_, values) in KNOBS.items():
+        for v in values[:1] if scale == "smoke" else values:
+            knob = _knob(m, v)
+            keys = {o.split("=")[0] for o in knob}  # the knob replaces the base's setting of its keys
+            out[_name(m, v)] = [o for o in base[m] if o.split("=")[0] not in keys] + knob
+    return out
 
 
 def COLUMNS(scale):

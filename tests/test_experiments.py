@@ -188,6 +188,7 @@ def test_recall_vs_state_varies_one_knob_of_mqar_capacitys_narrowest_cells():
     experiment, capacity = load_experiment("recall_vs_state"), load_experiment("mqar_capacity")
     cells, base = experiment.base_cells("cpu"), capacity.base_cells("cpu")
     assert len(cells) == 18 and cells["mamba-v4"] == [*base["mamba-d64"], "model.mixer.d_state=4"]
+    assert cells["sliding_window-v8"].count("model.mixer.window=16") == 0 and cells["sliding_window-v8"][-1] == "model.mixer.window=8"
     assert cells["gla-v25"][-1] == "model.mixer.expand_k=0.25"
     assert cells["attention-v2"][-2:] == ["model.mixer.n_heads=2", "model.mixer.n_kv_heads=1"]
     from cfm_jax.harness.records import result_key
