@@ -190,4 +190,3 @@ def short_wording(test: dict) -> str:
     diff, (lo, hi) = test.get("diff", math.nan), test.get("ci", (math.nan, math.nan))
     what = {"as expected": "found", "opposite": "the opposite found"}.get(test.get("verdict"), "not shown")
     return f"{what} (difference {diff:+.2f}, 95 % interval [{lo:+.2f}, {hi:+.2f}], Holm p = {test.get('p_holm', math.nan):.2g})"
-
