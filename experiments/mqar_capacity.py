@@ -19,12 +19,13 @@ learning rate of LR_GRID (3e-4, 1e-3, 3e-3) by its seed-0 run's mean accuracy ov
   sliding_window   one-head attention over the last 16 tokens, no sink tokens: state fixed by the window
 
 Command:  cfm-jax sweep mqar_capacity --scale cpu --workers 2 && cfm-jax report mqar_capacity --scale cpu
-Runtime:  smoke ~5 min (6 mixers x 1 width, 3 lrs, 20 steps); cpu: 6 mixers x 3 widths (64, 128, 256)
-          x (3 tuning runs + 2 more seeds) x 4000 steps at 64 tokens, pairs 4, 8, 12, 16 (the most 64
-          tokens hold), batch 64: an estimated ~18 hours on 2 cores, over the 8-hour target (measured
-          with two runs sharing the cores: attention ~11 minutes per run at d_model 64, ~20 at 128);
-          the table's header states what was measured. full (accelerator): widths 64-512, 512 tokens, pairs 4-64, 20,000 steps,
-          about 24 x 4 x 0.3 = 30 H100-hours at float32 (a rough estimate, not measured).
+Runtime:  smoke ~5 min (6 mixers x 1 width, 3 lrs, 20 steps); cpu: 6 mixers x 3 widths (64, 128,
+          256) x (3 tuning runs + 2 more seeds) x 4000 steps at 64 tokens, pairs 4, 8, 12, 16 (the most
+          64 tokens hold), batch 64: an estimated ~18 hours on 2 cores, over the 8-hour target
+          (measured with two runs sharing the cores and probes beside them: attention 12.6 minutes per
+          run at d_model 64, 18.4 at 128); the table's header states what was measured. full
+          (accelerator): widths 64-512, 512 tokens, pairs 4-64, 20,000 steps, about 24 x 5 x 0.3 = 36
+          H100-hours at float32 (a rough estimate, not measured).
 Why these shapes: sizing probes (seed 0, recorded in git history of this file) found that at vocabulary
           4,096 every mixer first sits on the plateau of guessing uniformly among the 2,048 values (loss
           ln 2048 = 7.6) and that attention and Based leave it within 1,000-2,000 steps at 64 tokens and
