@@ -386,3 +386,27 @@ def test_train_step_with_scored_positions_equals_the_full_head_step(counts):
     assert float(outs[0][3]["ce"]) == pytest.approx(float(outs[1][3]["ce"]), rel=1e-6)
     for a, b in zip(jax.tree.leaves(outs[0][0]), jax.tree.leaves(outs[1][0])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_evaluation_with_scored_positions_equals_the_full_head():
+    """MQAR eval batches carry their answer positions too: evaluating with the head only there gives
+    the same accuracy, sequence accuracy and loss as the full head (also per pair count)."""
+    from cfm_jax.data import make_task
+    from cfm_jax.harness.evaluate import evaluate_sets
+    from cfm_jax.train import init_state
+
+    cfg = resolve("smoke", ["data.task=mqar", "data.vocab_size=512", "data.seq_len=32", "data.train_kv_pairs=2,8",
+                            "data.eval_kv_pairs=2,8", "data.eval_lengths=32", "data.eval_batches=2", "model.d_model=32"])
+    task = make_task(cfg.data)
+    graphdef, state, _, _ = init_state(cfg, task.vocab_size)
+    model = nnx.merge(graphdef, state["params"], state["rest"])
+    sets = task.eval_sets(4)
+    assert all(b["positions"].shape == (4, kv) for kv in (2, 8) for b in sets[f"len32kv{kv}"])
+    full = {name: [{k: v for k, v in b.items() if k != "positions"} for b in batches] for name, batches in sets.items()}
+    scored, _ = evaluate_sets(model, task, sets)
+    everything, _ = evaluate_sets(model, task, full)
+    for name in sets:
+        assert scored[name]["accuracy"] == everything[name]["accuracy"]
+        assert scored[name]["sequence_accuracy"] == everything[name]["sequence_accuracy"]
+        assert scored[name]["tokens"] == everything[name]["tokens"] == 4 * 2 * int(name.split("kv")[1])
+        assert scored[name]["loss"] == pytest.approx(everything[name]["loss"], rel=1e-5)

@@ -143,10 +143,7 @@ class MQARTask(Task):
         counts = self.cfg.train_kv_pairs or (self.cfg.num_kv_pairs,)
         parts = [self._batch(rng, rows, self.cfg.seq_len, kv) for kv, rows in zip(counts, rows_per_count(batch_size, counts)) if rows]
         batch = {k: np.concatenate([p[k] for p in parts]) for k in ("inputs", "labels")}
-        scored = batch["labels"] != IGNORE  # each row scores exactly its own pair count
-        first = np.argsort(~scored, axis=1, kind="stable")[:, : max(counts)]  # scored positions first, in order
-        batch["positions"] = np.sort(np.where(np.take_along_axis(scored, first, axis=1), first, 0), axis=1).astype(np.int32)
-        return batch
+        return with_positions(batch, max(counts))
 
     def eval_sets(self, batch_size: int) -> dict[str, list[dict[str, np.ndarray]]]:
         """One set per context length in data.eval_lengths (default: seq_len, 2x, 4x), named lenL, or
@@ -157,8 +154,19 @@ class MQARTask(Task):
                 batches = max(c.eval_batches, -(-c.eval_answers // (batch_size * kv)))
                 name = f"len{length}kv{kv}" if c.eval_kv_pairs else f"len{length}"
                 stream = (EVAL_STREAM, length, kv) if c.eval_kv_pairs else (EVAL_STREAM, length)
-                out[name] = [self._batch(np.random.default_rng((*stream, i)), batch_size, length, kv) for i in range(batches)]
+                out[name] = [with_positions(self._batch(np.random.default_rng((*stream, i)), batch_size, length, kv), kv)
+                             for i in range(batches)]
         return out
+
+
+def with_positions(batch: dict[str, np.ndarray], most: int) -> dict[str, np.ndarray]:
+    """Adds "positions" (batch, most): each row's scored (answer) positions in order, padded with 0,
+    which is never scored (its label is IGNORE), so training and evaluation compute the output head
+    only there (the head is most of the compute at a large vocabulary)."""
+    scored = batch["labels"] != IGNORE  # each row scores exactly its own pair count
+    first = np.argsort(~scored, axis=1, kind="stable")[:, :most]  # scored positions first, in order
+    positions = np.sort(np.where(np.take_along_axis(scored, first, axis=1), first, 0), axis=1)
+    return {**batch, "positions": positions.astype(np.int32)}
 
 
 def rows_per_count(batch: int, counts: tuple[int, ...]) -> list[int]:
