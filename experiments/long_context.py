@@ -172,7 +172,7 @@ def reading(table, tests=()):
                             if "attention" in depth else "") + ".")
     params = {m: r.get("params_total") for (m, _), r in runs.items() if r.get("params_total")}
     if params:
-        lines += ["", "Parameters (all 2 layers): " + ", ".join(f"{m} {p / 1e3:.0f}K" for m, p in sorted(params.items()))
+        lines += ["", "Parameters (every model has the same depth): " + ", ".join(f"{m} {p / 1e3:.0f}K" for m, p in sorted(params.items()))
                   + ". Each hybrid is compared with the pure models of its depth."]
     lines += ["", "Declared comparisons (Holm-adjusted; a claim counts as found only where its test passed):"]
     lines += [f"- {t['claim']}: {stats.short_wording(t)}." for t in tests]
