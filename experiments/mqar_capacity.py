@@ -78,7 +78,8 @@ def cells(scale):
               f"data.eval_answers={s['answers']}", "data.eval_batches=1", "model.n_layers=2",
               f"train.batch_size={s['batch']}", f"train.steps={s['steps']}", "train.warmup_steps=50",
               f"train.eval_every={max(1, s['steps'] // 8)}", f"train.checkpoint_every={max(1, s['steps'] // 4)}"]
-    return {f"{m}-d{d}": [*common, f"model.d_model={d}", *mixer] for m, mixer in MIXERS.items() for d in s["widths"]}
+    # Narrowest width first: the cheap cells finish first and show early whether each mixer learns.
+    return {f"{m}-d{d}": [*common, f"model.d_model={d}", *mixer] for d in s["widths"] for m, mixer in MIXERS.items()}
 
 
 def COLUMNS(scale):
