@@ -59,6 +59,7 @@ def kernels(cfg=None) -> dict:
     out = {
         "CFM_JAX_MATMUL": os.environ.get(cblas.ENV, "auto"),
         "mkl": _why_not(cblas._load),
+        "mkl_under_auto": _mkl_verdict(),  # whether CFM_JAX_MATMUL=auto took MKL here, and the rates measured
         "flash_attention": _why_not(flash_attention.available),
         "selective_scan": _why_not(selective_scan.available),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
@@ -67,6 +68,18 @@ def kernels(cfg=None) -> dict:
     if cfg is not None:
         out["mixer_scans"] = _mixer_scans(cfg)
     return out
+
+
+def _mkl_verdict() -> str:
+    from cfm_jax.kernels import cblas, mkl_calibration
+
+    try:
+        if cblas._load() is not None:
+            return "MKL cannot run"
+        pays, why = mkl_calibration.mkl_pays()
+    except Exception as e:  # noqa: BLE001 - a provenance probe must never stop a run
+        return f"{type(e).__name__}: {e}"
+    return f"{'used' if pays else 'not used'}: {why}"
 
 
 def _why_not(check) -> str:

@@ -1,5 +1,6 @@
 """MKL matmuls inside XLA (cfm_jax.kernels.cblas) against XLA's own dot: outputs and gradients."""
 
+import json
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,7 @@ from flax import nnx
 
 from cfm_jax.config import ModelConfig
 from cfm_jax.errors import UserError
-from cfm_jax.kernels import cblas
+from cfm_jax.kernels import cblas, mkl_calibration
 
 needs_mkl = pytest.mark.skipif(cblas._mkl_runtime() is None or jax.default_backend() != "cpu",
                                reason="MKL runtime not installed (pip install mkl), or not a CPU backend")
@@ -118,9 +119,13 @@ def test_falls_back_to_xla_where_mkl_cannot_run(monkeypatch):
     assert cblas.backend(a, a)[0] == "xla" and "bfloat16" in cblas.backend(a, a)[1]
     row = jnp.ones((1, 512))  # batch-1 decode: faster in XLA under auto ...
     assert "ffi_call" not in str(jax.make_jaxpr(cblas.matmul)(row, jnp.ones((512, 1536))))
-    if cblas.backend(jnp.ones((8, 8)))[0] == "mkl":  # ... while a training-size product runs in MKL
+    if not cblas.mkl_unavailable(row):  # ... while a training-size product runs in MKL where MKL pays
         rows = jnp.ones((4096, 512))
+        monkeypatch.setenv(mkl_calibration.ENV, "1")
         assert "ffi_call" in str(jax.make_jaxpr(cblas.matmul)(rows, jnp.ones((512, 512))))
+        monkeypatch.setenv(mkl_calibration.ENV, "0")  # (another shape: a traced shape keeps its backend)
+        assert "ffi_call" not in str(jax.make_jaxpr(cblas.matmul)(rows, jnp.ones((512, 640))))
+        monkeypatch.delenv(mkl_calibration.ENV)
     np.testing.assert_array_equal(cblas.matmul(a, a.T), a @ a.T)
     monkeypatch.setattr(jax, "device_count", lambda: 8)  # a sharded step: XLA cannot partition the call
     f = jnp.ones((8, 4))
@@ -167,8 +172,8 @@ GROUP_SIZES = [  # (group sizes for 30 rows): empty groups, rows past the last g
 def test_grouped_matmul_matches_reference_outputs_and_gradients(matmul, transpose_b, sizes):
     """`grouped_matmul` (MKL: one sgemm per group; XLA: ragged_dot) against gathering each row's
     group matrix: outputs and gradients wrt both operands; rows past the last group are zero."""
-    if matmul == "mkl" and cblas.backend(jnp.ones((8, 8)))[0] != "mkl":
-        pytest.skip("MKL matmuls cannot run here: " + cblas.backend(jnp.ones((8, 8)))[1])
+    if matmul == "mkl" and (why := cblas.mkl_unavailable(jnp.ones((8, 8)))):
+        pytest.skip(f"MKL matmuls cannot run here: {why}")
     ka, kb, kp = jax.random.split(jax.random.key(4), 3)
     a = jax.random.normal(ka, (30, 16))
     b = jax.random.normal(kb, (4, 24, 16) if transpose_b else (4, 16, 24))
@@ -197,3 +202,42 @@ def test_grouped_matmul_shape_mismatch_is_refused():
         cblas.grouped_matmul(jnp.ones((30, 16)), jnp.ones((4, 8, 24)), jnp.zeros(4, jnp.int32))
     with pytest.raises(ValueError, match=r"group_sizes \(G,\)"):
         cblas.grouped_matmul(jnp.ones((30, 16)), jnp.ones((4, 16, 24)), jnp.zeros(3, jnp.int32))
+
+
+def test_auto_takes_mkl_only_where_it_was_measured_faster(monkeypatch):
+    """auto follows the measurement (here faked both ways); CFM_JAX_MATMUL=mkl ignores it; the
+    measurement's verdict needs MKL at least MARGIN faster; a bad CFM_JAX_MKL_PAYS is one line."""
+    big = jnp.ones((4096, 512))
+    for pays in (True, False):
+        monkeypatch.setattr(mkl_calibration, "measured", lambda pays=pays: (pays, "faked"))
+        expected = "mkl" if pays and not cblas.mkl_unavailable(big) else "xla"
+        assert cblas.backend(big, big, flops=1 << 40)[0] == expected
+    if not cblas.mkl_unavailable(big):
+        with cblas.forced("mkl"):
+            assert cblas.backend(big, big, flops=1 << 40)[0] == "mkl"  # measured slower, but asked for
+    base = {"flops": 1e9, "time": "t"}
+    assert mkl_calibration.verdict({**base, "mkl_s": 1.0, "xla_s": 1.2})[0]
+    assert not mkl_calibration.verdict({**base, "mkl_s": 1.0, "xla_s": 1.02})[0]  # a tie goes to XLA
+    slower = mkl_calibration.verdict({**base, "mkl_s": 2.0, "xla_s": 1.0})
+    assert not slower[0] and "MKL sgemm 0 vs XLA dot 1 GFLOP/s" in slower[1]
+    monkeypatch.setenv(mkl_calibration.ENV, "yes")
+    with pytest.raises(UserError, match="CFM_JAX_MKL_PAYS='yes' is not allowed; use 1"):
+        mkl_calibration.mkl_pays()
+
+
+@needs_mkl
+def test_the_measurement_runs_once_and_is_cached(monkeypatch, tmp_path):
+    """A fresh cache measures in a subprocess and writes the file; the next lookup reads it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv(mkl_calibration.ENV, raising=False)
+    mkl_calibration.measured.cache_clear()
+    try:
+        pays, why = mkl_calibration.mkl_pays()
+        result = json.loads(mkl_calibration.cache_path().read_text())
+        assert result["mkl_s"] > 0 and result["xla_s"] > 0 and why == mkl_calibration.verdict(result)[1]
+        assert pays == (result["mkl_s"] * mkl_calibration.MARGIN <= result["xla_s"])
+        mkl_calibration.measured.cache_clear()
+        monkeypatch.setattr(mkl_calibration.subprocess, "run", lambda *a, **k: pytest.fail("measured twice"))
+        assert mkl_calibration.mkl_pays() == (pays, why)
+    finally:
+        mkl_calibration.measured.cache_clear()  # the other tests see the real cache again

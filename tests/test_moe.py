@@ -62,8 +62,8 @@ def with_grads(f):
 def matmul_mode(matmul):
     """cblas.forced(matmul), or a skip where MKL cannot run. Dropless dispatch is `grouped_dispatch`
     under mkl and fixed-size blocks under xla (forced: problems this small stay in XLA under auto)."""
-    if matmul == "mkl" and cblas.backend(jnp.ones((8, 8)))[0] != "mkl":
-        pytest.skip("MKL matmuls cannot run here: " + cblas.backend(jnp.ones((8, 8)))[1])
+    if matmul == "mkl" and (why := cblas.mkl_unavailable(jnp.ones((8, 8)))):
+        pytest.skip(f"MKL matmuls cannot run here: {why}")
     return cblas.forced(matmul)
 
 
@@ -337,8 +337,8 @@ def test_blocked_ffn_matches_gathered_weights_reference(matmul):
     weights: outputs and gradients wrt blocks and weights, with an expert owning no block and
     trailing blocks owned by none (those come out zero, and get zero gradient). Its block products
     in XLA and in MKL (cfm_jax.kernels.cblas.product; forced: blocks this small stay in XLA under auto)."""
-    if matmul == "mkl" and cblas.backend(jnp.ones((8, 8)))[0] != "mkl":
-        pytest.skip("MKL matmuls cannot run here: " + cblas.backend(jnp.ones((8, 8)))[1])
+    if matmul == "mkl" and (why := cblas.mkl_unavailable(jnp.ones((8, 8)))):
+        pytest.skip(f"MKL matmuls cannot run here: {why}")
     with cblas.forced(matmul):
         _check_blocked_ffn()
 

@@ -134,7 +134,7 @@ def test_config_and_eval_record_provenance(tmp_path):
         assert set(prov["versions"]) == {"jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"}
         assert prov["backend"] == "cpu" and prov["time"].endswith("Z")
         assert {"commit", "dirty"} <= set(prov["git"]) and "CFM_JAX_MATMUL" in prov["kernels"]
-        assert {"mkl", "flash_attention", "selective_scan", "XLA_FLAGS"} <= set(prov["kernels"])
+        assert {"mkl", "mkl_under_auto", "flash_attention", "selective_scan", "XLA_FLAGS"} <= set(prov["kernels"])
 
 
 def test_second_writer_on_a_workdir_is_refused(tmp_path):

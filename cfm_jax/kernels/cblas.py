@@ -1,15 +1,17 @@
 """float32 matmuls (2-D, or with one batch axis) through MKL's sgemm, called from inside XLA (an FFI
 custom call), on CPU.
 
-Why: on the 2-core CPUs this project runs on, XLA:CPU's own GEMM reaches 240-300 GFLOP/s at the
-training step's shapes (4096 x 512 x 2736 and the like) where MKL, PyTorch's GEMM, reaches 350-360
-(`experiments/results/bench.md`). The model's projections call `matmul`, which runs MKL's sgemm in
+Why: on the 2-core CPUs this project was first tuned on, XLA:CPU's own GEMM reached 240-300 GFLOP/s
+at the training step's shapes (4096 x 512 x 2736 and the like) where MKL, PyTorch's GEMM, reached
+350-360 (`experiments/results/bench.md`). That depends on the CPU, so `auto` measures it (below). The model's projections call `matmul`, which runs MKL's sgemm in
 the compiled step, and its reference, plain `a @ b` in XLA, everywhere else.
 
 Which one runs is chosen when a function is traced, by CFM_JAX_MATMUL:
   auto (default)  MKL where it can run: CPU backend, one device, float32, and the MKL runtime
                   (`pip install mkl`, in the dev and bench extras) plus a C++ compiler to build the
-                  short handler once (cached under ~/.cache/cfm_jax); XLA otherwise.
+                  short handler once (cached under ~/.cache/cfm_jax), and only where MKL was
+                  measured faster than XLA's dot on this CPU (`mkl_calibration`: on an AMD Zen 5
+                  XLA's AVX-512 dot is ~2x MKL's AVX2 sgemm); XLA otherwise.
   xla             always XLA.
   mkl             MKL, or a one-line error saying why it cannot run.
 The handler is built and registered on first use; `backend()` says what `auto` resolved to and why.
@@ -42,6 +44,7 @@ import numpy as np
 
 from cfm_jax import policy
 from cfm_jax.errors import UserError
+from cfm_jax.kernels import mkl_calibration
 from cfm_jax.kernels.build import load
 
 ENV = "CFM_JAX_MATMUL"
@@ -121,13 +124,9 @@ def _load() -> str | None:
     return None
 
 
-def backend(*arrays: jax.Array, flops: int | None = None) -> tuple[str, str]:
-    """("mkl" or "xla", why) for a matmul of these operands, of `flops` FLOPs, traced now."""
-    wanted = mode()
-    if wanted == "xla":
-        return "xla", f"{ENV}=xla"
-    if wanted == "auto" and flops is not None and flops < MIN_FLOPS:
-        return "xla", f"{flops} FLOPs (< {MIN_FLOPS}: faster in XLA)"
+def mkl_unavailable(*arrays: jax.Array) -> str | None:
+    """Why MKL cannot multiply these operands here (one line), or None where it can: CPU backend, one
+    device, float32, MKL runtime and handler built. Says nothing about whether it pays (`backend`)."""
     reasons = []
     if not policy.on_cpu():
         reasons.append(f"backend is {policy.backend()}, not cpu")
@@ -137,11 +136,27 @@ def backend(*arrays: jax.Array, flops: int | None = None) -> tuple[str, str]:
         reasons.append(f"dtype {', '.join(sorted({str(a.dtype) for a in arrays}))} (MKL path is float32)")
     if not reasons and (why := _load()):
         reasons.append(why)
-    if not reasons:
-        return "mkl", "MKL sgemm through an XLA FFI call"
-    if wanted == "mkl":
-        raise UserError(f"{ENV}=mkl cannot run: {'; '.join(reasons)} (use auto or xla)")
-    return "xla", "; ".join(reasons)
+    return "; ".join(reasons) or None
+
+
+def backend(*arrays: jax.Array, flops: int | None = None) -> tuple[str, str]:
+    """("mkl" or "xla", why) for a matmul of these operands, of `flops` FLOPs, traced now. auto: MKL
+    where it can run, the product is large enough and MKL was measured faster on this CPU
+    (`mkl_calibration`)."""
+    wanted = mode()
+    if wanted == "xla":
+        return "xla", f"{ENV}=xla"
+    if wanted == "auto" and flops is not None and flops < MIN_FLOPS:
+        return "xla", f"{flops} FLOPs (< {MIN_FLOPS}: faster in XLA)"
+    if why := mkl_unavailable(*arrays):
+        if wanted == "mkl":
+            raise UserError(f"{ENV}=mkl cannot run: {why} (use auto or xla)")
+        return "xla", why
+    if wanted == "auto":
+        pays, why = mkl_calibration.mkl_pays()
+        if not pays:
+            return "xla", why
+    return "mkl", "MKL sgemm through an XLA FFI call"
 
 
 def _columns(a: jax.Array, b: jax.Array, trans_a: bool, trans_b: bool, message: str) -> int:
