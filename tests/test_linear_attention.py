@@ -11,6 +11,7 @@ from flax import nnx
 
 from baselines.linear_attention import (
     LinearAttention, LinearAttentionConfig, chunked_linear_attention, feature_map, linear_attention_reference,
+    taylor_linear_attention,
 )
 from cfm_jax.config import resolve
 from cfm_jax.errors import UserError
@@ -55,6 +56,36 @@ def test_chunked_matches_reference_outputs_state_and_gradients(kind, length, chu
     assert rel_rmse(o, o_ref) < REL_RMSE and rel_rmse(s, s_ref) < REL_RMSE
     for name, a, b in zip("qkvS", g, g_ref):
         assert rel_rmse(a, b) < REL_RMSE, f"gradient of {name}"
+
+
+@pytest.mark.parametrize("length,chunk,with_s0", [(63, 16, True), (64, 16, False), (5, 16, False), (5, 16, True), (16, 16, False)])
+def test_taylor_form_matches_reference_outputs_state_and_gradients(length, chunk, with_s0):
+    """`taylor_linear_attention` (scores from q.k, features only for the state) against the plain scan
+    over feature-mapped inputs: outputs, final state and gradients wrt raw q, k, v and the state; and
+    without the final state (one chunk from no state: no features at all) the same outputs."""
+    ks = jax.random.split(jax.random.key(length), 6)
+    b, h, dk, dv = 2, 2, 4, 5
+    q, k = (jax.random.normal(kk, (b, length, h, dk)) for kk in ks[:2])
+    v = jax.random.normal(ks[2], (b, length, h, dv))
+    s0 = jax.random.normal(ks[3], (b, h, 1 + dk + dk * dk, dv)) if with_s0 else None
+    co, cs = jax.random.normal(ks[4], v.shape), jax.random.normal(ks[5], (b, h, 1 + dk + dk * dk, dv))
+
+    def reference(q, k, v, s0):
+        return linear_attention_reference(feature_map(q, "taylor"), feature_map(k, "taylor"), v, s0)
+
+    def with_grads(fn):
+        def loss(q, k, v, s0):
+            o, s = fn(q, k, v, s0)
+            return jnp.sum(o * co) + jnp.sum(s * cs), (o, s)
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3) if with_s0 else (0, 1, 2), has_aux=True))
+
+    g_ref, (o_ref, s_ref) = with_grads(reference)(q, k, v, s0)
+    g, (o, s) = with_grads(lambda q, k, v, s0: taylor_linear_attention(q, k, v, chunk, s0))(q, k, v, s0)
+    assert rel_rmse(o, o_ref) < REL_RMSE and rel_rmse(s, s_ref) < REL_RMSE
+    for name, a, b_ in zip("qkvS", g, g_ref):
+        assert rel_rmse(a, b_) < REL_RMSE, f"gradient of {name}"
+    o_only, none = taylor_linear_attention(q, k, v, chunk, s0, with_state=False)
+    assert none is None and rel_rmse(o_only, o_ref) < REL_RMSE
 
 
 def test_taylor_map_approximates_exp():
