@@ -21,9 +21,13 @@ learning rate of LR_GRID (3e-4, 1e-3, 3e-3) by its seed-0 run's mean accuracy ov
 Command:  cfm-jax sweep mqar_capacity --scale cpu --workers 2 && cfm-jax report mqar_capacity --scale cpu
 Runtime:  smoke ~5 min (6 mixers x 1 width, 3 lrs, 20 steps); cpu: 6 mixers x 3 widths (64, 128,
           256) x (3 tuning runs + 2 more seeds) x 4000 steps at 64 tokens, pairs 4, 8, 12, 16 (the most
-          64 tokens hold), batch 64: an estimated ~18 hours on 2 cores, over the 8-hour target
-          (measured with two runs sharing the cores and probes beside them: attention 12.6 minutes per
-          run at d_model 64, 18.4 at 128); the table's header states what was measured. full
+          64 tokens hold), batch 64: an estimated ~16-19 hours on 2 cores, over the 8-hour target.
+          Measured training steps, one process alone on the 2 cores (2026-12-07, AMD Zen 5; XLA's
+          dot, Based through taylor_linear_attention), d_model 64 / 128 / 256 in ms: attention
+          55 / 104 / 228, based 75 / 128 / 280, mamba 95 / 179 / 379, gla 79 / 179 / 368, rwkv
+          117 / 265 / 547, sliding_window 55 / 113 / 243; 3.5 s for one step of every cell, x 4000
+          steps x 5 runs = 19.4 hours, less what two workers gain by sharing the cores (1.1-1.3x
+          at these sizes). d_model 256 is 59 % of it. The table's header states what was measured. full
           (accelerator): widths 64-512, 512 tokens, pairs 4-64, 20,000 steps, about 24 x 5 x 0.3 = 36
           H100-hours at float32 (a rough estimate, not measured).
 Why these shapes: sizing probes (seed 0, recorded in git history of this file) found that at vocabulary
