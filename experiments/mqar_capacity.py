@@ -122,6 +122,20 @@ def plot(table, path):
                   path=path, xlabel="key-value pairs", ylabel="MQAR accuracy (mean over seeds)", title="MQAR")
 
 
+def _state_against_cache(table, mine, att) -> list[str]:
+    """A fixed-state mixer whose decoding state is at least attention's KV cache at the same width and
+    length has no capacity limit to show here: one line per such width."""
+    key = next((k for r in table for k in r if k.startswith("state_bytes/") and not k.endswith("_std")), None)
+    cache = {parse_cell(r["cell"])["d"]: r.get(key) for r in att} if key else {}
+    out = []
+    for r in mine:
+        d, state = parse_cell(r["cell"])["d"], r.get(key) if key else None
+        if state and cache.get(d) and state >= cache[d]:
+            out.append(f"At d{d} its decoding state ({state / 1e3:.1f} KB) is {state / cache[d]:.1f}x attention's KV "
+                       f"cache at {key.split('/')[1]} tokens ({cache[d] / 1e3:.1f} KB): no capacity limit is expected there.")
+    return out
+
+
 def reading(table, tests=()):
     pairs = _pairs(table)
     rows = {r["cell"]: r for r in table if r.get(_key(table, pairs[0])) is not None} if pairs else {}
@@ -144,6 +158,7 @@ def reading(table, tests=()):
             continue
         lines.append(f"- {m}: " + "; ".join(f"d{parse_cell(r['cell'])['d']} " + " / ".join(fmt(r, kv) for kv in pairs)
                                             for r in mine) + ".")
+        lines += [f"  {line}" for line in _state_against_cache(table, mine, att)]
         if all(r[_key(table, kv)] < 0.05 for r in mine for kv in pairs):
             unlearned.append(m)
             lines.append("  Below 0.05 in every cell: it did not learn the task in this budget, so this says nothing "

@@ -178,8 +178,15 @@ def test_mqar_capacity_declares_zoologys_claims_and_words_them_from_the_tests():
     assert "width 256 recalls 16 pairs better than width 64: not shown (difference +0.50" in text
     assert "a significant drop from the fewest to the most pairs at the smallest width in 1 of 5 fixed-state mixers (mamba)" in text
     assert "a significant rise with width at the most pairs in 0 (none)" in text
+    assert "decoding state" not in text
     table[0] = row("attention-d64", 1.0, 0.99, 0.97, 0.96)
     assert "Attention reaches >= 0.95 mean accuracy in every cell" in experiment.reading_fn(table, tests)
+    for r, state in zip(table, (65536, 262144, 151584, 40000)):  # mamba-d64's state above attention's cache
+        r["state_bytes/64"] = state
+    text = experiment.reading_fn(table, tests)
+    assert ("  At d64 its decoding state (151.6 KB) is 2.3x attention's KV cache at 64 tokens (65.5 KB): "
+            "no capacity limit is expected there.") in text
+    assert "At d256 its decoding state" not in text
 
 
 def test_recall_vs_state_varies_one_knob_of_mqar_capacitys_narrowest_cells():
