@@ -40,7 +40,7 @@ KNOBS = {  # mixer -> (knob override template, values); cells are MIXER-vV (gla:
 }
 SEEDS = 3
 SOLVED = 0.9
-LR_GRID = [3e-4, 1e-3, 3e-3]  # mqar_capacity's
+LR_GRID = [1e-4, 3e-4, 1e-3]  # mqar_capacity's (its cells are shared: test_experiments checks they agree)
 # Claims at about equal state (4-6 KB per layer: window 8, Based key dim 4, Mamba d_state 4, GLA
 # expand_k 1, RWKV 4 heads) and attention vs the window at 8 KB each (4 heads of size 16 sharing one KV
 # head; window 16); every family's largest knob vs its smallest.

@@ -195,6 +195,7 @@ def test_recall_vs_state_varies_one_knob_of_mqar_capacitys_narrowest_cells():
     experiment, capacity = load_experiment("recall_vs_state"), load_experiment("mqar_capacity")
     cells, base = experiment.base_cells("cpu"), capacity.base_cells("cpu")
     assert len(cells) == 18 and cells["mamba-v4"] == [*base["mamba-d64"], "model.mixer.d_state=4"]
+    assert experiment.lr_grid_for("cpu") == capacity.lr_grid_for("cpu")  # else the shared cells are not shared
     assert cells["sliding_window-v8"].count("model.mixer.window=16") == 0 and cells["sliding_window-v8"][-1] == "model.mixer.window=8"
     assert cells["gla-v25"][-1] == "model.mixer.expand_k=0.25"
     assert cells["attention-v2"][-2:] == ["model.mixer.n_heads=2", "model.mixer.n_kv_heads=1"]
@@ -203,7 +204,7 @@ def test_recall_vs_state_varies_one_knob_of_mqar_capacitys_narrowest_cells():
     same = {"attention-v1": "attention-d64", "sliding_window-v16": "sliding_window-d64", "based-v16": "based-d64",
             "mamba-v16": "mamba-d64", "gla-v50": "gla-d64", "rwkv-v4": "rwkv-d64"}  # shared, trained once
     for mine, theirs in same.items():
-        assert result_key(experiment.configs("cpu")[f"{mine}.lr0.001.s0"]) == result_key(capacity.configs("cpu")[f"{theirs}.lr0.001.s0"])
+        assert result_key(experiment.configs("cpu")[f"{mine}.lr0.0001.s0"]) == result_key(capacity.configs("cpu")[f"{theirs}.lr0.0001.s0"])
     comps = experiment.comparisons_for("cpu")  # raises if a claim names a cell that does not exist
     assert len(comps) == 12 and all(c.column == "len64kv16/accuracy" for c in comps)
     table = [{"cell": "mamba-v4", "len64kv16/accuracy": 0.2, "state_bytes/64": 7168},
