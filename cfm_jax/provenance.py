@@ -74,8 +74,8 @@ def _mkl_verdict() -> str:
     from cfm_jax.kernels import cblas, mkl_calibration
 
     try:
-        if cblas._load() is not None:
-            return "MKL cannot run"
+        if why_not := cblas.mkl_unavailable():
+            return f"MKL cannot run: {why_not}"
         pays, why = mkl_calibration.mkl_pays()
     except Exception as e:  # noqa: BLE001 - a provenance probe must never stop a run
         return f"{type(e).__name__}: {e}"

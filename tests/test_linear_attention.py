@@ -36,6 +36,14 @@ def random_inputs(kind: str, length: int, seed: int = 0, b: int = 2, h: int = 2,
     return q, k, v, s0
 
 
+def with_grads(fn, co, cs, argnums=(0, 1, 2, 3)):
+    """jit(grad) of a random linear functional of fn(q, k, v, s0)'s (output, final state), returning both too."""
+    def loss(q, k, v, s0):
+        o, s = fn(q, k, v, s0)
+        return jnp.sum(o * co) + jnp.sum(s * cs), (o, s)
+    return jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))
+
+
 # The kernel sees feature-mapped inputs, so the map only changes their statistics (identity: signed).
 @pytest.mark.parametrize("kind,length,chunk", [
     ("elu1", 63, 16), ("elu1", 64, 16), ("elu1", 5, 16), ("elu1", 63, 1), ("identity", 63, 16), ("taylor", 63, 16),
@@ -44,15 +52,8 @@ def test_chunked_matches_reference_outputs_state_and_gradients(kind, length, chu
     q, k, v, s0 = random_inputs(kind, length)
     co = jax.random.normal(jax.random.key(7), v.shape)
     cs = jax.random.normal(jax.random.key(8), s0.shape)
-
-    def with_grads(fn):
-        def loss(q, k, v, s0):
-            o, s = fn(q, k, v, s0)
-            return jnp.sum(o * co) + jnp.sum(s * cs), (o, s)
-        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
-
-    g_ref, (o_ref, s_ref) = with_grads(linear_attention_reference)(q, k, v, s0)
-    g, (o, s) = with_grads(lambda q, k, v, s0: chunked_linear_attention(q, k, v, chunk, s0))(q, k, v, s0)
+    g_ref, (o_ref, s_ref) = with_grads(linear_attention_reference, co, cs)(q, k, v, s0)
+    g, (o, s) = with_grads(lambda q, k, v, s0: chunked_linear_attention(q, k, v, chunk, s0), co, cs)(q, k, v, s0)
     assert rel_rmse(o, o_ref) < REL_RMSE and rel_rmse(s, s_ref) < REL_RMSE
     for name, a, b in zip("qkvS", g, g_ref):
         assert rel_rmse(a, b) < REL_RMSE, f"gradient of {name}"
@@ -73,14 +74,9 @@ def test_taylor_form_matches_reference_outputs_state_and_gradients(length, chunk
     def reference(q, k, v, s0):
         return linear_attention_reference(feature_map(q, "taylor"), feature_map(k, "taylor"), v, s0)
 
-    def with_grads(fn):
-        def loss(q, k, v, s0):
-            o, s = fn(q, k, v, s0)
-            return jnp.sum(o * co) + jnp.sum(s * cs), (o, s)
-        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3) if with_s0 else (0, 1, 2), has_aux=True))
-
-    g_ref, (o_ref, s_ref) = with_grads(reference)(q, k, v, s0)
-    g, (o, s) = with_grads(lambda q, k, v, s0: taylor_linear_attention(q, k, v, chunk, s0))(q, k, v, s0)
+    argnums = (0, 1, 2, 3) if with_s0 else (0, 1, 2)
+    g_ref, (o_ref, s_ref) = with_grads(reference, co, cs, argnums)(q, k, v, s0)
+    g, (o, s) = with_grads(lambda q, k, v, s0: taylor_linear_attention(q, k, v, chunk, s0), co, cs, argnums)(q, k, v, s0)
     assert rel_rmse(o, o_ref) < REL_RMSE and rel_rmse(s, s_ref) < REL_RMSE
     for name, a, b_ in zip("qkvS", g, g_ref):
         assert rel_rmse(a, b_) < REL_RMSE, f"gradient of {name}"

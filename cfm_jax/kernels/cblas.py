@@ -3,8 +3,9 @@ custom call), on CPU.
 
 Why: on the 2-core CPUs this project was first tuned on, XLA:CPU's own GEMM reached 240-300 GFLOP/s
 at the training step's shapes (4096 x 512 x 2736 and the like) where MKL, PyTorch's GEMM, reached
-350-360 (`experiments/results/bench.md`). That depends on the CPU, so `auto` measures it (below). The model's projections call `matmul`, which runs MKL's sgemm in
-the compiled step, and its reference, plain `a @ b` in XLA, everywhere else.
+350-360 (`experiments/results/bench.md`). That depends on the CPU, so `auto` measures it (below).
+The model's projections call `matmul`, which runs MKL's sgemm in the compiled step, and its
+reference, plain `a @ b` in XLA, everywhere else.
 
 Which one runs is chosen when a function is traced, by CFM_JAX_MATMUL:
   auto (default)  MKL where it can run: CPU backend, one device, float32, and the MKL runtime
