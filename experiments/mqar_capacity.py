@@ -7,14 +7,15 @@ filler that never repeats a bound key: data.mqar_filler=unbound) with every trai
 several pair counts at one sequence length (rows ~ 1 / pairs, so each count gives the same number of
 answers), and scored per pair count (the Based paper's
 protocol: one model per mixer and width, accuracy sliced by num_kv_pairs). Each eval set holds at least
-10,000 answers, so an accuracy's sampling interval is within +-0.01. Each cell runs at the best
-learning rate of LR_GRID (1e-4, 3e-4, 1e-3) by its seed-0 run's mean accuracy over the pair counts
-(Zoology picks the best of a sweep per cell); its seeds 1 and 2 run at that rate. The grid was
-3e-4 / 1e-3 / 3e-3 until the first d_model-64 tuning runs (seed 0, mean accuracy at 3e-4 / 1e-3 /
-3e-3): attention 0.999 / 0.999 / 0.005, Based 0.713 / 0.999 / 0.999, Mamba 0.003 / 0.001 / 0.000,
-GLA 0.040 / 0.002 / - (GLA's only learning, 0.108 at 4 pairs, at the grid's lowest rate). 3e-3 was
-never better than 1e-3 and GLA's best sat at the lower edge, so the grid moved down one step: it
-brackets every mixer's best rate seen so far. The 3e-3 runs stay in their workdirs, out of the table.
+10,000 answers, so an accuracy's sampling interval is within +-0.01. Each cell runs at the better
+learning rate of LR_GRID (3e-4, 1e-3) by its seed-0 run's mean accuracy over the pair counts
+(Zoology picks the best of a sweep per cell); its seeds 1 and 2 run at that rate. How the grid was
+chosen, from seed-0 tuning runs at d_model 64 (mean accuracy at 1e-4 / 3e-4 / 1e-3 / 3e-3):
+attention 0.015 / 0.999 / 0.999 / 0.005, Based 0.004 / 0.713 / 0.999 / 0.999, Mamba 0.001 / 0.003
+/ 0.001 / 0.000, GLA 0.006 / 0.040 / 0.002 / -, RWKV 0.058 / 0.92 / 0.96 / -, sliding window 0.005 /
+0.014 / 0.025 / -; attention d_model 128 at 1e-4 reached 0.02 by step 1,000, where 3e-4 had 0.47.
+3e-3 was never better than 1e-3 and 1e-4 was the worst rate of every mixer (4,000 steps are too
+few for it), so the grid is the two rates between; those runs stay in their workdirs, out of the table.
   attention        softmax attention with one head (as Zoology's), RoPE: state grows with the context
   based            Based's linear attention block (model.mixer=based_linear: Taylor feature map of
                    16-dim keys, 3-tap short convolution)
@@ -24,15 +25,16 @@ brackets every mixer's best rate seen so far. The 3e-3 runs stay in their workdi
   sliding_window   one-head attention over the last 16 tokens, no sink tokens: state fixed by the window
 
 Command:  cfm-jax sweep mqar_capacity --scale cpu --workers 2 && cfm-jax report mqar_capacity --scale cpu
-Runtime:  smoke ~5 min (6 mixers x 1 width, 3 lrs, 20 steps); cpu: 6 mixers x 3 widths (64, 128,
-          256) x (3 tuning runs + 2 more seeds) x 4000 steps at 64 tokens, pairs 4, 8, 12, 16 (the most
-          64 tokens hold), batch 64: an estimated ~16-19 hours on 2 cores, over the 8-hour target.
+Runtime:  smoke ~5 min (6 mixers x 1 width, 2 lrs, 20 steps); cpu: 6 mixers x 3 widths (64, 128,
+          256) x (2 tuning runs + 2 more seeds) x 4000 steps at 64 tokens, pairs 4, 8, 12, 16 (the most
+          64 tokens hold), batch 64: an estimated ~13 hours on 2 cores, over the 8-hour target.
           Measured training steps, one process alone on the 2 cores (2026-12-07, AMD Zen 5; XLA's
           dot, Based through taylor_linear_attention), d_model 64 / 128 / 256 in ms: attention
           55 / 104 / 228, based 75 / 128 / 280, mamba 95 / 179 / 379, gla 79 / 179 / 368, rwkv
           117 / 265 / 547, sliding_window 55 / 113 / 243; 3.5 s for one step of every cell, x 4000
-          steps x 5 runs = 19.4 hours, less what two workers gain by sharing the cores (1.1-1.3x
-          at these sizes). d_model 256 is 59 % of it. The table's header states what was measured. full
+          steps x 4 runs = 15.6 hours, less what two workers gain by sharing the cores (1.1-1.3x
+          at these sizes; several seeds in one vmapped step do not pay: docs/PERFORMANCE.md).
+          d_model 256 is 59 % of it. The table's header states what was measured. full
           (accelerator): widths 64-512, 512 tokens, pairs 4-64, 20,000 steps, about 24 x 5 x 0.3 = 36
           H100-hours at float32 (a rough estimate, not measured).
 Why these shapes: sizing probes (seed 0, recorded in git history of this file) found that at vocabulary
@@ -68,7 +70,7 @@ SIZES = {
 }
 SEEDS = 3
 SOLVED = 0.9
-LR_GRID = [1e-4, 3e-4, 1e-3]  # shifted down from 3e-4..3e-3 after the first d_model-64 runs (docstring)
+LR_GRID = [3e-4, 1e-3]  # 1e-4 and 3e-3 were tried at d_model 64 for every mixer and never best (docstring)
 
 
 def _acc(scale: str, kv: int) -> str:

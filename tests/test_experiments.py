@@ -204,7 +204,7 @@ def test_recall_vs_state_varies_one_knob_of_mqar_capacitys_narrowest_cells():
     same = {"attention-v1": "attention-d64", "sliding_window-v16": "sliding_window-d64", "based-v16": "based-d64",
             "mamba-v16": "mamba-d64", "gla-v50": "gla-d64", "rwkv-v4": "rwkv-d64"}  # shared, trained once
     for mine, theirs in same.items():
-        assert result_key(experiment.configs("cpu")[f"{mine}.lr0.0001.s0"]) == result_key(capacity.configs("cpu")[f"{theirs}.lr0.0001.s0"])
+        assert result_key(experiment.configs("cpu")[f"{mine}.lr0.0003.s0"]) == result_key(capacity.configs("cpu")[f"{theirs}.lr0.0003.s0"])
     comps = experiment.comparisons_for("cpu")  # raises if a claim names a cell that does not exist
     assert len(comps) == 12 and all(c.column == "len64kv16/accuracy" for c in comps)
     table = [{"cell": "mamba-v4", "len64kv16/accuracy": 0.2, "state_bytes/64": 7168},
