@@ -217,6 +217,19 @@ def cells(scale):
 '''
 
 
+def test_lr_grid_sweep_runs_a_picked_cells_seeds_before_the_next_cells_tuning(tmp_path):
+    """Cells finish in the experiment's order: 'a' picked, its seed 1 runs before 'b''s tuning runs."""
+    from cfm_jax.harness.sweep import _unfinished
+
+    path = tmp_path / "lrx.py"
+    path.write_text(LR_EXPERIMENT)
+    experiment = load_experiment(str(path))
+    configs = experiment.configs("smoke", {"a": 1e-2})
+    todo = _unfinished(experiment, "smoke", tmp_path / "runs", configs, (0, 1), lambda *_: None, {})
+    assert [name for name, _ in todo] == ["a.lr0.001.s0", "a.lr0.01.s0", "a.lr1e+30.s0", "a.lr0.01.s1",
+                                          "b.lr0.001.s0", "b.lr0.01.s0", "b.lr1e+30.s0"]
+
+
 @pytest.mark.slow  # default tier kept near 10 min on 2 cores; `make test-slow` runs it
 def test_lr_grid_tunes_then_runs_seeds_at_the_picked_lr(tmp_path, capsys):
     """Tuning runs first (seed 0 at every grid lr; the 1e30 one diverges and counts as the worst), then

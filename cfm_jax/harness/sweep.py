@@ -104,7 +104,10 @@ def _unfinished(experiment, scale, runs_dir, configs, shard, find, stale: dict[s
     experiment file was edited since) go to `stale` instead, so the rest of the sweep still runs."""
     if experiment.lr_grid:  # by base cell: the run list grows as learning rates are picked
         bases = list(experiment.base_cells(scale))
-        names = [n for n in configs if bases.index(experiment.base_of(n)) % shard[1] == shard[0]]
+        order = lambda n: bases.index(experiment.base_of(n))
+        # a picked cell's seeds right after its tuning runs: cells finish in the experiment's order
+        # (narrowest first, say) instead of every cell's tuning waiting on the seeds (stable sort)
+        names = sorted((n for n in configs if order(n) % shard[1] == shard[0]), key=order)
     else:
         names = list(configs)[shard[0]::shard[1]]
     todo = []
