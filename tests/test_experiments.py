@@ -189,6 +189,14 @@ def test_mqar_capacity_declares_zoologys_claims_and_words_them_from_the_tests():
     assert "At d256 its decoding state" not in text
 
 
+def test_mqar_capacity_runs_five_seeds_at_the_narrowest_width_three_at_the_others():
+    experiment = load_experiment("mqar_capacity")
+    runs = experiment.cells("cpu", {base: 1e-3 for base in experiment.base_cells("cpu")})
+    assert experiment.seed_counts("cpu") == [3, 5]
+    assert "rwkv-d64.lr0.001.s4" in runs and "rwkv-d64.lr0.001.s5" not in runs
+    assert "rwkv-d128.lr0.001.s2" in runs and "rwkv-d128.lr0.001.s3" not in runs and "rwkv-d256.lr0.001.s3" not in runs
+
+
 def test_recall_vs_state_varies_one_knob_of_mqar_capacitys_narrowest_cells():
     """Each cell is mqar_capacity's narrowest cell of its mixer plus one state knob; the equal-state
     claims name existing cells, and the reading lists cells by state and words claims by verdict."""

@@ -129,10 +129,10 @@ VALUES = {  # cell -> per-seed (val/loss, len32/accuracy)
 }
 
 
-def _write_runs(tmp_path):
+def _write_runs(tmp_path, text=EXPERIMENT):
     """Finished workdirs with synthetic eval.json (and a metrics.jsonl with a validation row)."""
     path = tmp_path / "synthetic.py"
-    path.write_text(EXPERIMENT)
+    path.write_text(text)
     experiment = load_experiment(str(path))
     runs = tmp_path / "runs"
     for name, overrides in experiment.cells("smoke").items():
@@ -171,6 +171,26 @@ def test_synthetic_table_comparisons_and_wording(tmp_path):
     assert "n = 5 seeds per cell" in text and "evaluated 2026-12-06" in text
     rows = list(csv.DictReader((results / "synthetic_smoke.csv").open()))
     assert len(rows) == 25 and [r["seed"] for r in rows[:5]] == ["0", "1", "2", "3", "4"]
+
+
+def test_seeds_per_cell_pair_the_seeds_both_cells_ran(tmp_path):
+    """SEEDS(scale, cell): 'same' runs 3 seeds, the others 5; its comparison pairs seeds 0-2 only and
+    the header says both counts. A count that is not an int >= 1 is a one-line error."""
+    from cfm_jax.errors import UserError
+
+    per_cell = EXPERIMENT.replace("SEEDS = 5", "def SEEDS(scale, cell):\n    return 3 if cell == 'same' else 5")
+    experiment, runs = _write_runs(tmp_path, per_cell)
+    assert experiment.seed_counts("smoke") == [3, 5] and "same.s2" in experiment.cells("smoke")
+    assert "same.s3" not in experiment.cells("smoke") and "good.s4" in experiment.cells("smoke")
+    md_path, _ = report(experiment, "smoke", runs, tmp_path / "results")
+    text = md_path.read_text()
+    assert "n = 3 or 5 seeds per cell, as the seeds column says" in text
+    assert "| same | 3 |" in text and "| good | 5 |" in text
+    null = next(line for line in text.splitlines() if line.startswith("| good has lower loss than same"))
+    assert null.split("|")[9].strip() == "3"  # n: the three seeds both cells ran
+    (tmp_path / "bad.py").write_text(EXPERIMENT.replace("SEEDS = 5", "def SEEDS(scale, cell):\n    return 0"))
+    with pytest.raises(UserError, match=r"SEEDS\('smoke', 'good'\) must be an int >= 1, not 0"):
+        load_experiment(str(tmp_path / "bad.py")).cells("smoke")
 
 
 def test_report_regenerates_from_committed_records_byte_identical(tmp_path):

@@ -6,6 +6,7 @@ An experiment file has a docstring (command, expected runtime, expected result) 
     COLUMNS = ["val/bits_per_byte", ...]              # optional: eval.json values shown (or COLUMNS(scale))
     ANALYSES = ["cett"]                               # optional: `eval --analysis` run on every cell
     SEEDS = 5                                         # optional: each cell run with train.seed=0..4
+                                                      # (or SEEDS(scale, cell) -> int: per cell)
     SOLVED = 0.9                                      # optional: accuracy at which a seed counts as solved
     COMPARISONS = [Comparison("a", "b", "val/loss", "less", "claim")]  # optional (or COMPARISONS(scale))
     LR_GRID = [1e-3, 3e-3, 1e-2]                      # optional (or LR_GRID(scale)): tune each cell's lr
@@ -61,7 +62,7 @@ class Experiment:
     columns: tuple[str, ...] | Callable[[str], list[str]]  # COLUMNS, or COLUMNS(scale)
     doc: str
     analyses: tuple[str, ...] = ()  # eval analyses run on every cell (ANALYSES in the file)
-    seeds: int = 1  # SEEDS in the file
+    seeds: int | Callable = 1  # SEEDS in the file, or SEEDS(scale, cell)
     plot_fn: Callable | None = None  # plot(table, path) in the file
     reading_fn: Callable | None = None  # reading(table, tests) -> str in the file
     solved_at: float = 0.9  # SOLVED in the file
@@ -80,6 +81,17 @@ class Experiment:
         if not (isinstance(sel, (list, tuple)) and len(sel) == 2 and isinstance(sel[0], str) and sel[1] in ("max", "min")):
             raise UserError(f"experiment {self.name!r}: SELECT must be (metric, 'max' or 'min') with LR_GRID, not {sel!r}")
         return sel[0], sel[1]
+
+    def seeds_for(self, scale: str, cell: str) -> int:
+        """How many seeds the base cell `cell` runs with (0 .. n-1)."""
+        n = self.seeds(scale, cell) if callable(self.seeds) else self.seeds
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise UserError(f"experiment {self.name!r}: SEEDS({scale!r}, {cell!r}) must be an int >= 1, not {n!r}")
+        return n
+
+    def seed_counts(self, scale: str) -> list[int]:
+        """The distinct seed counts of the cells at this scale, ascending."""
+        return sorted({self.seeds_for(scale, base) for base in self.base_cells(scale)})
 
     @staticmethod
     def lr_name(base: str, lr: float, seed: int) -> str:
@@ -136,11 +148,12 @@ class Experiment:
             runs = self.tuning_runs(scale)
             for name, lr in (picks or {}).items():
                 runs.update({self.lr_name(name, lr, k): [*base[name], f"train.lr={lr:g}", f"train.seed={k}"]
-                             for k in range(self.seeds)})
+                             for k in range(self.seeds_for(scale, name))})
             return runs
-        if self.seeds <= 1:
+        if self.seed_counts(scale) == [1]:
             return base
-        return {f"{name}.s{k}": [*o, f"train.seed={k}"] for name, o in base.items() for k in range(self.seeds)}
+        return {f"{name}.s{k}": [*o, f"train.seed={k}"] for name, o in base.items()
+                for k in range(self.seeds_for(scale, name))}
 
     def configs(self, scale: str, picks: dict[str, float] | None = None) -> dict[str, Config]:
         """Resolve every run (so a bad cell fails before anything trains)."""
@@ -182,8 +195,8 @@ def load_experiment(name_or_path: str) -> Experiment:
     if not isinstance(analyses, (list, tuple)) or any(a not in KNOWN for a in analyses):
         raise UserError(f"experiment file {str(path)!r}: ANALYSES must list some of {', '.join(KNOWN)}")
     seeds = getattr(module, "SEEDS", 1)
-    if not isinstance(seeds, int) or seeds < 1:
-        raise UserError(f"experiment file {str(path)!r}: SEEDS must be an int >= 1")
+    if not callable(seeds) and (isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1):
+        raise UserError(f"experiment file {str(path)!r}: SEEDS must be an int >= 1 or a function of (scale, cell)")
     solved = getattr(module, "SOLVED", 0.9)
     if isinstance(solved, bool) or not isinstance(solved, (int, float)) or not 0 < solved <= 1:
         raise UserError(f"experiment file {str(path)!r}: SOLVED must be an accuracy in (0, 1], not {solved!r}")

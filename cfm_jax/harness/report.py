@@ -187,7 +187,7 @@ def _final_rows(experiment: Experiment, scale: str, all_rows: list[dict], picked
             out.append({"cell": base, "base": base, "seed": 0, "status": status,
                         "command": by_name[experiment.lr_name(base, experiment.lr_grid_for(scale)[0], 0)]["command"]})
             continue
-        out += [by_name[experiment.lr_name(base, p["lr"], k)] for k in range(experiment.seeds)]
+        out += [by_name[experiment.lr_name(base, p["lr"], k)] for k in range(experiment.seeds_for(scale, base))]
     return out
 
 
@@ -333,9 +333,13 @@ def report(experiment: Experiment, scale: str, runs_dir: Path, results_dir: Path
     prov_line, warning = provenance_line(rows)
     if warning:
         print(warning, file=sys.stderr)
-    seeds_note = (f"n = {experiment.seeds} seeds per cell (`train.seed` = 0..{experiment.seeds - 1}; the command "
-                  "shows seed 0)." if experiment.seeds > 1 else "n = 1 seed per cell: no spread is measured, so no "
-                  "difference in this table is established.")
+    counts = experiment.seed_counts(scale)
+    seeds_note = ("n = 1 seed per cell: no spread is measured, so no difference in this table is established."
+                  if counts == [1] else
+                  f"n = {counts[0]} seeds per cell (`train.seed` = 0..{counts[0] - 1}; the command shows seed 0)."
+                  if len(counts) == 1 else
+                  f"n = {' or '.join(map(str, counts))} seeds per cell, as the seeds column says (`train.seed` = 0..n-1; "
+                  "the command shows seed 0; a comparison pairs the seeds both cells ran).")
     finished = any("status" not in r for r in rows)
     parts = [
         f"# {title}\n",
