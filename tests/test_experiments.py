@@ -187,6 +187,31 @@ def test_mqar_capacity_declares_zoologys_claims_and_words_them_from_the_tests():
     assert ("  At d64 its decoding state (151.6 KB) is 2.3x attention's KV cache at 64 tokens (65.5 KB): "
             "no capacity limit is expected there.") in text
     assert "At d256 its decoding state" not in text
+    table.append(row("sliding_window-d64", 0.06, 0.02, 0.01, 0.01))
+    assert "stacked windows reach 31 tokens back for 0.78 / 0.73 / 0.65 / 0.49" in experiment.reading_fn(table, tests)
+
+
+def test_mqar_window_reach_counts_answers_whose_value_is_in_the_window():
+    """Against a plain loop over the same sample: the value of key i sits at 2i + 1, the query's answer
+    position q holds the key; in reach when q - (2i + 1) < window."""
+    import numpy as np
+
+    from cfm_jax.data.base import IGNORE
+    from cfm_jax.data.mqar import mqar_batch
+
+    import runpy
+
+    window_reach = runpy.run_path(str(load_experiment("mqar_capacity").path))["window_reach"]
+    inputs, labels = mqar_batch(np.random.default_rng(0), 50, 64, 4096, 8)
+    hits = [[0, 0], 0]
+    for b in range(50):
+        for q in np.nonzero(labels[b] != IGNORE)[0]:
+            i = list(inputs[b, 0:16:2]).index(inputs[b, q])
+            hits[0][0] += q - (2 * i + 1) < 16
+            hits[0][1] += q - (2 * i + 1) < 31
+            hits[1] += 1
+    assert window_reach(64, 8, (16, 31), rows=50) == [hits[0][0] / hits[1], hits[0][1] / hits[1]]
+    assert window_reach(64, 4, (64,), rows=50) == [1.0]
 
 
 def test_mqar_capacity_runs_five_seeds_at_the_narrowest_width_three_at_the_others():
