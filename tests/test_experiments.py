@@ -124,11 +124,13 @@ def test_long_context_declares_its_claims_and_reads_depth_and_length():
 
     experiment = load_experiment("long_context")
     configs = experiment.configs("cpu")
-    params = {m: param_counts(build_model(configs[f"{m}-niah_multiquery.s0"].model, 256, 0))["params_total"]
+    params = {m: param_counts(build_model(configs[f"{m}-niah_multiquery.lr0.001.s0"].model, 256, 0))["params_total"]
               for m in ("gla", "mamba", "hybrid_gla", "hybrid_mamba")}
     for m in ("gla", "mamba"):
-        assert configs[f"hybrid_{m}-niah_multiquery.s0"].model.layer_kinds() == (m, "attention")
+        assert configs[f"hybrid_{m}-niah_multiquery.lr0.001.s0"].model.layer_kinds() == (m, "attention")
         assert abs(params[f"hybrid_{m}"] / params[m] - 1) < 0.10
+    assert experiment.lr_grid_for("cpu") == load_experiment("mqar_capacity").lr_grid_for("cpu")
+    assert experiment.select_for("cpu") == ("len64/accuracy", "max")
     comps = experiment.comparisons_for("cpu")
     assert any(c.a == c.b == "sliding_window-niah_single" and c.column_b == "len64_depth0/accuracy" for c in comps)
 
