@@ -14,7 +14,7 @@ every count. Knobs (three values each, the middle or last one mqar_capacity's de
   rwkv             heads 16 / 8 / 4 (head size 4 / 8 / 16: state d_model x head size)
 
 Command:  cfm-jax sweep recall_vs_state --scale cpu --workers 2 && cfm-jax report recall_vs_state --scale cpu
-Runtime:  smoke ~5 min; cpu: 12 new cells x (2 tuning runs + 2 more seeds) x 4000 steps at d_model 64
+Runtime:  smoke ~5 min; cpu: 12 new cells x (2 tuning runs + 4 more seeds) x 4000 steps at d_model 64
           (the 6 default-knob cells are mqar_capacity's runs, shared), ~11 minutes per run with two
           sharing the cores: an estimated ~4.5 hours on 2 cores (the table's
           header states what was measured); full: mqar_capacity's full shapes, about 18 x 4 x 0.3 = 22
@@ -38,7 +38,7 @@ KNOBS = {  # mixer -> (knob override template, values); cells are MIXER-vV (gla:
     "gla": ("model.mixer.expand_k={}", (0.25, 0.5, 1.0)),
     "rwkv": ("model.mixer.n_heads={}", (16, 8, 4)),
 }
-SEEDS = 3
+SEEDS = 5  # mqar_capacity's at its narrowest width, whose runs its default-knob cells share
 SOLVED = 0.9
 LR_GRID = [3e-4, 1e-3]  # mqar_capacity's (its cells are shared: test_experiments checks they agree)
 # Claims at about equal state (4-6 KB per layer: window 8, Based key dim 4, Mamba d_state 4, GLA

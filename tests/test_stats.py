@@ -298,3 +298,13 @@ def test_margin_comparison_tests_within_a_relative_margin():
     assert "| far within 1 % | far | 1.01 x ref | val/loss |" in comparisons_markdown([near, far])
     with pytest.raises(ValueError, match="margin=-2"):
         stats.Comparison("a", "b", "val/loss", "less", margin=-2)
+
+
+def test_short_wording_keeps_small_differences_and_says_when_a_claim_is_untested():
+    found = {"verdict": "as expected", "diff": 0.0023, "ci": (0.0009, 0.0037), "p_holm": 0.024, "n": 5}
+    assert stats.short_wording(found) == "found (difference +0.0023, 95 % interval [+0.0009, +0.0037], Holm p = 0.024)"
+    big = {**found, "verdict": "not distinguishable", "diff": 0.7, "ci": (-0.6, 2.0), "p_holm": 0.3}
+    assert stats.short_wording(big) == "not shown (difference +0.70, 95 % interval [-0.60, +2.00], Holm p = 0.3)"
+    one = {"verdict": "not distinguishable", "diff": 0.1, "ci": (math.nan, math.nan), "p_holm": math.nan, "n": 1}
+    assert stats.short_wording(one) == "not tested yet (1 seed so far, difference +0.10)"
+    assert stats.short_wording({"verdict": "not run", "n": 0}) == "not tested yet (a cell has no finished seed)"
