@@ -207,11 +207,14 @@ def reading(table, tests=()):
             lines.append(f"  {t['claim']}: {stats.short_wording(t)}.")
     found = lambda word: sorted({parse_cell(t["a"])["kind"] for t in tests if word in t["claim"] and t.get("verdict") == "as expected"})
     drop, rise = found("recalled better than"), found("recalls")
+    untested = lambda word: sum(word in t["claim"] and t.get("n", 2) < 2 for t in tests)
+    pending = lambda word: f", {untested(word)} not tested yet" if untested(word) else ""
     lines += ["", "Zoology's findings, as tested here: attention near-perfect everywhere: "
               + ("reproduced" if att and not low else "not reproduced") + f"; a significant drop from the fewest to the "
               f"most pairs at the smallest width in {len(drop)} of {len(FIXED_STATE)} fixed-state mixers ("
-              + (", ".join(drop) or "none") + f"); a significant rise with width at the most pairs in {len(rise)} ("
-              + (", ".join(rise) or "none") + ")." + (f" Not learned at all: {', '.join(unlearned)}." if unlearned else ""),
+              + (", ".join(drop) or "none") + pending("recalled better than") + f"); a significant rise with width at "
+              f"the most pairs in {len(rise)} (" + (", ".join(rise) or "none") + pending("recalls") + ")."
+              + (f" Not learned at all: {', '.join(unlearned)}." if unlearned else ""),
               "", "A difference is stated as found only where its declared comparison passed (Holm-adjusted over "
               "the table); 'not shown' means the seeds do not separate it either way. The cpu budget is ~25x fewer "
               "training sequences than Zoology's, so a fixed-state mixer's low accuracy at many pairs may be "

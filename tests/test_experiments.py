@@ -189,6 +189,10 @@ def test_mqar_capacity_declares_zoologys_claims_and_words_them_from_the_tests():
     assert ("  At d64 its decoding state (151.6 KB) is 2.3x attention's KV cache at 64 tokens (65.5 KB): "
             "no capacity limit is expected there.") in text
     assert "At d256 its decoding state" not in text
+    tests[1].update(n=1, verdict="not distinguishable", ci=(float("nan"),) * 2)  # d256 has one seed so far
+    text = experiment.reading_fn(table, tests)
+    assert "width 256 recalls 16 pairs better than width 64: not tested yet (1 seed so far" in text
+    assert "a significant rise with width at the most pairs in 0 (none, 1 not tested yet)" in text
     table.append(row("sliding_window-d64", 0.06, 0.02, 0.01, 0.01))
     assert "stacked windows reach 31 tokens back for 0.78 / 0.73 / 0.65 / 0.49" in experiment.reading_fn(table, tests)
 
