@@ -38,7 +38,7 @@ KNOBS = {  # mixer -> (knob override template, values); cells are MIXER-vV (gla:
     "gla": ("model.mixer.expand_k={}", (0.25, 0.5, 1.0)),
     "rwkv": ("model.mixer.n_heads={}", (16, 8, 4)),
 }
-SEEDS = 5  # mqar_capacity's at its narrowest width, whose runs its default-knob cells share
+SEEDS = 5  # its default-knob cells share mqar_capacity's d_model-64 runs (seeds 0-4 of its 10)
 SOLVED = 0.9
 LR_GRID = [3e-4, 1e-3]  # mqar_capacity's (its cells are shared: test_experiments checks they agree)
 # Claims at about equal state (4-6 KB per layer: window 8, Based key dim 4, Mamba d_state 4, GLA

@@ -220,11 +220,11 @@ def test_mqar_window_reach_counts_answers_whose_value_is_in_the_window():
     assert window_reach(64, 4, (64,), rows=50) == [1.0]
 
 
-def test_mqar_capacity_runs_five_seeds_at_the_narrowest_width_three_at_the_others():
+def test_mqar_capacity_runs_ten_seeds_at_the_narrowest_width_three_at_the_others():
     experiment = load_experiment("mqar_capacity")
     runs = experiment.cells("cpu", {base: 1e-3 for base in experiment.base_cells("cpu")})
-    assert experiment.seed_counts("cpu") == [3, 5]
-    assert "rwkv-d64.lr0.001.s4" in runs and "rwkv-d64.lr0.001.s5" not in runs
+    assert experiment.seed_counts("cpu") == [3, 10]
+    assert "rwkv-d64.lr0.001.s9" in runs and "rwkv-d64.lr0.001.s10" not in runs
     assert "rwkv-d128.lr0.001.s2" in runs and "rwkv-d128.lr0.001.s3" not in runs and "rwkv-d256.lr0.001.s3" not in runs
 
 
@@ -235,7 +235,7 @@ def test_recall_vs_state_varies_one_knob_of_mqar_capacitys_narrowest_cells():
     cells, base = experiment.base_cells("cpu"), capacity.base_cells("cpu")
     assert len(cells) == 18 and cells["mamba-v4"] == [*base["mamba-d64"], "model.mixer.d_state=4"]
     assert experiment.lr_grid_for("cpu") == capacity.lr_grid_for("cpu")  # else the shared cells are not shared
-    assert experiment.seed_counts("cpu") == [capacity.seeds_for("cpu", "mamba-d64")]  # and the same seeds
+    assert experiment.seed_counts("cpu") == [5] and capacity.seeds_for("cpu", "mamba-d64") >= 5  # shares seeds 0-4
     assert cells["sliding_window-v8"].count("model.mixer.window=16") == 0 and cells["sliding_window-v8"][-1] == "model.mixer.window=8"
     assert cells["gla-v25"][-1] == "model.mixer.expand_k=0.25"
     assert cells["attention-v2"][-2:] == ["model.mixer.n_heads=2", "model.mixer.n_kv_heads=1"]
