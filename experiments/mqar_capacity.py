@@ -74,12 +74,12 @@ SOLVED = 0.9
 
 
 def SEEDS(scale, cell):
-    """10 seeds at the narrowest width, 3 at the others. The drop claims are tested there, among 10
-    Holm-corrected comparisons, and how far a seed trains varies: at d_model 64 over 5 seeds, RWKV's
-    drop from 4 to 16 pairs was 0.04-0.36 and one seed never left the plateau (the column is then
+    """10 seeds at the narrowest width, 3 at the others (and at smoke scale). The drop claims are tested there,
+    among 10 Holm-corrected comparisons, and how far a seed trains varies: at d_model 64 over 5 seeds,
+    RWKV's drop from 4 to 16 pairs was 0.04-0.36 and one seed never left the plateau (the column is then
     bimodal, and a sign-flip test cannot go below p = 0.0625 at n = 5, 0.002 at n = 10); GLA's was
     0.05-0.23 (paired t p = 0.03 before Holm). Those runs are also the cheapest (5-17 minutes each)."""
-    return 10 if cell.endswith(f"-d{SIZES[scale]['widths'][0]}") else 3
+    return 10 if scale != "smoke" and cell.endswith(f"-d{SIZES[scale]['widths'][0]}") else 3  # smoke: plumbing
 
 
 LR_GRID = [3e-4, 1e-3]  # 1e-4 and 3e-3 were tried at d_model 64 for every mixer and never best (docstring)

@@ -14,11 +14,12 @@ every count. Knobs (three values each, the middle or last one mqar_capacity's de
   rwkv             heads 16 / 8 / 4 (head size 4 / 8 / 16: state d_model x head size)
 
 Command:  cfm-jax sweep recall_vs_state --scale cpu --workers 2 && cfm-jax report recall_vs_state --scale cpu
-Runtime:  smoke ~5 min; cpu: 12 new cells x (2 tuning runs + 4 more seeds) x 4000 steps at d_model 64
-          (the 6 default-knob cells are mqar_capacity's runs, shared), ~11 minutes per run with two
-          sharing the cores: an estimated ~4.5 hours on 2 cores (the table's
-          header states what was measured); full: mqar_capacity's full shapes, about 18 x 4 x 0.3 = 22
-          H100-hours at float32 (a rough estimate, not measured).
+Runtime:  smoke ~6 min; cpu: 12 new cells x (2 tuning runs + 4 more seeds) x 4000 steps at d_model 64
+          (the 6 default-knob cells are mqar_capacity's runs, shared), 5-17 minutes per run with two
+          sharing the cores (mqar_capacity's d_model-64 runs, measured 2026-12-07: attention 4.7,
+          Based 5.5, Mamba 8, GLA 7-9, RWKV 17, sliding window ~6): an estimated ~5 hours on 2 cores
+          (the table's header states what was measured); full: mqar_capacity's full shapes, about 18
+          x 6 x 0.3 = 32 H100-hours at float32 (a rough estimate, not measured).
 Expected (Based, Arora et al. 2024, fig. 2): accuracy rises with state for every mixer; at equal
           state the sliding window is worst, and Based's linear attention sits on or near the frontier
           (above Mamba at equal state); attention recalls best but with the largest state.
