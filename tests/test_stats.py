@@ -191,6 +191,9 @@ def test_seeds_per_cell_pair_the_seeds_both_cells_ran(tmp_path):
     (tmp_path / "bad.py").write_text(EXPERIMENT.replace("SEEDS = 5", "def SEEDS(scale, cell):\n    return 0"))
     with pytest.raises(UserError, match=r"SEEDS\('smoke', 'good'\) must be an int >= 1, not 0"):
         load_experiment(str(tmp_path / "bad.py")).cells("smoke")
+    (tmp_path / "bug.py").write_text(EXPERIMENT.replace("SEEDS = 5", "def SEEDS(scale, cell):\n    return {}[cell]"))
+    with pytest.raises(UserError, match=r"SEEDS\('smoke', 'good'\) failed: KeyError: 'good'"):
+        load_experiment(str(tmp_path / "bug.py")).cells("smoke")
 
 
 def test_report_regenerates_from_committed_records_byte_identical(tmp_path):

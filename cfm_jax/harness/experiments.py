@@ -84,7 +84,10 @@ class Experiment:
 
     def seeds_for(self, scale: str, cell: str) -> int:
         """How many seeds the base cell `cell` runs with (0 .. n-1)."""
-        n = self.seeds(scale, cell) if callable(self.seeds) else self.seeds
+        try:
+            n = self.seeds(scale, cell) if callable(self.seeds) else self.seeds
+        except Exception as e:  # noqa: BLE001 - a bug in the experiment file is the user's input
+            raise UserError(f"experiment {self.name!r}: SEEDS({scale!r}, {cell!r}) failed: {type(e).__name__}: {e}") from None
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise UserError(f"experiment {self.name!r}: SEEDS({scale!r}, {cell!r}) must be an int >= 1, not {n!r}")
         return n
