@@ -211,7 +211,7 @@ def reading(table, tests=()):
             lines.append(f"  {t['claim']}: {stats.short_wording(t)}.")
     found = lambda word: sorted({parse_cell(t["a"])["kind"] for t in tests if word in t["claim"] and t.get("verdict") == "as expected"})
     drop, rise = found("recalled better than"), found("recalls")
-    untested = lambda word: sum(word in t["claim"] and t.get("n", 2) < 2 for t in tests)
+    untested = lambda word: sum(word in t["claim"] and stats.untested(t) for t in tests)
     pending = lambda word: f", {untested(word)} not tested yet" if untested(word) else ""
     lines += ["", "Zoology's findings, as tested here: attention near-perfect everywhere: "
               + ("reproduced" if att and not low else "not reproduced") + f"; a significant drop from the fewest to the "

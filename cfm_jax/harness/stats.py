@@ -183,19 +183,22 @@ def wording(result: dict, comparison: Comparison, alpha: float = ALPHA) -> str:
     return f"{a} {rel} {b} on {col}: {means} ({p}); {tail}"
 
 
+def untested(test: dict) -> bool:
+    """A comparison row (of the report's comparisons) that fewer than two seeds of a side reached."""
+    return test.get("n", 2) < 2 or test.get("verdict") == "not run"
+
+
 def short_wording(test: dict) -> str:
     """A tested comparison as a reading's clause: "found (difference +0.70, 95 % interval [+0.60,
     +0.80], Holm p = 0.01)", "the opposite found (...)", "not shown (...)", or, before two seeds of
     both cells finished, "not tested yet (...)"; `test` is a row of the report's comparisons (verdict,
     diff, ci, p_holm, n)."""
     diff, (lo, hi) = test.get("diff", math.nan), test.get("ci", (math.nan, math.nan))
-    n = test.get("n", 2)
-    if not n or test.get("verdict") == "not run":
-        return "not tested yet (a cell has no finished seed)"
     finite = [abs(x) for x in (diff, lo, hi) if math.isfinite(x)]
     places = 2 if not finite or max(finite) >= 0.01 else 4  # a +0.002 difference must not read +0.00
-    if n < 2:
-        return f"not tested yet (1 seed so far, difference {diff:+.{places}f})"
+    if untested(test):
+        return ("not tested yet (a cell has no finished seed)" if not test.get("n") or test.get("verdict") == "not run"
+                else f"not tested yet (1 seed so far, difference {diff:+.{places}f})")
     what = {"as expected": "found", "opposite": "the opposite found"}.get(test.get("verdict"), "not shown")
     return (f"{what} (difference {diff:+.{places}f}, 95 % interval [{lo:+.{places}f}, {hi:+.{places}f}], "
             f"Holm p = {test.get('p_holm', math.nan):.2g})")
