@@ -195,6 +195,11 @@ def test_mqar_capacity_declares_zoologys_claims_and_words_them_from_the_tests():
     assert "a significant rise with width at the most pairs in 0 (none, 1 not tested yet)" in text
     table.append(row("sliding_window-d64", 0.06, 0.02, 0.01, 0.01))
     assert "stacked windows reach 31 tokens back for 0.78 / 0.73 / 0.65 / 0.49" in experiment.reading_fn(table, tests)
+    table[2] = row("mamba-d64", 0.003, 0.002, 0.001, 0.001)  # a passing drop between two unlearned numbers
+    text = experiment.reading_fn(table, tests)
+    assert ("4 pairs recalled better than 16 at width 64: found (difference +0.70" in text
+            and "both sides are below 0.05, so it is not counted as a recall finding." in text)
+    assert "a significant drop from the fewest to the most pairs at the smallest width in 0 of 5 fixed-state mixers (none)" in text
 
 
 def test_mqar_window_reach_counts_answers_whose_value_is_in_the_window():
