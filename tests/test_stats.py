@@ -311,3 +311,11 @@ def test_short_wording_keeps_small_differences_and_says_when_a_claim_is_untested
     one = {"verdict": "not distinguishable", "diff": 0.1, "ci": (math.nan, math.nan), "p_holm": math.nan, "n": 1}
     assert stats.short_wording(one) == "not tested yet (1 seed so far, difference +0.10)"
     assert stats.short_wording({"verdict": "not run", "n": 0}) == "not tested yet (a cell has no finished seed)"
+    # Every seed in the expected direction, but the t test does not pass (one seed's drop is far larger):
+    drops = [0.0018, 0.0017, 0.0027, 0.0019, 0.002, 0.0144, 0.0034, 0.0226, 0.0437, 0.0027]
+    result = stats.compare([1.0] * 10, [1.0 - d for d in drops])
+    assert (result["n_greater"], result["n_less"]) == (10, 0) and result["p"] > 0.05
+    row = {**result, "expect": "greater", "verdict": "not distinguishable", "p_holm": result["p"]}
+    assert stats.short_wording(row).endswith(f"Holm p = {result['p']:.2g}; in the expected direction in 10 of 10 seeds)")
+    assert stats.short_wording({**row, "expect": "less"}).endswith("in the expected direction in 0 of 10 seeds)")
+    assert "seeds)" not in stats.short_wording({**row, "verdict": "as expected"})

@@ -132,14 +132,15 @@ def paired_t_p(diffs: list[float]) -> float:
 
 def compare(a: list[float], b: list[float], bimodal: bool = False) -> dict:
     """Paired comparison of two cells' per-seed values (same seed order): mean difference a - b,
-    its 95 % t interval, the two-sided p-value of the test used, and that test's name. `bimodal`
-    selects the exact sign-flip test."""
+    its 95 % t interval, the two-sided p-value of the test used, that test's name, and how many seeds
+    have a > b and a < b. `bimodal` selects the exact sign-flip test."""
     if len(a) != len(b):
         raise ValueError(f"paired comparison needs one value per seed on both sides ({len(a)} vs {len(b)})")
     diffs = [float(x) - float(y) for x, y in zip(a, b)]
     n = len(diffs)
     out = {"n": n, "mean_a": float(np.mean(a)) if n else math.nan, "mean_b": float(np.mean(b)) if n else math.nan,
-           "diff": float(np.mean(diffs)) if n else math.nan, "ci": t_interval(diffs)}
+           "diff": float(np.mean(diffs)) if n else math.nan, "ci": t_interval(diffs),
+           "n_greater": sum(d > 0 for d in diffs), "n_less": sum(d < 0 for d in diffs)}
     if bimodal:
         out.update(test="sign-flip", p=sign_flip_p(diffs), p_floor=2 / 2**n if n else math.nan)
     else:
@@ -200,5 +201,8 @@ def short_wording(test: dict) -> str:
         return ("not tested yet (a cell has no finished seed)" if not test.get("n") or test.get("verdict") == "not run"
                 else f"not tested yet (1 seed so far, difference {diff:+.{places}f})")
     what = {"as expected": "found", "opposite": "the opposite found"}.get(test.get("verdict"), "not shown")
+    agree = test.get("n_greater" if test.get("expect", "greater") == "greater" else "n_less")
+    signs = (f"; in the expected direction in {agree} of {test['n']} seeds"  # a consistent sign the test did not pass
+             if what == "not shown" and agree is not None and "n" in test else "")
     return (f"{what} (difference {diff:+.{places}f}, 95 % interval [{lo:+.{places}f}, {hi:+.{places}f}], "
-            f"Holm p = {test.get('p_holm', math.nan):.2g})")
+            f"Holm p = {test.get('p_holm', math.nan):.2g}{signs})")
