@@ -183,4 +183,38 @@ def reading(table, tests=()):
                   + ". Each hybrid is compared with the pure models of its depth."]
     lines += ["", "Declared comparisons (Holm-adjusted; a claim counts as found only where its test passed):"]
     lines += [f"- {t['claim']}: {stats.short_wording(t)}." for t in tests]
+    if tests:
+        lines += ["", "Published findings, as tested here:", *_findings(tests, runs, train)]
     return "\n".join(lines)
+
+
+def _tally(tests, phrase: str) -> str:
+    """'found in k of n (who); not shown in ...; j not tested yet' over the claims containing `phrase`."""
+    mine = [t for t in tests if phrase in t["claim"]]
+    if not mine:
+        return "not declared"
+    who = lambda t: t["claim"].split(":")[0] + " " + (t["b"] if "better than" in t["claim"] else t["a"]).split("-")[0]
+    found = [who(t) for t in mine if t.get("verdict") == "as expected"]
+    opposite = [who(t) for t in mine if t.get("verdict") == "opposite"]
+    pending = sum(stats.untested(t) for t in mine)
+    return (f"found in {len(found)} of {len(mine)}" + (f" ({', '.join(found)})" if found else "")
+            + (f"; the opposite in {', '.join(opposite)}" if opposite else "")
+            + (f"; {pending} not tested yet" if pending else ""))
+
+
+def _findings(tests, runs, train: int) -> list[str]:
+    """One line per published finding the comparisons test, and the fixed-state mixers that learned a
+    keyed task anyway (where the fixed state sufficed at this length)."""
+    one = lambda phrase: next((stats.short_wording(t) for t in tests if phrase in t["claim"]), "not declared")
+    fixed = ("based", "gla", "mamba", "rwkv")
+    sufficed = [f"{m} on {t} ({_by_length(r)[train]:.2f})" for (m, t), r in runs.items()
+                if m in fixed and t in KEYED and _by_length(r)[train] >= 0.9]
+    return [f"- attention's accuracy falls past its training length (RoPE extrapolation, as RULER reports): "
+            f"{one('attention degrades')}.",
+            f"- a sliding window recalls only within its reach: near vs far needle {one('its reach')}; attention vs "
+            f"the window on the farthest needle {one('the window does not')}.",
+            f"- attention retrieves by key better than a fixed-state mixer (Zoology): {_tally(tests, 'retrieves by key')}.",
+            f"- one attention layer adds key-matched recall to a recurrent stack (Jamba; Zoology's hybrids): "
+            f"{_tally(tests, 'adds key-matched recall')}.",
+            "- fixed-state mixers that learned a key-matched task anyway (>= 0.9 at the training length, where "
+            f"their state sufficed): {', '.join(sufficed) or 'none'}."]

@@ -147,7 +147,24 @@ def test_long_context_declares_its_claims_and_reads_depth_and_length():
     assert "- niah_single: learned by attention 1.00 -> 0.30; not by sliding_window 0.50 -> 0.15." in text
     assert "sliding window: 0% 0.02 / 25% 0.10 / 50% 0.50 / 75% 0.90 / 100% 1.00; attention: 1.00" in text
     assert "(its reach): found (difference +0.98" in text
+    assert "- a sliding window recalls only within its reach: near vs far needle found (difference +0.98" in text
+    assert "attention vs the window on the farthest needle not declared." in text
     assert experiment.reading_fn.__globals__["chance"]("passkey") == 0.1
+    # The findings summary tallies each family of claims by verdict and names fixed-state mixers that learned a keyed task.
+    table += [row("attention-variable_tracking", 1.0, 0.2, 0.1, 0.0), row("gla-variable_tracking", 0.95, 0.5, 0.2, 0.1),
+              row("mamba-variable_tracking", 0.01, 0.01, 0.0, 0.0)]
+    claim = lambda m: f"variable_tracking: attention retrieves by key better than {m}"
+    tests += [{"a": "attention-variable_tracking", "b": "gla-variable_tracking", "claim": claim("gla"), "n": 3,
+               "verdict": "not distinguishable", "diff": 0.05, "ci": (-0.1, 0.2), "p_holm": 0.6},
+              {"a": "attention-variable_tracking", "b": "mamba-variable_tracking", "claim": claim("mamba"), "n": 3,
+               "verdict": "as expected", "diff": 0.99, "ci": (0.9, 1.1), "p_holm": 0.001},
+              {"a": "attention-variable_tracking", "b": "rwkv-variable_tracking", "claim": claim("rwkv"), "n": 1,
+               "verdict": "not distinguishable", "diff": 0.5, "ci": (float("nan"),) * 2, "p_holm": float("nan")}]
+    text = experiment.reading_fn(table, tests)
+    assert ("- attention retrieves by key better than a fixed-state mixer (Zoology): found in 1 of 3 "
+            "(variable_tracking mamba); 1 not tested yet.") in text
+    assert "adds key-matched recall to a recurrent stack (Jamba; Zoology's hybrids): not declared." in text
+    assert "learned a key-matched task anyway (>= 0.9 at the training length, where their state sufficed): gla on variable_tracking (0.95)." in text
 
 
 def test_mqar_capacity_declares_zoologys_claims_and_words_them_from_the_tests():
