@@ -179,13 +179,6 @@ def _reach_line(length: int, pairs: list[int]) -> str:
             "recall the rest, and that ceiling falls with pairs because the queries sit further from the pairs.")
 
 
-def _below_learned(test, rows) -> bool:
-    """Both sides of a comparison under LEARNED: a difference between two unlearned cells (Mamba's
-    0.003 vs 0.001, say) can pass its test and still say nothing about recall."""
-    cols, a, b = test["column"].split(" vs "), rows.get(test["a"]), rows.get(test["b"])
-    return a is not None and b is not None and max(a.get(cols[0], 1.0), b.get(cols[-1], 1.0)) < LEARNED
-
-
 def reading(table, tests=()):
     pairs = _pairs(table)
     rows = {r["cell"]: r for r in table if r.get(_key(table, pairs[0])) is not None} if pairs else {}
@@ -217,9 +210,9 @@ def reading(table, tests=()):
                          "about its state capacity.")
         for t in (t for t in tests if parse_cell(t["a"])["kind"] == m):
             lines.append(f"  {t['claim']}: {stats.short_wording(t)}" + (
-                f"; both sides are below {LEARNED}, so it is not counted as a recall finding" if _below_learned(t, rows) else "") + ".")
+                f"; both sides are below {LEARNED}, so it is not counted as a recall finding" if stats.both_below(t, rows, LEARNED) else "") + ".")
     found = lambda word: sorted({parse_cell(t["a"])["kind"] for t in tests if word in t["claim"]
-                                 and t.get("verdict") == "as expected" and not _below_learned(t, rows)})
+                                 and t.get("verdict") == "as expected" and not stats.both_below(t, rows, LEARNED)})
     drop, rise = found("recalled better than"), found("recalls")
     untested = lambda word: sum(word in t["claim"] and stats.untested(t) for t in tests)
     pending = lambda word: f", {untested(word)} not tested yet" if untested(word) else ""

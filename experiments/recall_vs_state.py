@@ -41,6 +41,7 @@ KNOBS = {  # mixer -> (knob override template, values); cells are MIXER-vV (gla:
 }
 SEEDS = 5  # its default-knob cells share mqar_capacity's d_model-64 runs (seeds 0-4 of its 10)
 SOLVED = 0.9
+LEARNED = 0.05  # mqar_capacity's: mean accuracy under which a cell did not learn the task
 LR_GRID = [3e-4, 1e-3]  # mqar_capacity's (its cells are shared: test_experiments checks they agree)
 # Claims at about equal state (4-6 KB per layer: window 8, Based key dim 4, Mamba d_state 4, GLA
 # expand_k 1, RWKV 4 heads) and attention vs the window at 8 KB each (4 heads of size 16 sharing one KV
@@ -132,6 +133,18 @@ def reading(table, tests=()):
     lines = [f"Accuracy at the most pairs ({a.split('/')[0]}), mean over seeds, by decoding state (fp32 bytes per "
              "sequence, all layers):", ""]
     lines += [f"- {c}: {acc:.2f} with {b / 1024:.1f} KB" for b, acc, c in pts]
+    rows = {r["cell"]: r for r in table}
     lines += ["", "Declared comparisons (Holm-adjusted over the table; a claim counts as found only where its test passed):"]
-    lines += [f"- {t['claim']}: {stats.short_wording(t)}." for t in tests]
+    lines += [f"- {t['claim']}: {stats.short_wording(t)}" + (
+        f"; both sides are below {LEARNED}, so it says nothing about the frontier" if stats.both_below(t, rows, LEARNED) else "")
+        + "." for t in tests]
+    if tests:
+        counted = lambda phrase: [t for t in tests if phrase in t["claim"] and not stats.both_below(t, rows, LEARNED)]
+        found = lambda ts: [t["a"].split("-")[0] if "more state" in t["claim"] else f"{t['a']} over {t['b']}"
+                             for t in ts if t.get("verdict") == "as expected"]
+        rise, above = counted("more state"), counted("about equal state")
+        lines += ["", "The Based paper's findings, as tested here (a comparison between two cells below "
+                  f"{LEARNED} is not counted): recall rises with state in {len(found(rise))} of {len(KNOBS)} families ("
+                  + (", ".join(found(rise)) or "none") + f"); at about equal state, a cell above the other in "
+                  f"{len(found(above))} of {len(EQUAL_STATE)} pairs (" + (", ".join(found(above)) or "none") + ")."]
     return "\n".join(lines)

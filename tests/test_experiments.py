@@ -272,10 +272,24 @@ def test_recall_vs_state_varies_one_knob_of_mqar_capacitys_narrowest_cells():
     table = [{"cell": "mamba-v4", "len64kv16/accuracy": 0.2, "state_bytes/64": 7168},
              {"cell": "sliding_window-v8", "len64kv16/accuracy": 0.1, "state_bytes/64": 8192}]
     tests = [{"claim": "mamba-v4 above sliding_window-v8 at about equal state (Based)", "verdict": "not distinguishable",
-              "diff": 0.1, "ci": (-0.1, 0.3), "p_holm": 0.4}]
+              "diff": 0.1, "ci": (-0.1, 0.3), "p_holm": 0.4, "a": "mamba-v4", "b": "sliding_window-v8",
+              "column": "len64kv16/accuracy", "n": 5}]
     text = experiment.reading_fn(table, tests)
     assert text.index("- mamba-v4: 0.20 with 7.0 KB") < text.index("- sliding_window-v8: 0.10 with 8.0 KB")
     assert "at about equal state (Based): not shown (difference +0.10" in text
+    assert "recall rises with state in 0 of 6 families (none); at about equal state, a cell above the other in 0 of 6" in text
+    table += [{"cell": "mamba-v16", "len64kv16/accuracy": 0.002}, {"cell": "rwkv-v4", "len64kv16/accuracy": 0.6},
+              {"cell": "rwkv-v16", "len64kv16/accuracy": 0.2}]
+    rise = lambda m, lo, hi: {"a": f"{m}-v{hi}", "b": f"{m}-v{lo}", "column": "len64kv16/accuracy", "n": 5,
+                              "claim": f"{m}: more state, better recall", "verdict": "as expected", "diff": 0.4,
+                              "ci": (0.3, 0.5), "p_holm": 0.01}
+    tests += [rise("mamba", 4, 16), {**rise("rwkv", 16, 4), "a": "rwkv-v4", "b": "rwkv-v16"}]
+    text = experiment.reading_fn(table, tests)
+    assert "mamba: more state, better recall: found (difference +0.40" in text and "; both sides are below 0.05, so it says" not in text
+    table[0]["len64kv16/accuracy"] = 0.003  # mamba-v4: now a passing difference between two unlearned numbers
+    text = experiment.reading_fn(table, tests)
+    assert "mamba: more state, better recall: found (difference +0.40, 95 % interval [+0.30, +0.50], Holm p = 0.01); both sides are below 0.05" in text
+    assert "recall rises with state in 1 of 6 families (rwkv)" in text
 
 
 def test_committed_quickstart_table_regenerates_from_its_records(tmp_path, monkeypatch):

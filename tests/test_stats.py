@@ -319,3 +319,12 @@ def test_short_wording_keeps_small_differences_and_says_when_a_claim_is_untested
     assert stats.short_wording(row).endswith(f"Holm p = {result['p']:.2g}; in the expected direction in 10 of 10 seeds)")
     assert stats.short_wording({**row, "expect": "less"}).endswith("in the expected direction in 0 of 10 seeds)")
     assert "seeds)" not in stats.short_wording({**row, "verdict": "as expected"})
+
+
+def test_both_below_reads_each_side_from_its_own_column():
+    rows = {"m-d64": {"kv4": 0.003, "kv16": 0.001}, "m-d256": {"kv4": 0.9, "kv16": 0.04}}
+    drop = {"a": "m-d64", "b": "m-d64", "column": "kv4 vs kv16"}
+    assert stats.both_below(drop, rows, 0.05) and not stats.both_below(drop, rows, 0.002)
+    assert not stats.both_below({"a": "m-d256", "b": "m-d64", "column": "kv4"}, rows, 0.05)  # 0.9 vs 0.003
+    assert stats.both_below({"a": "m-d256", "b": "m-d64", "column": "kv16"}, rows, 0.05)
+    assert not stats.both_below({"a": "m-d512", "b": "m-d64", "column": "kv16"}, rows, 0.05)  # a cell not finished

@@ -189,6 +189,14 @@ def untested(test: dict) -> bool:
     return test.get("n", 2) < 2 or test.get("verdict") == "not run"
 
 
+def both_below(test: dict, rows: dict[str, dict], floor: float) -> bool:
+    """Both sides of a comparison row (its columns read from `rows`, cell -> table row) below `floor`:
+    a difference between two unlearned cells (0.003 vs 0.001 accuracy, say) can pass its test and
+    still say nothing about the claim."""
+    cols, a, b = test["column"].split(" vs "), rows.get(test["a"]), rows.get(test["b"])
+    return a is not None and b is not None and max(a.get(cols[0], math.inf), b.get(cols[-1], math.inf)) < floor
+
+
 def short_wording(test: dict) -> str:
     """A tested comparison as a reading's clause: "found (difference +0.70, 95 % interval [+0.60,
     +0.80], Holm p = 0.01)", "the opposite found (...)", "not shown (...)", or, before two seeds of
