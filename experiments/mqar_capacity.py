@@ -156,6 +156,19 @@ def _state_against_cache(table, mine, att) -> list[str]:
     return out
 
 
+def _split_seeds(table, mine, pairs) -> list[str]:
+    """A cell some of whose seeds solved the fewest pairs (>= SOLVED) and some stayed under LEARNED: its
+    mean describes no run, so say how the seeds split."""
+    out = []
+    for r in mine:
+        values = r.get(_key(table, pairs[0], "_values")) or []
+        solved, stuck = sum(v >= SOLVED for v in values), sum(v < LEARNED for v in values)
+        if solved and stuck:
+            out.append(f"At d{parse_cell(r['cell'])['d']} its seeds split at {pairs[0]} pairs: {solved} of {len(values)} "
+                       f"reach {SOLVED} and {stuck} of {len(values)} never left the plateau (< {LEARNED}); the mean describes no run.")
+    return out
+
+
 def window_reach(length: int, pairs: int, windows: tuple[int, ...], rows: int = 2000) -> list[float]:
     """Per window: the share of MQAR answers whose value token lies within the last `window` tokens of
     its query, on this experiment's layout (fixed sample, seed 0; the filler does not move the pairs)."""
@@ -202,6 +215,7 @@ def reading(table, tests=()):
         lines.append(f"- {m}: " + "; ".join(f"d{parse_cell(r['cell'])['d']} " + " / ".join(fmt(r, kv) for kv in pairs)
                                             for r in mine) + ".")
         lines += [f"  {line}" for line in _state_against_cache(table, mine, att)]
+        lines += [f"  {line}" for line in _split_seeds(table, mine, pairs)]
         if m == "sliding_window":
             lines.append(_reach_line(int(_key(table, pairs[0]).split("kv")[0].removeprefix("len")), pairs))
         if all(r[_key(table, kv)] < LEARNED for r in mine for kv in pairs):

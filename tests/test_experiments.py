@@ -212,6 +212,11 @@ def test_mqar_capacity_declares_zoologys_claims_and_words_them_from_the_tests():
     assert "a significant rise with width at the most pairs in 0 (none, 1 not tested yet)" in text
     table.append(row("sliding_window-d64", 0.06, 0.02, 0.01, 0.01))
     assert "stacked windows reach 31 tokens back for 0.78 / 0.73 / 0.65 / 0.49" in experiment.reading_fn(table, tests)
+    table[3]["len64kv4/accuracy_values"] = [0.95, 0.85, 0.9]  # none stuck: no split
+    assert "seeds split" not in experiment.reading_fn(table, tests)
+    table[3]["len64kv4/accuracy_values"] = [0.99, 0.01, 0.9, 0.2]
+    assert ("  At d256 its seeds split at 4 pairs: 2 of 4 reach 0.9 and 1 of 4 never left the plateau (< 0.05); "
+            "the mean describes no run.") in experiment.reading_fn(table, tests)
     table[2] = row("mamba-d64", 0.003, 0.002, 0.001, 0.001)  # a passing drop between two unlearned numbers
     text = experiment.reading_fn(table, tests)
     assert ("4 pairs recalled better than 16 at width 64: found (difference +0.70" in text

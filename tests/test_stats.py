@@ -308,6 +308,8 @@ def test_short_wording_keeps_small_differences_and_says_when_a_claim_is_untested
     assert stats.short_wording(found) == "found (difference +0.0023, 95 % interval [+0.0009, +0.0037], Holm p = 0.024)"
     big = {**found, "verdict": "not distinguishable", "diff": 0.7, "ci": (-0.6, 2.0), "p_holm": 0.3}
     assert stats.short_wording(big) == "not shown (difference +0.70, 95 % interval [-0.60, +2.00], Holm p = 0.3)"
+    near_zero = {**big, "diff": 0.0097, "ci": (-0.0003, 0.0197)}
+    assert "(difference +0.0097, 95 % interval [-0.0003, +0.0197]," in stats.short_wording(near_zero)
     one = {"verdict": "not distinguishable", "diff": 0.1, "ci": (math.nan, math.nan), "p_holm": math.nan, "n": 1}
     assert stats.short_wording(one) == "not tested yet (1 seed so far, difference +0.10)"
     assert stats.short_wording({"verdict": "not run", "n": 0}) == "not tested yet (a cell has no finished seed)"

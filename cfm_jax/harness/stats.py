@@ -203,8 +203,8 @@ def short_wording(test: dict) -> str:
     both cells finished, "not tested yet (...)"; `test` is a row of the report's comparisons (verdict,
     diff, ci, p_holm, n)."""
     diff, (lo, hi) = test.get("diff", math.nan), test.get("ci", (math.nan, math.nan))
-    finite = [abs(x) for x in (diff, lo, hi) if math.isfinite(x)]
-    places = 2 if not finite or max(finite) >= 0.01 else 4  # a +0.002 difference must not read +0.00
+    finite = [abs(x) for x in (diff, lo, hi) if math.isfinite(x) and x != 0]
+    places = 2 if not finite or min(finite) >= 0.005 else 4  # +0.002 or an interval [-0.0003, ...] must not read 0.00
     if untested(test):
         return ("not tested yet (a cell has no finished seed)" if not test.get("n") or test.get("verdict") == "not run"
                 else f"not tested yet (1 seed so far, difference {diff:+.{places}f})")
