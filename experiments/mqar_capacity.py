@@ -71,7 +71,10 @@ SIZES = {
     "full": dict(widths=(64, 128, 256, 512), L=512, pairs=(4, 16, 32, 64), steps=20_000, answers=10_000, batch=64),
 }
 SOLVED = 0.9
-LEARNED = 0.05  # mean accuracy under which a cell did not learn the task (chance is ~1/2048)
+# Mean accuracy under which a cell did not learn the task (chance: ~1/2048, uniform over the values). At
+# d_model 64 any floor from 0.003 to 0.09 gives the same verdicts (at 4 pairs, 10 seeds: Mamba 0.0029,
+# GLA 0.090, the window 0.095), and each cell's accuracies are printed beside its verdict.
+LEARNED = 0.05
 
 
 def SEEDS(scale, cell):
