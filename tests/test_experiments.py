@@ -262,7 +262,9 @@ def test_recall_vs_state_varies_one_knob_of_mqar_capacitys_narrowest_cells():
     cells, base = experiment.base_cells("cpu"), capacity.base_cells("cpu")
     assert len(cells) == 18 and cells["mamba-v4"] == [*base["mamba-d64"], "model.mixer.d_state=4"]
     assert experiment.lr_grid_for("cpu") == capacity.lr_grid_for("cpu")  # else the shared cells are not shared
-    assert experiment.seed_counts("cpu") == [5] and capacity.seeds_for("cpu", "mamba-d64") >= 5  # shares seeds 0-4
+    assert experiment.seed_counts("cpu") == [5, 10] and capacity.seeds_for("cpu", "mamba-d64") >= 5  # shares seeds 0-4
+    assert [experiment.seeds_for("cpu", c) for c in ("rwkv-v4", "rwkv-v16", "sliding_window-v8", "sliding_window-v16")] == [10, 10, 10, 5]
+    assert capacity.seeds_for("cpu", "rwkv-d64") >= 10 and experiment.seed_counts("smoke") == [5]
     assert cells["sliding_window-v8"].count("model.mixer.window=16") == 0 and cells["sliding_window-v8"][-1] == "model.mixer.window=8"
     assert cells["gla-v25"][-1] == "model.mixer.expand_k=0.25"
     assert cells["attention-v2"][-2:] == ["model.mixer.n_heads=2", "model.mixer.n_kv_heads=1"]
