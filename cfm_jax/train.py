@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -229,12 +230,24 @@ def train(cfg: Config, workdir: Path, progress: bool = True, reconfigure: bool =
                     if done % tc.checkpoint_every == 0 or done == tc.steps:
                         jax.block_until_ready(state)
                         ckpt.save(done, state)
-        finally:
-            bar.close()
-            ckpt.close()
-            if trackers is not None:
-                trackers.close()
+        finally:  # sys.exc_info(): the error propagating through this finally, if any
+            close_all([bar.close, ckpt.close, *([trackers.close] if trackers is not None else [])],
+                      failing=sys.exc_info()[1] is not None)
         return last
+
+
+def close_all(closers, failing: bool) -> None:
+    """Call every closer. While an error propagates (`failing`), a failure in closing is its
+    consequence (TensorBoard flushing its buffer onto the disk a checkpoint save just filled) and must
+    not replace it; otherwise the first such failure is raised once all have run."""
+    first = None
+    for close in closers:
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001 - re-raised below unless another error is already on its way
+            first = first or e
+    if first is not None and not failing:
+        raise first
 
 
 def make_validation(graphdef, task, cfg: Config):

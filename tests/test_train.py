@@ -255,6 +255,31 @@ def test_resume_falls_back_past_an_empty_newest_step_directory(tmp_path, capsys)
     assert train(resolve("smoke", [*TINY, "train.steps=20"]), tmp_path, progress=False)["step"] == 20
 
 
+def test_a_failed_save_is_not_masked_by_tensorboard_failing_to_flush_onto_the_full_disk(tmp_path, monkeypatch):
+    """The save fails on a full disk; closing TensorBoard then fails too (its buffered events meet the
+    same full disk: how the slow tmpfs test below once failed under load). The save's error is the one
+    raised; with no error on its way, a failure in closing is raised."""
+    import errno
+
+    from cfm_jax.checkpoint import Checkpoints
+    from cfm_jax.tracking import Trackers
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def save(self, step, state):
+        raise OSError(errno.ENOSPC, f"no space left on device while saving checkpoint step {step}", "ckpts")
+
+    monkeypatch.setattr(Trackers, "close", lambda self: full())
+    monkeypatch.setattr(Checkpoints, "save", save)
+    with pytest.raises(OSError, match="while saving checkpoint step 3"):
+        train(resolve("smoke", [*TINY, "train.steps=3"]), tmp_path / "a", progress=False)
+    monkeypatch.undo()
+    monkeypatch.setattr(Trackers, "close", lambda self: full())
+    with pytest.raises(OSError, match="No space left on device"):
+        train(resolve("smoke", [*TINY, "train.steps=3"]), tmp_path / "b", progress=False)
+
+
 @pytest.mark.slow  # default tier kept near 10 min on 2 cores; `make test-slow` runs it
 def test_disk_full_during_a_save_is_one_error_line_and_exit_1(tmp_path):
     """A 256 kB tmpfs fills up during the first checkpoint save: the run ends with exit 1 and one
