@@ -17,7 +17,7 @@ from cfm_jax import workdir as wd
 from cfm_jax.config import resolve
 from cfm_jax.harness import stats
 from cfm_jax.harness.experiments import load_experiment
-from cfm_jax.harness.report import report
+from cfm_jax.harness.report import covered_seconds, report
 from cfm_jax.harness.sweep import cell_workdir
 
 
@@ -194,6 +194,14 @@ def test_seeds_per_cell_pair_the_seeds_both_cells_ran(tmp_path):
     (tmp_path / "bug.py").write_text(EXPERIMENT.replace("SEEDS = 5", "def SEEDS(scale, cell):\n    return {}[cell]"))
     with pytest.raises(UserError, match=r"SEEDS\('smoke', 'good'\) failed: KeyError: 'good'"):
         load_experiment(str(tmp_path / "bug.py")).cells("smoke")
+
+
+def test_covered_seconds_counts_side_by_side_runs_once():
+    # Two 10-minute runs ending 2 minutes apart overlap for 8 minutes (12 covered); a third, an hour
+    # later, adds its own minute; an interval inside another adds nothing.
+    ends = ["2026-01-01T00:10:00Z", "2026-01-01T00:12:00Z", "2026-01-01T01:00:00Z", "2026-01-01T00:09:00Z"]
+    assert covered_seconds(ends, [600, 600, 60, 60]) == 13 * 60
+    assert covered_seconds(ends[:1], [600]) == 600
 
 
 def test_report_regenerates_from_committed_records_byte_identical(tmp_path):

@@ -13,6 +13,7 @@ experiment's plot, the curves, and its reading, which receives the test results.
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 import math
 import re
@@ -244,6 +245,18 @@ def comparisons_markdown(tests: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def covered_seconds(ends: list[str], durations: list[float]) -> float:
+    """Length of the union of the intervals [end - duration, end] (ends as provenance UTC times): the
+    machine time a set of runs took, counting runs that ran side by side once. A resumed run's interval
+    is placed as if it ran in one piece, so this is an estimate."""
+    stamps = [datetime.datetime.strptime(e, "%Y-%m-%dT%H:%M:%SZ").timestamp() for e in ends]
+    total, reach = 0.0, -math.inf
+    for start, end in sorted((t - d, t) for t, d in zip(stamps, durations)):
+        total += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return total
+
+
 def provenance_line(rows: list[dict]) -> tuple[str, str | None]:
     """('Runs: commit ... on ..., dates ...', warning or None) from the finished runs' config/eval."""
     done = [r for r in rows if "status" not in r]
@@ -262,12 +275,17 @@ def provenance_line(rows: list[dict]) -> tuple[str, str | None]:
             dates.add(t[:10])
     when = (min(dates) if len(dates) == 1 else f"{min(dates)} to {max(dates)}") if dates else "date not recorded"
     # Compute spent: each run's training wall seconds (its last metrics row) plus its evaluation.
-    spent = [(r["_metrics"][-1].get("seconds") or 0) + (r.get("eval_seconds") or 0) for r in done if r.get("_metrics")]
+    timed = [r for r in done if r.get("_metrics")]
+    spent = [(r["_metrics"][-1].get("seconds") or 0) + (r.get("eval_seconds") or 0) for r in timed]
+    ends = [r.get("_eval_prov", {}).get("time") for r in timed]
+    clock = covered_seconds(ends, spent) if spent and all(ends) else None
     line = (f"Runs: {len(done)}, trained at commit {', '.join(f'{c} ({n} runs)' if len(commits) > 1 else c for c, n in commits.items())}"
             f"; evaluated {when}; device {', '.join(sorted(devices))}"
             + (f"; {'; '.join(sorted(versions))}" if versions else "") + "."
             + (f" Compute: the runs' own wall times (training + evaluation) sum to {sum(spent) / 60:.0f} minutes "
-               "(runs that shared the cores with another process count their whole wall time)." if spent else ""))
+               "(runs that shared the cores with another process count their whole wall time)" if spent else "")
+            + (f"; on the clock, each run ending when its evaluation did, they cover about {clock / 60:.0f} minutes "
+               "of the machine's time (runs sharing the cores overlap)." if clock is not None else "." if spent else ""))
     warning = None
     if len(commits) > 1 or any(c.endswith("dirty") for c in commits):
         warning = (f"warning: this table mixes runs from {len(commits)} code states ({', '.join(commits)})"
