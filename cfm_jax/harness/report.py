@@ -279,13 +279,17 @@ def provenance_line(rows: list[dict]) -> tuple[str, str | None]:
     spent = [(r["_metrics"][-1].get("seconds") or 0) + (r.get("eval_seconds") or 0) for r in timed]
     ends = [r.get("_eval_prov", {}).get("time") for r in timed]
     clock = covered_seconds(ends, spent) if spent and all(ends) else None
+    compute = ""
+    if spent:
+        compute = (f" Compute: the runs' own wall times (training + evaluation) sum to {sum(spent) / 60:.0f} minutes "
+                   "(runs that shared the cores with another process count their whole wall time)")
+        if clock is not None:
+            compute += (f"; on the clock, each run ending when its evaluation did, they cover about {clock / 60:.0f} "
+                        "minutes of the machine's time (runs sharing the cores overlap)")
+        compute += "."
     line = (f"Runs: {len(done)}, trained at commit {', '.join(f'{c} ({n} runs)' if len(commits) > 1 else c for c, n in commits.items())}"
             f"; evaluated {when}; device {', '.join(sorted(devices))}"
-            + (f"; {'; '.join(sorted(versions))}" if versions else "") + "."
-            + (f" Compute: the runs' own wall times (training + evaluation) sum to {sum(spent) / 60:.0f} minutes "
-               "(runs that shared the cores with another process count their whole wall time)" if spent else "")
-            + (f"; on the clock, each run ending when its evaluation did, they cover about {clock / 60:.0f} minutes "
-               "of the machine's time (runs sharing the cores overlap)." if clock is not None else "." if spent else ""))
+            + (f"; {'; '.join(sorted(versions))}" if versions else "") + "." + compute)
     warning = None
     if len(commits) > 1 or any(c.endswith("dirty") for c in commits):
         warning = (f"warning: this table mixes runs from {len(commits)} code states ({', '.join(commits)})"
